@@ -1,0 +1,294 @@
+"""Configuration: pydantic-settings models, environment ``SENSORHUB_*`` and a TOML file.
+
+Precedence, highest first: explicit arguments, environment, the TOML file
+(``--config FILE`` or ``SENSORHUB_CONFIG``), defaults. Environment names are
+``SENSORHUB_<SECTION>_<KEY>``, split at the first underscore after the section,
+so ``SENSORHUB_CLICKHOUSE_URL`` sets ``clickhouse.url`` and
+``SENSORHUB_INGEST_FLUSH_MS`` sets ``ingest.flush_ms``; a list or a table is
+given as JSON (``SENSORHUB_DICTIONARY='{"1": "temp_c"}'``).
+
+Every bad value raises :class:`~sensorhub.errors.ConfigError` naming the key and
+the expected form. Every bound in the product is a setting here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from sensorhub.errors import ConfigError
+
+__all__ = [
+    "BackoffSettings",
+    "ClickHouseSettings",
+    "IngestSettings",
+    "MetricsSettings",
+    "MqttSettings",
+    "RedisSettings",
+    "Settings",
+    "SourceSettings",
+    "TopicRoute",
+    "WriterSettings",
+    "load_settings",
+]
+
+FORMATS = ("frame", "json", "ilp", "sparkplug")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackoffSettings(_Section):
+    """Capped exponential backoff with full jitter; retries never give up."""
+
+    initial_s: float = Field(0.1, gt=0, description="first delay")
+    max_s: float = Field(5.0, gt=0, description="cap on any delay")
+    factor: float = Field(2.0, ge=1.0)
+
+
+class TopicRoute(_Section):
+    """Maps an MQTT topic filter to a decoder and says which topic level names the device."""
+
+    filter: str = Field(min_length=1)
+    format: Literal["frame", "json", "ilp", "sparkplug"]
+    device_level: int = Field(2, ge=-1, description="0-based topic level holding the device id; -1: none")
+
+    @field_validator("filter")
+    @classmethod
+    def _valid_filter(cls, v: str) -> str:
+        levels = v.split("/")
+        for i, level in enumerate(levels):
+            if "#" in level and (level != "#" or i != len(levels) - 1):
+                raise ValueError("'#' must be a whole last level")
+            if "+" in level and level != "+":
+                raise ValueError("'+' must be a whole level")
+        return v
+
+
+DEFAULT_ROUTES = (
+    TopicRoute(filter="sensors/+/+/frame", format="frame", device_level=2),
+    TopicRoute(filter="sensors/+/+/json", format="json", device_level=2),
+    TopicRoute(filter="sensors/+/+/ilp", format="ilp", device_level=2),
+)
+
+
+class MqttSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str = Field("sensorhub-ingest", min_length=1, max_length=128)
+    username: str | None = None
+    password: SecretStr | None = None
+    qos: Literal[0, 1] = 1
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    session_expiry_s: int = Field(
+        7 * 24 * 3600, ge=0, description="how long the broker keeps our session while we are away"
+    )
+    receive_maximum: int = Field(
+        4096, ge=1, le=65535, description="QoS 1 messages in flight from broker to us, unacked"
+    )
+    shared_group: str | None = Field(
+        None, description="MQTT v5 shared subscription group ($share/<group>/...) to spread devices"
+    )
+    routes: tuple[TopicRoute, ...] = DEFAULT_ROUTES
+    sparkplug: bool = Field(True, description="run the Sparkplug B host on its own clean-session connection")
+    sparkplug_host_id: str = "sensorhub"
+    sparkplug_group_filter: str = "spBv1.0/#"
+    max_payload_bytes: int = Field(1 << 20, ge=64, description="larger payloads are dead-lettered")
+
+
+class RedisSettings(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    partitions: int = Field(8, ge=1, le=1024, description="P partition streams for readings")
+    prefix: str = Field("sh", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    group: str = Field("writers", min_length=1)
+    socket_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, v: str) -> str:
+        if not re.match(r"^(redis|rediss|unix)://", v):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class ClickHouseSettings(_Section):
+    url: str = "http://127.0.0.1:8123"
+    database: str = Field("sensorhub", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    user: str = "default"
+    password: SecretStr = SecretStr("")
+    connect_timeout_s: float = Field(5.0, gt=0)
+    send_receive_timeout_s: float = Field(60.0, gt=0)
+    cluster: str | None = Field(None, description="generate Replicated*/Distributed DDL for this cluster")
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/:]+(:\d+)?/?$", v):
+            raise ValueError("must look like http://HOST:PORT")
+        return v
+
+
+class IngestSettings(_Section):
+    flush_rows: int = Field(2048, ge=1, le=1_000_000, description="readings per stream entry, at most")
+    flush_ms: float = Field(5.0, gt=0, le=10_000, description="oldest reading waits at most this long")
+    max_inflight_frames: int = Field(
+        20_000, ge=16, description="raw frames queued between source and decoder (bounded queue)"
+    )
+    dlq_maxlen: int = Field(1_000_000, ge=1000, description="dead-letter stream length bound")
+    audit_interval_s: float = Field(60.0, gt=0)
+    backoff: BackoffSettings = BackoffSettings()
+
+
+class WriterSettings(_Section):
+    consumer: str = Field("", description="consumer name; empty: writer-<hostname>-<pid>")
+    batch_rows: int = Field(100_000, ge=1, description="rows per INSERT, at most")
+    batch_ms: float = Field(50.0, gt=0, description="a batch waits at most this long for more rows")
+    read_count: int = Field(256, ge=1, description="stream entries per XREADGROUP")
+    claim_idle_ms: int = Field(15_000, ge=100, description="claim entries idle this long from dead writers")
+    trim_interval_s: float = Field(1.0, gt=0)
+    lag_alert_s: float = Field(5.0, gt=0)
+    hop_latency_interval_s: float = Field(10.0, gt=0)
+    backoff: BackoffSettings = BackoffSettings(initial_s=0.2, max_s=10.0)
+    fault_crash_after_insert: int = Field(
+        0, ge=0, description="testing only: exit(70) right after the Nth INSERT, before XACK"
+    )
+
+
+class MetricsSettings(_Section):
+    publish_interval_s: float = Field(1.0, gt=0)
+    ttl_s: int = Field(10, ge=2, description="a process's metrics hash expires this long after its last beat")
+    prometheus_port: int = Field(0, ge=0, le=65535, description="0: no /metrics endpoint")
+    prometheus_host: str = "127.0.0.1"
+
+
+class SourceSettings(_Section):
+    """One named source: its driver and driver options."""
+
+    driver: str = Field(min_length=1)
+    symbols: tuple[str, ...] = ()
+    endpoint: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+def _default_sources() -> dict[str, SourceSettings]:
+    return {"mqtt": SourceSettings(driver="mqtt")}
+
+
+class Settings(BaseSettings):
+    """The whole configuration of one sensorhub process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SENSORHUB_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    mqtt: MqttSettings = MqttSettings()
+    redis: RedisSettings = RedisSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    ingest: IngestSettings = IngestSettings()
+    writer: WriterSettings = WriterSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    dictionary: dict[int, str] = Field(
+        default_factory=dict, description="frame metric_id -> metric name; unknown ids are m<id>"
+    )
+    sources: dict[str, SourceSettings] = Field(default_factory=_default_sources)
+
+    @field_validator("dictionary")
+    @classmethod
+    def _valid_dictionary(cls, v: dict[int, str]) -> dict[int, str]:
+        for k, name in v.items():
+            if not 0 <= k <= 0xFFFF:
+                raise ValueError(f"metric id {k} is outside 0..65535")
+            if not name:
+                raise ValueError(f"metric id {k} has an empty name")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = _CONFIG_PATH or os.environ.get("SENSORHUB_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data, secrets masked."""
+        return _mask(self.model_dump(mode="json"))
+
+
+_CONFIG_PATH: str | None = None
+_SECRET_KEYS = {"password"}
+
+
+def _mask(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {
+            k: ("***" if k in _SECRET_KEYS and v else _mask(v)) for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [_mask(v) for v in obj]
+    if isinstance(obj, str):
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", obj)
+    return obj
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    if not loc:
+        return "SENSORHUB_*"
+    head = str(loc[0]).upper()
+    if len(loc) == 1:
+        return f"SENSORHUB_{head}"
+    return f"SENSORHUB_{head}_{str(loc[1]).upper()}"
+
+
+def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Load settings from defaults, the TOML file, the environment and ``overrides``.
+
+    Raises :class:`ConfigError` naming the first bad key (dotted, with its
+    environment variable) and the expected form.
+    """
+    global _CONFIG_PATH
+    if config_file is not None:
+        p = Path(config_file)
+        if not p.is_file():
+            raise ConfigError("--config", "a readable TOML file", str(p))
+    _CONFIG_PATH = str(config_file) if config_file is not None else None
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err.get("loc", ()))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        expected = str(err.get("msg", "a valid value"))
+        if err.get("type") == "extra_forbidden":
+            expected = "no such setting (check the spelling)"
+        raise ConfigError(f"{key} (env {_env_name(loc)})", expected, err.get("input")) from None
+    except Exception as exc:  # TOML syntax errors and the like
+        if type(exc).__name__ in ("TOMLDecodeError",):
+            raise ConfigError(str(config_file), f"valid TOML ({exc})") from None
+        raise
+    finally:
+        _CONFIG_PATH = None

@@ -1,0 +1,192 @@
+"""The Source interface and the registry of source drivers.
+
+A source produces raw frames ``(topic, payload, recv_ns, ack_token)``. The
+ingest loop decodes them, writes the readings to Redis, and only then calls
+:meth:`Source.ack` with the frames' tokens. Sources know nothing of Redis or
+ClickHouse. A driver registers itself by name with :func:`register`; the
+ingest process looks it up with :func:`create` and nothing in the pipeline
+changes when a driver is added.
+
+Sources run their network I/O on their own thread (paho's loop, or an asyncio
+loop for WebSocket feeds) and hand frames over through a bounded queue, so a
+slow pipeline pushes back on the network instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple, Protocol
+
+from sensorhub.errors import ConfigError
+
+__all__ = [
+    "Decoder",
+    "Frame",
+    "FrameQueue",
+    "Source",
+    "SourceHealth",
+    "create",
+    "driver_names",
+    "register",
+]
+
+RecordKind = Literal["reading", "trade"]
+
+
+class Frame(NamedTuple):
+    """One raw message as it arrived: nothing decoded yet."""
+
+    topic: str
+    payload: bytes
+    recv_ns: int
+    ack_token: Any
+
+
+class Decoder(Protocol):
+    """Decodes one payload and appends its records to ``batch``.
+
+    Returns the number of records appended. Raises a ``DecodeError`` subclass
+    for invalid input and leaves ``batch`` exactly as it was.
+    """
+
+    def decode(self, topic_device: str | None, payload: bytes, recv_ns: int, batch: Any) -> int: ...
+
+
+@dataclass
+class SourceHealth:
+    """What a source tells the operator about itself."""
+
+    connected: bool = False
+    reconnects: int = 0
+    last_frame_ns: int = 0
+    frames: int = 0
+    gaps: int = 0
+    detail: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class FrameQueue:
+    """Bounded hand-over of frames from a network thread to the ingest loop.
+
+    ``put`` blocks (with a timeout) when full, which stops reading the socket
+    and lets the peer's flow control (MQTT receive maximum, TCP) push back.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Frame] = deque()
+        self._cond = threading.Condition()
+        self.high_water = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, frame: Frame, timeout: float | None = None) -> bool:
+        with self._cond:
+            if len(self._items) >= self.maxsize and not self._cond.wait_for(
+                lambda: len(self._items) < self.maxsize, timeout
+            ):
+                return False
+            self._items.append(frame)
+            n = len(self._items)
+            if n > self.high_water:
+                self.high_water = n
+            if n == 1:
+                self._cond.notify_all()
+        return True
+
+    def get_many(self, max_n: int, timeout: float) -> list[Frame]:
+        """Up to ``max_n`` frames; waits at most ``timeout`` seconds for the first."""
+        with self._cond:
+            if not self._items and not self._cond.wait_for(lambda: bool(self._items), timeout):
+                return []
+            items = self._items
+            n = min(max_n, len(items))
+            out = [items.popleft() for _ in range(n)]
+            self._cond.notify_all()
+            return out
+
+
+class Source(abc.ABC):
+    """A producer of raw frames, run by one ingest process."""
+
+    #: ``"reading"`` for devices, ``"trade"`` for exchange feeds.
+    kind: RecordKind = "reading"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.health = SourceHealth()
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Begin connecting in the background; returns at once."""
+
+    @abc.abstractmethod
+    def get(self, max_n: int, timeout_s: float) -> list[Frame]:
+        """Frames received so far, up to ``max_n``, waiting up to ``timeout_s`` for one."""
+
+    @abc.abstractmethod
+    def ack(self, tokens: Sequence[Any]) -> None:
+        """Acknowledge upstream frames whose records are now in Redis."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop taking new frames and disconnect."""
+
+    @abc.abstractmethod
+    def decoder_for(self, topic: str) -> tuple[Decoder, str | None] | None:
+        """The decoder for a frame's topic and the device the topic names, or None."""
+
+    def ready(self) -> bool:
+        """True once connected and able to deliver frames."""
+        return self.health.connected
+
+    def touch(self) -> None:
+        self.health.last_frame_ns = time.time_ns()
+
+
+SourceFactory = Callable[..., Source]
+_REGISTRY: dict[str, SourceFactory] = {}
+
+
+def register(name: str) -> Callable[[SourceFactory], SourceFactory]:
+    """Class decorator: make a driver available under ``name``."""
+
+    def deco(factory: SourceFactory) -> SourceFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def _load_builtin_drivers() -> None:
+    import importlib
+
+    for mod in ("sensorhub.sources.mqtt", "sensorhub.sources.exchanges"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:  # a driver package not installed
+            if exc.name != mod:
+                raise
+
+
+def driver_names() -> list[str]:
+    _load_builtin_drivers()
+    return sorted(_REGISTRY)
+
+
+def create(driver: str, name: str, **kwargs: Any) -> Source:
+    """Instantiate the driver registered as ``driver`` for the source ``name``."""
+    _load_builtin_drivers()
+    try:
+        factory = _REGISTRY[driver]
+    except KeyError:
+        raise ConfigError(
+            f"sources.{name}.driver", "one of " + ", ".join(sorted(_REGISTRY)), driver
+        ) from None
+    return factory(name=name, **kwargs)

@@ -1,0 +1,59 @@
+"""Build the Cython extensions in cython_ext/ as modules of ``sensorhub._ext``.
+
+The ``.pyx`` sources live in ``cython_ext/``; their ``.pxd`` C-level APIs are
+copied into a build include tree under the package path so that one extension
+can ``cimport sensorhub._ext.<name>`` from another.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+HERE = Path(__file__).resolve().parent
+SRC = Path("cython_ext")
+INCLUDE = Path("build") / "cython_include"
+
+
+def _extensions() -> list[Extension]:
+    from Cython.Build import cythonize
+
+    pkg_inc = HERE / INCLUDE / "sensorhub" / "_ext"
+    pkg_inc.mkdir(parents=True, exist_ok=True)
+    for d in (pkg_inc.parent, pkg_inc):
+        (d / "__init__.pxd").touch()
+    for pxd in (HERE / SRC).glob("*.pxd"):
+        shutil.copyfile(pxd, pkg_inc / pxd.name)
+    for pyi in (HERE / SRC).glob("*.pyi"):
+        shutil.copyfile(pyi, HERE / "sensorhub" / "_ext" / pyi.name)
+    extra = ["-O3"] if os.name == "posix" else []
+    exts = []
+    for pyx in sorted((HERE / SRC).glob("*.pyx")):
+        libs = ["z"] if pyx.stem in {"frame"} else []
+        exts.append(
+            Extension(
+                f"sensorhub._ext.{pyx.stem}",
+                [str(SRC / pyx.name)],
+                include_dirs=[str(SRC)],
+                libraries=libs,
+                extra_compile_args=extra,
+            )
+        )
+    return cythonize(
+        exts,
+        language_level=3,
+        include_path=[str(INCLUDE), str(SRC)],
+        compiler_directives={
+            "boundscheck": False,
+            "wraparound": False,
+            "cdivision": True,
+            "initializedcheck": False,
+            "embedsignature": True,
+        },
+    )
+
+
+setup(ext_modules=_extensions())
