@@ -31,7 +31,10 @@ def _extensions() -> list[Extension]:
         shutil.copyfile(pyi, HERE / "sensorhub" / "_ext" / pyi.name)
     extra = ["-O3"] if os.name == "posix" else []
     exts = []
+    only = {n for n in os.environ.get("SENSORHUB_BUILD_ONLY", "").split(",") if n}
     for pyx in sorted((HERE / SRC).glob("*.pyx")):
+        if only and pyx.stem not in only:
+            continue
         libs = ["z"] if pyx.stem in {"frame"} else []
         exts.append(
             Extension(
