@@ -76,7 +76,11 @@ def _module(fmt: str) -> Any:
     stem = FORMATS.get(fmt)
     if stem is None:
         raise UnknownFormat(f"{fmt!r} is not one of {', '.join(FORMATS)}")
-    name = f"sensorhub._ext.{stem}" if _impl.IMPLEMENTATION == "cython" else f"sensorhub.decoders.{stem}_py"
+    name = (
+        f"sensorhub._ext.{stem}"
+        if _impl.IMPLEMENTATION == "cython"
+        else f"sensorhub.decoders.{stem}_py"
+    )
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -111,4 +115,3 @@ def decode_to_rows(
     batch = ReadingBatch(64)
     make_decoder(fmt, dictionary).decode(device, bytes(payload), time.time_ns(), batch)
     return [{k: row[k] for k in ROW_KEYS} for row in batch.rows()]
-
