@@ -1,0 +1,728 @@
+"""Shared machinery of the exchange WebSocket sources.
+
+Two halves, kept apart so that parsing never runs on the network thread:
+
+* :class:`Venue` describes one venue: default endpoint, subscribe messages,
+  application-level heartbeat, the optional pre-connect HTTP step, symbol
+  spelling, and :meth:`Venue.parse`, which turns one raw frame into
+  normalized trades appended to a :class:`~sensorhub.decoders.trade_batch.TradeBatch`.
+  The framework around ``parse`` keeps a bounded recent-trade-id set per
+  symbol (so a trade re-sent in a snapshot after a reconnect is emitted once),
+  counts sequence gaps where a venue numbers its trades consecutively, and
+  turns malformed input into a :class:`~sensorhub.errors.DecodeError` with the
+  batch left exactly as it was.
+* :class:`ExchangeSource` is the :class:`~sensorhub.sources.base.Source`: an
+  asyncio loop on its own thread with a ``websockets`` client, connect
+  timeout, capped exponential backoff with full jitter that never gives up,
+  resubscribe on every connection, stale-feed detection, and a bounded
+  :class:`~sensorhub.sources.base.FrameQueue` towards the ingest loop.
+
+A venue module subclasses :class:`Venue`, fills in what is particular to the
+venue and decorates the class with :func:`register_venue`; nothing else
+changes (see ``docs/exchanges.md``, "How to add a venue").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Literal
+
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, WebSocketException
+
+from sensorhub.config import BackoffSettings, SourceSettings
+from sensorhub.decoders.trade_batch import TradeBatch
+from sensorhub.errors import (
+    ConfigError,
+    DecodeError,
+    InvalidValue,
+    SourceError,
+    SyntaxError_,
+    Truncated,
+)
+from sensorhub.sources.base import Decoder, Frame, FrameQueue, Source, register
+
+__all__ = [
+    "FRAME_TOPIC",
+    "SOURCE_OPTIONS",
+    "VENUES",
+    "AmountUnit",
+    "ExchangeDecoder",
+    "ExchangeSource",
+    "FeedStats",
+    "Venue",
+    "ensure_whole",
+    "http_json",
+    "iso_to_us",
+    "loads",
+    "register_venue",
+    "split_concatenated",
+]
+
+log = logging.getLogger(__name__)
+
+#: Topic of every frame an exchange source hands over (one feed per source).
+FRAME_TOPIC = "ws"
+
+AmountUnit = Literal["base", "contracts"]
+
+#: Options every exchange source understands (``sources.<name>.options``), with defaults.
+SOURCE_OPTIONS: dict[str, Any] = {
+    "connect_timeout_s": 10.0,  # TCP + TLS + WebSocket handshake, and the pre-connect HTTP step
+    "stale_after_s": None,  # no message for this long -> reconnect; None: the venue's default
+    "heartbeat_s": None,  # application ping interval; None: the venue's default
+    "recent_trade_ids": 4096,  # per symbol: ids remembered to drop re-sent trades
+    "max_frame_bytes": 16 * 1024 * 1024,  # larger frames close the connection (book snapshots fit)
+    "compression": False,  # permessage-deflate costs CPU on a shared box; venues send little
+    "backoff_initial_s": None,  # None: the ingest backoff settings
+    "backoff_max_s": None,
+}
+
+#: Registered venues by name.
+VENUES: dict[str, type[Venue]] = {}
+
+
+# --------------------------------------------------------------------------- helpers
+
+_day_cache: dict[str, int] = {}
+
+
+def iso_to_us(text: str) -> int:
+    """``2026-08-09T21:05:42.514318Z`` (any 0..9 fraction digits, ``Z`` or ``+00:00``) -> µs since the epoch.
+
+    Venues send a handful of dates per feed, so the date part is cached and
+    only the clock part is parsed per trade.
+    """
+    try:
+        day = _day_cache.get(text[:10])
+        if day is None:
+            if len(_day_cache) > 64:  # bounded: a long-running feed crosses many days
+                _day_cache.clear()
+            y, mo, d = int(text[0:4]), int(text[5:7]), int(text[8:10])
+            if text[4] != "-" or text[7] != "-" or text[10] not in "T ":
+                raise ValueError(text)
+            day = _day_cache[text[:10]] = calendar.timegm((y, mo, d, 0, 0, 0)) * 1_000_000
+        secs = int(text[11:13]) * 3600 + int(text[14:16]) * 60 + int(text[17:19])
+        us = 0
+        if len(text) > 19 and text[19] == ".":
+            end = 20
+            n = len(text)
+            while end < n and text[end].isdigit():
+                end += 1
+            frac = text[20:end]
+            us = int((frac + "000000")[:6]) if frac else 0
+            tail = text[end:]
+        else:
+            tail = text[19:]
+        if tail not in ("Z", "", "+00:00"):
+            raise ValueError(text)
+    except (ValueError, IndexError):
+        raise InvalidValue(f"timestamp {text!r} is not ISO 8601 UTC") from None
+    return day + secs * 1_000_000 + us
+
+
+def split_concatenated(symbol: str, quotes: Sequence[str]) -> str | None:
+    """``BTCUSDT`` -> ``BTC-USDT`` using the longest quote currency that ends it, or None."""
+    for q in quotes:
+        if symbol.endswith(q) and len(symbol) > len(q):
+            return f"{symbol[: -len(q)]}-{q}"
+    return None
+
+
+async def http_json(method: str, url: str, body: Any = None, timeout_s: float = 10.0) -> Any:
+    """One HTTP request with a JSON response, for a venue's pre-connect step (e.g. a token).
+
+    Runs the blocking standard-library client on a worker thread so the feed's
+    event loop keeps serving; any failure is a :class:`SourceError` and the
+    connection attempt backs off like any other.
+    """
+
+    def call() -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        # Loopback replays and venues alike are reached directly, never through an environment proxy.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read())
+
+    try:
+        return await asyncio.to_thread(call)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{method} {url}: {exc}") from exc
+
+
+_CLOSERS = {ord("{"): ord("}"), ord("["): ord("]")}
+
+
+def ensure_whole(payload: bytes) -> None:
+    """Framing check for frames not parsed further: a JSON object or array that is closed.
+
+    Frames on channels a feed does not store (books, tickers) are only checked
+    this far: they carry nothing to store, and parsing them fully would cost
+    most of the feed's CPU. A cut frame still becomes a dead letter.
+    """
+    if not payload:
+        raise Truncated("empty frame")
+    close = _CLOSERS.get(payload[0])
+    if close is None:
+        raise SyntaxError_("not a JSON object or array", 0)
+    end = payload[-1]
+    if end != close:
+        stripped = payload.rstrip()
+        if not stripped or stripped[-1] != close:
+            raise Truncated("JSON not closed", len(payload))
+
+
+def loads(payload: bytes) -> Any:
+    """Generic JSON decode for rare frames (acks, errors); bad JSON is a ``SyntaxError_``."""
+    try:
+        return _json_decode(payload)
+    except msgspec.DecodeError as exc:
+        raise SyntaxError_(str(exc)) from None
+
+
+_json_decode = msgspec.json.Decoder().decode
+
+
+# --------------------------------------------------------------------------- venue
+
+
+@dataclass
+class FeedStats:
+    """Counters of one feed's parser; copied into ``Source.health.extra``."""
+
+    trades: int = 0  # distinct trades emitted
+    duplicates: int = 0  # trades dropped because their id was seen recently
+    gaps: int = 0  # times a sequential trade id jumped forward
+    missing: int = 0  # trade ids skipped over by those jumps
+    parse_errors: int = 0  # frames that raised DecodeError
+    venue_errors: int = 0  # error messages the venue sent (bad subscription...)
+    last_trade_ns: int = 0  # receive time of the newest trade
+
+
+class Venue:
+    """What is particular to one venue; subclass, fill in, decorate with :func:`register_venue`.
+
+    An instance holds the parse state of one feed (symbol maps, recent trade
+    ids, last sequence numbers), so each source owns its own instance.
+
+    Symbols are configured in the normalized spelling ``BASE-QUOTE``
+    (``BTC-USDT``); derivatives carry a suffix: ``-PERP`` for perpetual swaps,
+    ``-YYMMDD`` for dated futures. :meth:`to_venue_symbol` maps one to the
+    venue's spelling; frames are mapped back through the same table.
+    """
+
+    #: Registry name (``sensorhub ingest --source NAME`` with ``driver = NAME``).
+    name: ClassVar[str] = ""
+    #: Default WebSocket endpoint.
+    endpoint: ClassVar[str] = ""
+    #: Application-level client heartbeat interval (None: the venue needs none).
+    heartbeat_s: ClassVar[float | None] = None
+    #: No message for this long means the feed is dead: reconnect.
+    stale_after_s: ClassVar[float] = 60.0
+    #: True when trade ids are consecutive integers per symbol (gap detection).
+    sequential_ids: ClassVar[bool] = False
+    #: True when the server sends application pings that need an answer (:meth:`server_ping_reply`).
+    answers_server_pings: ClassVar[bool] = False
+    #: Venue-specific options (``sources.<name>.options``) with their defaults.
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        symbols: Sequence[str],
+        options: Mapping[str, Any] | None = None,
+        recent_trade_ids: int = SOURCE_OPTIONS["recent_trade_ids"],
+    ) -> None:
+        if not symbols:
+            raise ConfigError(f"sources.{self.name}.symbols", "at least one symbol such as BTC-USDT")
+        self.opts: dict[str, Any] = {**self.options, **(options or {})}
+        self.symbols: tuple[str, ...] = tuple(s.upper() for s in symbols)
+        #: normalized -> venue spelling, and back
+        self.venue_symbols: dict[str, str] = {}
+        self.normal_symbols: dict[str, str] = {}
+        for s in self.symbols:
+            v = self.to_venue_symbol(s)
+            self.venue_symbols[s] = v
+            self.normal_symbols[v] = s
+        self.stats = FeedStats()
+        self._recent_cap = max(1, int(recent_trade_ids))
+        self._recent: dict[str, dict[str, None]] = {}
+        self._last_seq: dict[str, int] = {}
+        self._undo: list[tuple[dict[str, None], str]] = []
+        self._seqs: list[tuple[str, int]] = []
+
+    # ---- what a venue module fills in
+
+    def to_venue_symbol(self, symbol: str) -> str:
+        """Normalized symbol (``BTC-USDT``) -> the venue's spelling."""
+        raise NotImplementedError
+
+    def from_venue_symbol(self, venue_symbol: str) -> str:
+        """The venue's spelling -> normalized; frames for unconfigured symbols use this fallback."""
+        return venue_symbol
+
+    def default_endpoint(self) -> str:
+        """The endpoint used without an override (a venue may pick one by its symbols)."""
+        return self.endpoint
+
+    def url(self, endpoint: str) -> str:
+        """The URL to connect to (venues that subscribe in the URL build it here)."""
+        return endpoint
+
+    def subscribe_messages(self) -> list[str | bytes]:
+        """Frames to send after every connect (resubscribe on reconnect is automatic)."""
+        return []
+
+    def heartbeat_message(self) -> str | bytes | None:
+        """The client's application-level ping, sent every ``heartbeat_s``."""
+        return None
+
+    def server_ping_reply(self, payload: bytes) -> str | bytes | None:
+        """Answer to a server application ping (e.g. HTX ``{"ping":n}`` -> ``{"pong":n}``), else None.
+
+        Called on the network thread for every frame when ``answers_server_pings``
+        is set; a frame answered here is not handed to the ingest loop.
+        """
+        return None
+
+    def pong_for(self, client_message: str | bytes) -> str | bytes | None:
+        """What the venue's server answers to a client heartbeat (used by the replay server)."""
+        return None
+
+    def subscription_keys(self, client_message: str | bytes) -> set[str]:
+        """Channel/symbol keys a subscribe message asks for (the replay server compares them)."""
+        return {client_message if isinstance(client_message, str) else client_message.decode("utf-8", "replace")}
+
+    def url_subscription_keys(self, path: str) -> set[str]:
+        """Keys a venue that subscribes in the URL asks for there (``path`` includes the query)."""
+        return set()
+
+    async def pre_connect(self, endpoint: str, timeout_s: float) -> str:
+        """Optional HTTP step before each connect (e.g. a token); returns the URL to connect to.
+
+        Use :func:`http_json`. Raise :class:`SourceError` when it fails; the
+        source backs off and tries again.
+        """
+        return self.url(endpoint)
+
+    def amount_unit(self, symbol: str) -> AmountUnit:
+        """What ``amount`` counts for ``symbol``: base currency, or contracts on derivatives."""
+        return "base"
+
+    def _parse(self, payload: bytes, recv_us: int, batch: TradeBatch) -> int:
+        """Append the frame's trades through :meth:`emit`; return how many were appended.
+
+        Non-trade frames (books, tickers, acks, heartbeats) return 0.
+        Malformed frames raise a ``DecodeError`` subclass; ``KeyError``,
+        ``IndexError``, ``TypeError``, ``ValueError`` and msgspec errors are
+        turned into one by :meth:`parse`.
+        """
+        raise NotImplementedError
+
+    # ---- the framework around it
+
+    def parse(self, payload: bytes | str, recv_ns: int, batch: TradeBatch) -> int:
+        """Normalized trades of one raw frame appended to ``batch``; all or nothing."""
+        if isinstance(payload, str):
+            payload = payload.encode()
+        batch.begin()
+        try:
+            n = self._parse(payload, recv_ns // 1000, batch)
+        except DecodeError:
+            self._abort(batch)
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            self._abort(batch)
+            raise InvalidValue(f"{self.name}: {type(exc).__name__}: {exc}") from None
+        except msgspec.ValidationError as exc:
+            self._abort(batch)
+            raise InvalidValue(f"{self.name}: {exc}") from None
+        except msgspec.DecodeError as exc:
+            self._abort(batch)
+            raise SyntaxError_(f"{self.name}: {exc}") from None
+        if n:
+            self.stats.trades += n
+            self.stats.last_trade_ns = recv_ns
+            self._undo.clear()
+            if self._seqs:
+                self._check_sequence()
+        return n
+
+    def emit(
+        self,
+        batch: TradeBatch,
+        symbol: str,
+        trade_id: str,
+        price: float,
+        amount: float,
+        side: int,
+        ts_us: int,
+        recv_us: int,
+        seq: int = -1,
+    ) -> int:
+        """Append one trade unless its id was seen recently; returns 1 if appended, else 0.
+
+        ``seq`` is the trade id as an integer on venues whose ids are
+        consecutive per symbol (gap detection), -1 elsewhere.
+        """
+        recent = self._recent.get(symbol)
+        if recent is None:
+            recent = self._recent[symbol] = {}
+        elif trade_id in recent:
+            self.stats.duplicates += 1
+            return 0
+        recent[trade_id] = None
+        self._undo.append((recent, trade_id))
+        if len(recent) > self._recent_cap:
+            del recent[next(iter(recent))]  # oldest first: dicts keep insertion order
+        batch.append(self.name, symbol, trade_id, price, amount, side, ts_us, recv_us)
+        if seq >= 0:
+            self._seqs.append((symbol, seq))
+        return 1
+
+    def _abort(self, batch: TradeBatch) -> None:
+        batch.rollback()
+        for recent, tid in self._undo:
+            recent.pop(tid, None)
+        self._undo.clear()
+        self._seqs.clear()
+        self.stats.parse_errors += 1
+
+    def _check_sequence(self) -> None:
+        # Venues may list a message's trades newest first (Coinbase): compare sorted ids.
+        seqs = self._seqs
+        pairs = sorted(seqs) if len(seqs) > 1 else seqs
+        last_seq = self._last_seq
+        for symbol, seq in pairs:
+            last = last_seq.get(symbol)
+            if last is None or seq == last + 1:
+                last_seq[symbol] = seq
+            elif seq > last:
+                self.stats.gaps += 1
+                self.stats.missing += seq - last - 1
+                log.warning("%s %s: trade ids jump from %d to %d (%d missing)", self.name, symbol, last, seq, seq - last - 1)
+                last_seq[symbol] = seq
+            # seq <= last: a late trade that was not seen before; no gap to report
+        seqs.clear()
+
+    def log_venue_error(self, message: Any) -> None:
+        """Count and log an error the venue reported (a well-formed message, not a bad frame)."""
+        self.stats.venue_errors += 1
+        if self.stats.venue_errors <= 100 or self.stats.venue_errors % 1000 == 0:  # bounded log volume
+            log.warning("%s reported an error: %.500s", self.name, message)
+
+    def normal_symbol(self, venue_symbol: str) -> str:
+        """Normalized spelling of a symbol as the venue sends it."""
+        s = self.normal_symbols.get(venue_symbol)
+        if s is None:
+            s = self.normal_symbols[venue_symbol] = self.from_venue_symbol(venue_symbol)
+            if len(self.normal_symbols) > 4 * len(self.symbols) + 1024:  # bounded against junk symbols
+                self.normal_symbols = {self.venue_symbols[k]: k for k in self.symbols}
+        return s
+
+
+def register_venue(cls: type[Venue]) -> type[Venue]:
+    """Class decorator: make ``cls`` a source driver named ``cls.name``."""
+    if not cls.name or not cls.endpoint:
+        raise TypeError(f"{cls.__name__} must set name and endpoint")
+    VENUES[cls.name] = cls
+
+    def factory(name: str, **kwargs: Any) -> ExchangeSource:
+        return ExchangeSource(name, cls, **kwargs)
+
+    register(cls.name)(factory)
+    return cls
+
+
+# --------------------------------------------------------------------------- decoder
+
+
+class ExchangeDecoder:
+    """The ingest loop's decoder for an exchange feed: the venue's :meth:`Venue.parse`."""
+
+    def __init__(self, venue: Venue) -> None:
+        self.venue = venue
+
+    def decode(self, topic_device: str | None, payload: bytes, recv_ns: int, batch: Any) -> int:
+        """Append the frame's trades to ``batch`` (a ``TradeBatch``); see :meth:`Venue.parse`."""
+        return self.venue.parse(payload, recv_ns, batch)
+
+
+# --------------------------------------------------------------------------- source
+
+
+class ExchangeSource(Source):
+    """A venue's WebSocket feed as a :class:`Source` of raw frames (``kind = "trade"``).
+
+    ``settings`` gives the symbols, an endpoint override and options (the
+    keys of :data:`SOURCE_OPTIONS` plus the venue's own). Frames are handed
+    over as ``Frame(topic="ws", payload=<raw bytes>, recv_ns, ack_token=None)``;
+    ``decoder_for`` returns the venue parser, so parsing happens in the
+    ingest loop and this thread only receives.
+    """
+
+    kind = "trade"
+
+    def __init__(
+        self,
+        name: str,
+        venue: type[Venue] | str,
+        settings: SourceSettings | None = None,
+        *,
+        max_inflight_frames: int = 20_000,
+        backoff: BackoffSettings | None = None,
+    ) -> None:
+        super().__init__(name)
+        venue_cls = VENUES[venue] if isinstance(venue, str) else venue
+        settings = settings or SourceSettings(driver=venue_cls.name)
+        opts = dict(settings.options)
+        unknown = set(opts) - set(SOURCE_OPTIONS) - set(venue_cls.options)
+        if unknown:
+            raise ConfigError(
+                f"sources.{name}.options",
+                "keys among " + ", ".join(sorted(set(SOURCE_OPTIONS) | set(venue_cls.options))),
+                sorted(unknown),
+            )
+        src = {k: opts.pop(k, v) for k, v in SOURCE_OPTIONS.items()}
+        try:
+            self.venue: Venue = venue_cls(settings.symbols, opts, int(src["recent_trade_ids"]))
+            self.connect_timeout_s = float(src["connect_timeout_s"])
+            self.stale_after_s = float(src["stale_after_s"] or venue_cls.stale_after_s)
+            hb = src["heartbeat_s"] if src["heartbeat_s"] is not None else venue_cls.heartbeat_s
+            self.heartbeat_s: float | None = float(hb) if hb else None
+            self.max_frame_bytes = int(src["max_frame_bytes"])
+            backoff = backoff or BackoffSettings.model_validate({})
+            self.backoff_initial_s = float(src["backoff_initial_s"] or backoff.initial_s)
+            self.backoff_max_s = float(src["backoff_max_s"] or backoff.max_s)
+            self.backoff_factor = backoff.factor
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"sources.{name}.options", "numbers for the *_s, *_ids and *_bytes keys", str(exc)) from None
+        if self.connect_timeout_s <= 0 or self.stale_after_s <= 0 or self.backoff_initial_s <= 0:
+            raise ConfigError(f"sources.{name}.options", "positive timeouts and backoff")
+        self.compression: str | None = "deflate" if src["compression"] else None
+        self.endpoint = settings.endpoint or self.venue.default_endpoint()
+        if not self.endpoint.startswith(("ws://", "wss://")):
+            raise ConfigError(f"sources.{name}.endpoint", "a ws:// or wss:// URL", self.endpoint)
+        self.queue = FrameQueue(max_inflight_frames)
+        self.decoder = ExchangeDecoder(self.venue)
+        self.connections = 0
+        self.stale_reconnects = 0
+        self.pings_sent = 0
+        self.server_pings_answered = 0
+        self.queue_full_waits = 0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._stopping = threading.Event()
+        self._last_msg_ns = 0
+
+    # ---- Source interface
+
+    def start(self) -> None:
+        """Connect in the background (own thread, own event loop); returns at once."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name=f"feed-{self.name}", daemon=True)
+        self._thread.start()
+
+    def get(self, max_n: int, timeout_s: float) -> list[Frame]:
+        """Frames received so far, up to ``max_n``, waiting up to ``timeout_s`` for the first."""
+        return self.queue.get_many(max_n, timeout_s)
+
+    def ack(self, tokens: Sequence[Any]) -> None:
+        """Nothing to acknowledge upstream on a market-data feed."""
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Close the connection and end the feed thread (waits up to ``timeout_s``)."""
+        self._stopping.set()
+        loop, ev = self._loop, self._stop_event
+        if loop is not None and ev is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(ev.set)
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        self.health.connected = False
+
+    def decoder_for(self, topic: str) -> tuple[Decoder, str | None] | None:
+        """The venue parser, for every frame of this feed."""
+        return self.decoder, None
+
+    def refresh_health(self) -> None:
+        """Copy the feed's counters into ``health`` (also done every second by the feed thread)."""
+        st = self.venue.stats
+        h = self.health
+        h.gaps = st.gaps
+        now = time.time_ns()
+        extra = asdict(st)
+        extra.update(
+            venue=self.venue.name,
+            endpoint=self.endpoint,
+            connections=self.connections,
+            stale_reconnects=self.stale_reconnects,
+            pings_sent=self.pings_sent,
+            server_pings_answered=self.server_pings_answered,
+            queue_full_waits=self.queue_full_waits,
+            queued_frames=len(self.queue),
+            last_trade_age_s=(now - st.last_trade_ns) / 1e9 if st.last_trade_ns else None,
+            last_frame_age_s=(now - h.last_frame_ns) / 1e9 if h.last_frame_ns else None,
+        )
+        h.extra = extra
+
+    # ---- the feed thread
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException:
+            # A bug, not a network fault: say so loudly; the ingest process sees ready() turn False.
+            log.exception("%s: feed thread ended", self.name)
+            self.health.detail = "feed thread ended by an internal error"
+            raise
+
+    def _backoff_delay(self, attempt: int) -> float:
+        # Full jitter: uniform over [0, capped exponential]; retries never stop.
+        cap = min(self.backoff_max_s, self.backoff_initial_s * self.backoff_factor ** min(attempt, 60))
+        return random.uniform(0.0, cap)
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        if self._stopping.is_set():
+            return
+        attempt = 0
+        while not self._stop_event.is_set():
+            delivered = False
+            try:
+                delivered = await self._session()
+            except (OSError, TimeoutError, WebSocketException, SourceError) as exc:
+                self.health.detail = f"{type(exc).__name__}: {exc}"
+                log.warning("%s: connection failed: %s", self.name, self.health.detail)
+            self.health.connected = False
+            if self._stop_event.is_set():
+                break
+            attempt = 0 if delivered else attempt + 1
+            delay = self._backoff_delay(attempt)
+            self.health.detail += f"; reconnecting in {delay:.2f} s"
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), delay)
+
+    async def _session(self) -> bool:
+        """One connection: connect, subscribe, receive until it ends. True if any frame arrived."""
+        assert self._stop_event is not None
+        async with asyncio.timeout(self.connect_timeout_s):
+            url = await self.venue.pre_connect(self.endpoint, self.connect_timeout_s)
+            try:
+                ws = await connect(
+                    url,
+                    open_timeout=None,  # the enclosing timeout bounds the whole attempt
+                    proxy=None,
+                    compression=self.compression,
+                    max_size=self.max_frame_bytes,
+                    max_queue=64,
+                    ping_interval=20,
+                    ping_timeout=20,
+                    close_timeout=2,
+                )
+            except InvalidURI as exc:
+                raise SourceError(f"{url}: not a WebSocket URL") from exc
+            except InvalidHandshake as exc:
+                raise SourceError(f"{url}: handshake refused: {exc}") from exc
+        frames_before = self.health.frames
+        self.connections += 1
+        if self.connections > 1:
+            self.health.reconnects += 1
+        self._last_msg_ns = time.time_ns()
+        self.health.connected = True
+        self.health.detail = f"connected to {url}"
+        log.info("%s: connected to %s (connection %d)", self.name, url, self.connections)
+        try:
+            for msg in self.venue.subscribe_messages():
+                await ws.send(msg)
+            async with asyncio.TaskGroup() as tg:
+                hb = tg.create_task(self._heartbeat(ws), name=f"{self.name}-heartbeat")
+                wd = tg.create_task(self._watchdog(ws), name=f"{self.name}-watchdog")
+                try:
+                    await self._receive(ws)
+                finally:
+                    hb.cancel()
+                    wd.cancel()
+        except ConnectionClosed as exc:
+            self.health.detail = f"connection closed: {exc}"
+        finally:
+            self.health.connected = False
+            await ws.close()
+            self.refresh_health()
+        return self.health.frames > frames_before
+
+    async def _receive(self, ws: ClientConnection) -> None:
+        recv = ws.recv
+        put = self.queue.put
+        health = self.health
+        venue = self.venue
+        answers = venue.answers_server_pings
+        stopping = self._stopping
+        while True:
+            try:
+                data = await recv(decode=False)
+            except ConnectionClosed as exc:
+                health.detail = f"connection closed: {exc}"
+                log.info("%s: %s", self.name, health.detail)
+                return
+            now = time.time_ns()
+            self._last_msg_ns = now
+            if answers:
+                reply = venue.server_ping_reply(data)
+                if reply is not None:
+                    self.server_pings_answered += 1
+                    await ws.send(reply)
+                    continue
+            health.frames += 1
+            health.last_frame_ns = now
+            frame = Frame(FRAME_TOPIC, data, now, None)
+            if not put(frame, 0.0):
+                # The ingest loop is behind: stop reading so TCP pushes back on the venue.
+                self.queue_full_waits += 1
+                while not put(frame, 0.25):
+                    if stopping.is_set():
+                        return
+
+    async def _heartbeat(self, ws: ClientConnection) -> None:
+        msg = self.venue.heartbeat_message()
+        if msg is None or not self.heartbeat_s:
+            return
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await ws.send(msg)
+            except ConnectionClosed:
+                return
+            self.pings_sent += 1
+
+    async def _watchdog(self, ws: ClientConnection) -> None:
+        assert self._stop_event is not None
+        tick = min(1.0, self.stale_after_s / 4)
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_event.wait(), tick)
+            if self._stop_event.is_set():
+                await ws.close()
+                return
+            self.refresh_health()
+            idle_s = (time.time_ns() - self._last_msg_ns) / 1e9
+            if idle_s > self.stale_after_s:
+                self.stale_reconnects += 1
+                self.health.detail = f"stale: no message for {idle_s:.1f} s"
+                log.warning("%s: %s; reconnecting", self.name, self.health.detail)
+                ws.transport.abort()  # a dead peer would stall a close handshake
+                return

@@ -1,0 +1,153 @@
+"""Binance spot: the ``trade`` or ``aggTrade`` streams over one combined-stream connection.
+
+* Subscription is in the URL: ``/stream?streams=btcusdt@trade/...``; messages
+  arrive wrapped as ``{"stream": ..., "data": {...}}`` (raw ``{"e": ...}``
+  events from a ``/ws/`` URL are accepted too).
+* Option ``stream``: ``"trade"`` (default, every fill, id ``t``) or
+  ``"aggTrade"`` (fills of one taker order at one price, id ``a``). Aggregate
+  ids are stored as ``a<id>`` so that they can never collide with trade ids
+  of the same symbol. Both are consecutive per symbol: gaps are counted.
+* Side: ``m`` (buyer is maker) true means the taker sold.
+* Amount: base quantity (``q``). Time: trade time ``T`` (ms).
+* Heartbeat: the server sends WebSocket pings (answered by the library); no
+  application ping. Thin symbols may be silent for minutes, so the stale
+  bound is long; a dead TCP peer is caught by the WebSocket keepalive.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+
+from sensorhub.decoders.trade_batch import SIDE_BUY, SIDE_SELL, TradeBatch
+from sensorhub.errors import ConfigError
+from sensorhub.sources.exchanges.base import (
+    Venue,
+    ensure_whole,
+    loads,
+    register_venue,
+    split_concatenated,
+)
+
+__all__ = ["VENUE", "Binance"]
+
+#: Quote currencies for splitting ``NKNUSDT`` when a symbol was not configured (longest first).
+QUOTES = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BIDR", "IDRT", "TRY", "EUR", "GBP", "BRL", "BTC", "ETH", "BNB",
+          "AUD", "RUB", "UAH", "NGN", "DAI", "JPY", "PAX", "XRP", "DOT")
+
+
+class _AggTrade(msgspec.Struct):
+    s: str
+    a: int
+    p: float
+    q: float
+    T: int
+    m: bool
+
+
+class _Trade(msgspec.Struct):
+    s: str
+    t: int
+    p: float
+    q: float
+    T: int
+    m: bool
+
+
+class _AggMsg(msgspec.Struct):
+    data: _AggTrade
+
+
+class _TradeMsg(msgspec.Struct):
+    data: _Trade
+
+
+# strict=False: Binance sends prices and sizes as decimal strings.
+_agg_msg = msgspec.json.Decoder(_AggMsg, strict=False).decode
+_trade_msg = msgspec.json.Decoder(_TradeMsg, strict=False).decode
+_agg_raw = msgspec.json.Decoder(_AggTrade, strict=False).decode
+_trade_raw = msgspec.json.Decoder(_Trade, strict=False).decode
+
+
+@register_venue
+class Binance(Venue):
+    """Binance spot trades."""
+
+    name = "binance"
+    endpoint = "wss://stream.binance.com:9443"
+    heartbeat_s = None
+    stale_after_s = 600.0
+    sequential_ids = True
+    options: ClassVar[dict[str, Any]] = {"stream": "trade"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stream = str(self.opts["stream"])
+        if self.stream not in ("trade", "aggTrade"):
+            raise ConfigError("sources.binance.options.stream", "trade or aggTrade", self.stream)
+
+    def to_venue_symbol(self, symbol: str) -> str:
+        """``NKN-USDT`` -> ``NKNUSDT``."""
+        return symbol.replace("-", "")
+
+    def from_venue_symbol(self, venue_symbol: str) -> str:
+        """``NKNUSDT`` -> ``NKN-USDT`` when a known quote currency ends it."""
+        return split_concatenated(venue_symbol, QUOTES) or venue_symbol
+
+    def url(self, endpoint: str) -> str:
+        """Combined-stream URL naming every symbol's trade stream."""
+        base = endpoint.rstrip("/")
+        for suffix in ("/stream", "/ws"):
+            if base.endswith(suffix):
+                base = base[: -len(suffix)]
+        streams = "/".join(f"{self.venue_symbols[s].lower()}@{self.stream}" for s in self.symbols)
+        return f"{base}/stream?streams={streams}"
+
+    def url_subscription_keys(self, path: str) -> set[str]:
+        """``trade:NKN-USDT`` keys of the streams named in a combined-stream URL."""
+        qs = parse_qs(urlsplit(path).query).get("streams", [""])[0]
+        keys = set()
+        for st in qs.split("/"):
+            sym, _, kind = st.partition("@")
+            if kind in ("trade", "aggTrade") and sym:
+                keys.add(f"trade:{self.normal_symbol(sym.upper())}")
+        return keys
+
+    def _parse(self, payload: bytes, recv_us: int, batch: TradeBatch) -> int:
+        head = payload[:64]
+        if head.startswith(b'{"stream":"'):
+            if b'@aggTrade"' in head:
+                a = _agg_msg(payload).data
+                return self.emit(
+                    batch, self.normal_symbol(a.s), f"a{a.a}", a.p, a.q,
+                    SIDE_SELL if a.m else SIDE_BUY, a.T * 1000, recv_us, a.a,
+                )
+            if b'@trade"' in head:
+                t = _trade_msg(payload).data
+                return self.emit(
+                    batch, self.normal_symbol(t.s), str(t.t), t.p, t.q,
+                    SIDE_SELL if t.m else SIDE_BUY, t.T * 1000, recv_us, t.t,
+                )
+            ensure_whole(payload)  # depth, bookTicker, kline...: nothing to store
+            return 0
+        if head.startswith(b'{"e":"aggTrade"'):
+            a = _agg_raw(payload)
+            return self.emit(
+                batch, self.normal_symbol(a.s), f"a{a.a}", a.p, a.q,
+                SIDE_SELL if a.m else SIDE_BUY, a.T * 1000, recv_us, a.a,
+            )
+        if head.startswith(b'{"e":"trade"'):
+            t = _trade_raw(payload)
+            return self.emit(
+                batch, self.normal_symbol(t.s), str(t.t), t.p, t.q,
+                SIDE_SELL if t.m else SIDE_BUY, t.T * 1000, recv_us, t.t,
+            )
+        msg = loads(payload)  # subscription results, errors, other events
+        if isinstance(msg, dict) and "error" in msg:
+            self.log_venue_error(msg)
+        return 0
+
+
+VENUE = Binance
