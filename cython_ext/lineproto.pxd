@@ -1,0 +1,26 @@
+# C-level API of the Influx line protocol decoder (see sensorhub/decoders/lineproto_py.py).
+from libc.stdint cimport int64_t
+
+from sensorhub._ext.batch cimport ReadingBatch
+
+
+cdef struct Field:
+    # one numeric or boolean field of the line being decoded
+    Py_ssize_t k0      # key span in the payload (escaped, as sent)
+    Py_ssize_t k1
+    double v
+
+
+cdef class Decoder:
+    cdef public Py_ssize_t strings_skipped
+    cdef dict _metrics
+    cdef dict _devices
+    cdef Field* _fields
+    cdef Py_ssize_t _fcap
+
+    cdef int _reserve_fields(self, Py_ssize_t need) except -1
+    cdef str _device_name(self, const char* p, Py_ssize_t v0, Py_ssize_t v1)
+    cdef str _metric_name(self, const char* p, Py_ssize_t m0, Py_ssize_t m1,
+                          Py_ssize_t k0, Py_ssize_t k1)
+    cdef Py_ssize_t c_decode(self, str topic_device, const char* p, Py_ssize_t n,
+                             int64_t recv_us, ReadingBatch b, Py_ssize_t* strings) except -1
