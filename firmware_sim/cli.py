@@ -1,0 +1,368 @@
+"""``sensorhub-sim``: simulated line devices for load and fault testing.
+
+Subcommands:
+
+- ``run``: publish (bounded by ``--duration`` and/or ``--count``) and write the truth file.
+- ``verify``: compare a truth file with ClickHouse.
+- ``loadtest``: run, wait until the store holds everything (bounded), verify; ``--json``
+  prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from firmware_sim.devices import parse_mix
+from firmware_sim.mqtt import MqttError
+from firmware_sim.sim import (
+    FAULTS,
+    PROFILES,
+    FaultConfig,
+    RunStats,
+    SimConfig,
+    Simulator,
+    parse_fault,
+)
+from firmware_sim.truth import merge_truth, read_summary
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("firmware_sim")
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def _dictionary(text: str) -> dict[int, str]:
+    raw = Path(text).read_text() if os.path.isfile(text) else text
+    try:
+        d = json.loads(raw)
+        return {int(k): str(v) for k, v in d.items()}
+    except (ValueError, AttributeError) as exc:
+        raise argparse.ArgumentTypeError(f"dictionary: expected a JSON object of id -> name: {exc}") from None
+
+
+def _shard(text: str) -> tuple[int, int]:
+    a, _, b = text.partition("/")
+    try:
+        i, n = int(a), int(b)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def add_sim_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``run`` and ``loadtest``."""
+    g = p.add_argument_group("load")
+    g.add_argument("--mqtt", type=_hostport, default=("127.0.0.1", 1883), metavar="HOST:PORT")
+    g.add_argument("--devices", type=int, default=200)
+    g.add_argument("--lines", type=int, default=4, help="devices are spread over line1..lineN")
+    g.add_argument(
+        "--format",
+        "--mix",
+        dest="mix",
+        default="frame",
+        help="frame|json|ilp|sparkplug|mixed, or ratios: frame=0.7,json=0.1,ilp=0.1,sparkplug=0.1",
+    )
+    g.add_argument("--per-message", type=int, default=1, help="readings per message (1..1024)")
+    g.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    g.add_argument("--rate", type=float, default=1000.0, help="total readings per second")
+    g.add_argument("--duration", type=float, default=10.0, help="seconds of publishing (0: until --count)")
+    g.add_argument("--count", type=int, default=None, help="stop after this many readings")
+    g.add_argument("--profile", choices=PROFILES, default="steady")
+    g.add_argument("--mode", choices=("per-device", "pooled"), default="per-device",
+                   help="one MQTT connection per device, or a shared pool")
+    g.add_argument("--pool", type=int, default=4, help="connections in pooled mode")
+    g.add_argument("--procs", type=int, default=1, help="publishing processes")
+    g.add_argument("--shard", type=_shard, default=(0, 1), help=argparse.SUPPRESS)
+    g.add_argument("--mqtt-version", choices=("3.1.1", "5"), default="3.1.1")
+    g.add_argument("--persistent", action="store_true", help="persistent sessions (clean session off)")
+    g.add_argument("--session-expiry", type=int, default=3600, help="MQTT 5 session expiry with --persistent")
+    g.add_argument("--inflight", type=int, default=64, help="unacknowledged QoS 1 messages per connection")
+    g.add_argument("--seed", type=int, default=1)
+    g.add_argument("--dictionary", type=_dictionary, default={}, help="frame metric id -> name (JSON or file)")
+    g.add_argument("--nan-rate", type=float, default=0.001, help="fraction of frame values that are NaN")
+    g.add_argument("--float32", action="store_true", help="frame values as float32")
+    g.add_argument("--fault", action="append", default=[], metavar="NAME[=VALUE]",
+                   help="inject a fault: " + "; ".join(f"{k}: {v}" for k, v in FAULTS.items()))
+    g.add_argument("--full-limit", type=int, default=2_000_000,
+                   help="keep every reading in the truth file up to this many")
+    g.add_argument("--ack-timeout", type=float, default=10.0,
+                   help="seconds to wait for outstanding PUBACKs at the end")
+    g.add_argument("--client-prefix", default="sim", help="MQTT client id prefix")
+    g.add_argument("--device-prefix", default="dev", help="device ids are PREFIX-0001..")
+
+
+def _config(args: argparse.Namespace, truth: Path | None, shard: tuple[int, int], rate: float) -> SimConfig:
+    faults = dict(parse_fault(f) for f in args.fault)
+    return SimConfig(
+        host=args.mqtt[0],
+        port=args.mqtt[1],
+        devices=args.devices,
+        mix=parse_mix(args.mix),
+        per_message=args.per_message,
+        qos=args.qos,
+        rate=rate,
+        duration_s=args.duration,
+        count=args.count,
+        profile=args.profile,
+        mode=args.mode,
+        pool=args.pool,
+        mqtt_version=5 if args.mqtt_version == "5" else 4,
+        clean=not args.persistent,
+        session_expiry_s=args.session_expiry if args.persistent else 0,
+        max_inflight=args.inflight,
+        lines=args.lines,
+        seed=args.seed,
+        dictionary=args.dictionary,
+        nan_rate=args.nan_rate,
+        float32=args.float32,
+        faults=FaultConfig(faults),
+        truth_path=truth,
+        full_limit=args.full_limit,
+        shard=shard[0],
+        shards=shard[1],
+        client_prefix=args.client_prefix,
+        drain_timeout_s=args.ack_timeout,
+        device_prefix=args.device_prefix,
+    )
+
+
+def _child_argv(argv: list[str], i: int, n: int, truth: Path) -> list[str]:
+    """The ``run`` command line of child ``i`` of ``n``, from the parent's own options."""
+    out: list[str] = []
+    skip = False
+    drop_with_value = {"--procs", "--truth", "--shard", "--clickhouse", "--database", "--settle",
+                       "--drain-timeout"}
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        key = a.split("=", 1)[0]
+        if key in drop_with_value:
+            skip = "=" not in a
+            continue
+        if key in ("--json", "run", "loadtest"):
+            continue
+        out.append(a)
+    return [sys.executable, "-m", "firmware_sim", "run", *out, "--shard", f"{i}/{n}",
+            "--truth", str(truth), "--json"]
+
+
+def publish(args: argparse.Namespace, truth: Path, argv: list[str], show: bool) -> dict[str, Any]:
+    """Run the simulator (in this process or ``--procs`` children) and write ``truth``."""
+    if args.procs > 1:
+        return _publish_procs(args, truth, argv)
+    shard = args.shard
+    rate = args.rate
+    cfg = _config(args, truth, shard, rate)
+    progress = None
+    console = None
+    if show:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+
+        def progress(st: RunStats) -> None:
+            assert console is not None
+            console.print(
+                f"[dim]{st.elapsed_s:6.1f}s[/] published {st.published:>10,} readings "
+                f"({st.published / max(st.elapsed_s, 1e-9):,.0f}/s), sent {st.sent_messages:,} messages"
+            )
+
+    sim = Simulator(cfg, progress)
+    stats = asyncio.run(sim.run())
+    summary = sim.close_truth()
+    out = stats.as_dict()
+    out["devices"] = len(sim.devices)
+    out["truth_full"] = summary["full"]
+    return out
+
+
+def _publish_procs(args: argparse.Namespace, truth: Path, argv: list[str]) -> dict[str, Any]:
+    n = args.procs
+    tmp = Path(tempfile.mkdtemp(prefix="sim-truth-"))
+    parts = [tmp / f"part{i}.truth" for i in range(n)]
+    children = [
+        subprocess.Popen(_child_argv(argv, i, n, parts[i]), stdout=subprocess.PIPE, text=True)
+        for i in range(n)
+    ]
+    results = []
+    limit = (args.duration or 0) + args.ack_timeout + 120
+    for c in children:
+        try:
+            out, _ = c.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            c.kill()
+            out, _ = c.communicate()
+        if c.returncode != 0:
+            raise RuntimeError(f"publishing process {c.pid} exited with {c.returncode}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    summary = merge_truth(parts, truth)
+    for p in parts:
+        p.unlink()
+    tmp.rmdir()
+    merged: dict[str, Any] = {}
+    for key in ("published", "published_messages", "sent_messages", "unacked_messages",
+                "dead_letters_sent", "duplicates_sent", "reconnects", "deaths", "cpu_s", "devices"):
+        merged[key] = sum(r[key] for r in results)
+    merged["elapsed_s"] = max(r["elapsed_s"] for r in results)
+    merged["start_unix_us"] = min(r["start_unix_us"] for r in results)
+    merged["end_unix_us"] = max(r["end_unix_us"] for r in results)
+    merged["achieved_rate"] = round(merged["published"] / max(merged["elapsed_s"], 1e-9), 1)
+    pm = merged["published_messages"]
+    merged["cpu_us_per_message"] = round(merged["cpu_s"] / pm * 1e6, 2) if pm else None
+    merged["truth_full"] = summary["full"]
+    merged["procs"] = n
+    return merged
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    truth = Path(args.truth)
+    out = publish(args, truth, argv, show=not args.json)
+    out["truth"] = str(truth)
+    _emit(args, out, "published")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, argv: list[str]) -> int:
+    from firmware_sim.verify import connect, verify
+
+    client = connect(args.clickhouse, args.database)
+    try:
+        result = verify(client, args.truth, database=args.database)
+    finally:
+        client.close()
+    _emit(args, result, "verify")
+    return 0 if _clean(result) else 1
+
+
+def _clean(r: dict[str, Any]) -> bool:
+    return not r.get("lost") and not r.get("duplicated") and not r.get("mismatched") and not r.get(
+        "mismatched_devices"
+    )
+
+
+def cmd_loadtest(args: argparse.Namespace, argv: list[str]) -> int:
+    from firmware_sim.verify import connect, stored_count, verify
+
+    tmp = Path(tempfile.mkdtemp(prefix="sim-loadtest-"))
+    truth = Path(args.truth) if args.truth else tmp / "run.truth"
+    client = connect(args.clickhouse, args.database)
+    try:
+        pub = publish(args, truth, argv, show=not args.json)
+        summary = read_summary(truth)
+        # Wait until the store holds every reading or stops growing (both bounded).
+        deadline = time.monotonic() + args.drain_timeout_store
+        last = -1
+        last_change = time.monotonic()
+        while time.monotonic() < deadline:
+            _, distinct = stored_count(client, summary, args.database)
+            if distinct >= summary["published"]:
+                break
+            if distinct != last:
+                last, last_change = distinct, time.monotonic()
+            elif time.monotonic() - last_change > args.settle:
+                break
+            time.sleep(0.5)
+        result = verify(client, truth, database=args.database)
+    finally:
+        client.close()
+    result["achieved_rate"] = pub["achieved_rate"]
+    result["target_rate"] = args.rate
+    for k in ("published_messages", "sent_messages", "elapsed_s", "cpu_s", "cpu_us_per_message",
+              "dead_letters_sent", "duplicates_sent", "reconnects", "deaths", "unacked_messages"):
+        result[k] = pub.get(k)
+    if not args.truth:
+        truth.unlink(missing_ok=True)
+        tmp.rmdir()
+    _emit(args, result, "loadtest")
+    return 0 if _clean(result) else 1
+
+
+def _emit(args: argparse.Namespace, out: dict[str, Any], title: str) -> None:
+    if args.json:
+        print(json.dumps({k: v for k, v in out.items() if k != "per_second"}, separators=(",", ":")))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    for k, v in out.items():
+        if k == "per_second":
+            continue
+        table.add_row(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+    Console().print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sensorhub-sim`` argument parser."""
+    parser = argparse.ArgumentParser(prog="sensorhub-sim", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default=os.environ.get("SENSORHUB_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="publish and write the truth file")
+    add_sim_arguments(p)
+    p.add_argument("--truth", default="sim.truth", help="ground-truth file to write")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(_run=cmd_run)
+
+    p = sub.add_parser("verify", help="compare a truth file with ClickHouse")
+    p.add_argument("--clickhouse", required=True, metavar="URL")
+    p.add_argument("--database", default="sensorhub")
+    p.add_argument("--truth", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(_run=cmd_verify)
+
+    p = sub.add_parser("loadtest", help="run, wait for the store, verify")
+    add_sim_arguments(p)
+    p.add_argument("--clickhouse", required=True, metavar="URL")
+    p.add_argument("--database", default="sensorhub")
+    p.add_argument("--truth", default=None, help="keep the truth file here")
+    p.add_argument("--drain-timeout", dest="drain_timeout_store", type=float, default=60.0,
+                   help="seconds to wait at most for the store to hold everything")
+    p.add_argument("--settle", type=float, default=5.0,
+                   help="stop waiting once the store has not grown for this long")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(_run=cmd_loadtest)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``sensorhub-sim`` and ``python -m firmware_sim``."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(raw)
+    logging.basicConfig(level=str(args.log_level).upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        rc: int = args._run(args, raw)
+    except (ValueError, OSError, RuntimeError, MqttError) as exc:
+        print(f"sensorhub-sim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
