@@ -106,13 +106,13 @@ class Binance(Venue):
         return f"{base}/stream?streams={streams}"
 
     def url_subscription_keys(self, path: str) -> set[str]:
-        """``trade:NKN-USDT`` keys of the streams named in a combined-stream URL."""
+        """``aggTrade:NKN-USDT`` / ``trade:NKN-USDT`` keys of the trade streams named in a combined-stream URL."""
         qs = parse_qs(urlsplit(path).query).get("streams", [""])[0]
         keys = set()
         for st in qs.split("/"):
             sym, _, kind = st.partition("@")
             if kind in ("trade", "aggTrade") and sym:
-                keys.add(f"trade:{self.normal_symbol(sym.upper())}")
+                keys.add(f"{kind}:{self.normal_symbol(sym.upper())}")
         return keys
 
     def _parse(self, payload: bytes, recv_us: int, batch: TradeBatch) -> int:

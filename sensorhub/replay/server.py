@@ -1,0 +1,398 @@
+"""A loopback server that behaves like a venue for one capture.
+
+It accepts the adapter's WebSocket connection, checks what the client
+subscribes to against what the recording client subscribed to, sends the
+recorded venue frames in order (text and binary) at the recorded pace scaled
+by ``speed`` or as fast as possible, answers the client's application
+heartbeats the way the venue does (:meth:`Venue.pong_for`), and serves the
+capture's recorded REST responses over HTTP.
+
+Connections: each incoming connection is given the next recorded connection
+not yet served to its end, preferring one whose URL path matches and, when
+several share a path (Kraken's three), the one whose recorded subscriptions
+match the client's first message. ``drop_after=N`` aborts a connection after
+it has sent N frames (at most ``drops`` times in all); the recorded
+connection then resumes ``overlap`` frames before the drop point on the
+client's next connection, so the client sees duplicates as after a real reconnect.
+
+Subscription check (lenient by default): every key the client asks for
+(:meth:`Venue.subscription_keys`) that the recording never subscribed to is
+logged and listed in ``stats.subscribe_mismatches``; with ``strict=True`` the
+connection is closed with code 1008 instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from sensorhub.errors import DecodeError, SourceError
+from sensorhub.replay.capture import Capture, CaptureConnection, CaptureRecord
+from sensorhub.sources.exchanges.base import Venue
+
+__all__ = ["ReplayServer", "ReplayStats", "ReplayThread"]
+
+log = logging.getLogger(__name__)
+
+MAX_PACE_GAP_S = 30.0  # a recorded silence longer than this is shortened (before speed scaling)
+MAX_HTTP_REQUEST_BYTES = 1 << 20
+
+
+@dataclass
+class ReplayStats:
+    """What the server did, for tests and the command's summary."""
+
+    connections: int = 0
+    frames_sent: int = 0
+    drops: int = 0
+    pings_answered: int = 0
+    client_messages: int = 0
+    http_requests: int = 0
+    subscribe_mismatches: list[str] = field(default_factory=list)
+    client_keys: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _ConnState:
+    conn: CaptureConnection
+    next_index: int = 0
+    finished: bool = False
+    recorded_keys: set[str] = field(default_factory=set)
+
+
+class ReplayServer:
+    """Serves one capture on loopback; see the module docstring.
+
+    ``speed``: None replays as fast as possible, otherwise the recorded gaps
+    are divided by it. ``venue`` supplies heartbeat answers and subscription
+    keys; without it client frames are compared verbatim and not answered.
+    """
+
+    def __init__(
+        self,
+        capture: Capture,
+        venue: Venue | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        http_port: int | None = 0,
+        speed: float | None = None,
+        drop_after: int | None = None,
+        drops: int = 1,
+        overlap: int = 20,
+        strict: bool = False,
+        subscribe_wait_s: float = 2.0,
+        close_at_end: bool = False,
+    ) -> None:
+        if speed is not None and speed <= 0:
+            raise ValueError("speed must be positive (None: as fast as possible)")
+        self.capture = capture
+        self.venue = venue
+        self.host = host
+        self.port = port
+        self.http_port = http_port if capture.http else None
+        self.speed = speed
+        self.drop_after = drop_after
+        self.drops_left = drops if drop_after else 0
+        self.overlap = max(0, overlap)
+        self.strict = strict
+        self.subscribe_wait_s = subscribe_wait_s
+        self.close_at_end = close_at_end
+        self.stats = ReplayStats()
+        self.all_sent = asyncio.Event()
+        self._states = [_ConnState(c) for c in capture.connections]
+        for st in self._states:
+            st.recorded_keys = self._keys(st.conn.sends(), st.conn.target)
+        self._ws: Server | None = None
+        self._http: asyncio.Server | None = None
+        if not self._states:
+            self.all_sent.set()
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        """Listen (WebSocket, and HTTP when the capture holds REST exchanges)."""
+        self._ws = await serve(
+            self._handle, self.host, self.port, compression=None, max_size=1 << 20, ping_interval=None
+        )
+        self.port = self._ws.sockets[0].getsockname()[1]
+        if self.http_port is not None:
+            self._http = await asyncio.start_server(self._handle_http, self.host, self.http_port)
+            self.http_port = self._http.sockets[0].getsockname()[1]
+        log.info("replaying %s on %s", self.capture.exchange, self.ws_url)
+
+    async def stop(self) -> None:
+        """Close every connection and stop listening."""
+        if self._ws is not None:
+            self._ws.close()
+            await self._ws.wait_closed()
+        if self._http is not None:
+            self._http.close()
+            await self._http.wait_closed()
+
+    @property
+    def ws_url(self) -> str:
+        """``ws://host:port`` (give it to the source as its endpoint override)."""
+        return f"ws://{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str | None:
+        """``http://host:port`` of the REST replay, or None when the capture has none."""
+        return None if self.http_port is None else f"http://{self.host}:{self.http_port}"
+
+    # ---- subscriptions
+
+    def _keys(self, messages: list[str | bytes], target: str) -> set[str]:
+        keys: set[str] = set()
+        if self.venue is None:
+            keys.update(m if isinstance(m, str) else m.decode("utf-8", "replace") for m in messages)
+            return keys
+        for m in messages:
+            with contextlib.suppress(DecodeError):  # a recorded non-JSON send (e.g. a text ping)
+                keys |= self.venue.subscription_keys(m)
+        keys |= self.venue.url_subscription_keys(target)
+        return keys
+
+    def _pick(self, path: str, first_message: str | bytes | None) -> _ConnState | None:
+        open_states = [s for s in self._states if not s.finished]
+        if not open_states:
+            return None
+        same_path = [s for s in open_states if s.conn.path == urlsplit(path).path] or open_states
+        if first_message is not None and len(same_path) > 1:
+            wanted = self._keys([first_message], "")
+            for s in same_path:
+                if wanted & s.recorded_keys:
+                    return s
+        return same_path[0]
+
+    # ---- WebSocket
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        self.stats.connections += 1
+        path = ws.request.path if ws.request is not None else "/"
+        first = asyncio.Event()
+        first_msg: list[str | bytes] = []
+        current: list[_ConnState] = []  # the recorded connection this client is given, once chosen
+        url_keys = self.venue.url_subscription_keys(path) if self.venue is not None else set()
+        reader = asyncio.create_task(self._read_client(ws, first, first_msg, current), name="replay-client-reader")
+        try:
+            open_states = [s for s in self._states if not s.finished]
+            needs_wait = len(open_states) > 1 or any(s.conn.sends() for s in open_states)
+            if needs_wait and not url_keys:
+                # The venue starts sending once subscribed; the first request also picks the recording.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(first.wait(), self.subscribe_wait_s)
+            state = self._pick(path, first_msg[0] if first_msg else None)
+            if state is None:
+                await ws.wait_closed()  # everything served: a quiet venue
+                return
+            current.append(state)
+            if url_keys and not await self._check(ws, url_keys, state):
+                return
+            for m in first_msg:
+                if not await self._check(ws, self._keys([m], ""), state):
+                    return
+            await self._send_frames(ws, state)
+        except ConnectionClosed:
+            pass
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def _check(self, ws: ServerConnection, keys: set[str], state: _ConnState) -> bool:
+        self.stats.client_keys |= keys
+        unknown = sorted(keys - state.recorded_keys)
+        if not unknown:
+            return True
+        self.stats.subscribe_mismatches.extend(unknown)
+        log.warning(
+            "%s: client asks for %s, not in the recording of %s", self.capture.exchange, unknown, state.conn.conn_id
+        )
+        if self.strict:
+            await ws.close(1008, "subscription not in capture")
+            return False
+        return True
+
+    async def _read_client(
+        self,
+        ws: ServerConnection,
+        first: asyncio.Event,
+        first_msg: list[str | bytes],
+        current: list[_ConnState],
+    ) -> None:
+        try:
+            async for msg in ws:
+                reply = self.venue.pong_for(msg) if self.venue is not None else None
+                if reply is not None:
+                    self.stats.pings_answered += 1
+                    await ws.send(reply)
+                    continue
+                self.stats.client_messages += 1
+                if not first.is_set():
+                    first_msg.append(msg)
+                    first.set()
+                elif current:
+                    await self._check(ws, self._keys([msg], ""), current[0])
+        except ConnectionClosed:
+            return
+
+    async def _send_frames(self, ws: ServerConnection, state: _ConnState) -> None:
+        recs = state.conn.records
+        start = state.next_index
+        sent = 0
+        prev_ts: float | None = None
+        for i in range(start, len(recs)):
+            r = recs[i]
+            if r.kind != "recv":
+                continue
+            if self.speed is not None and prev_ts is not None:
+                gap = min(r.ts - prev_ts, MAX_PACE_GAP_S) / self.speed
+                if gap > 0:
+                    await asyncio.sleep(gap)
+            prev_ts = r.ts
+            await ws.send(r.data)
+            sent += 1
+            self.stats.frames_sent += 1
+            state.next_index = i + 1
+            if self.drop_after and self.drops_left > 0 and sent >= self.drop_after and i + 1 < len(recs):
+                self.drops_left -= 1
+                self.stats.drops += 1
+                state.next_index = self._back(recs, i + 1, self.overlap, start)
+                log.info("dropping connection after %d frames; resuming at record %d", sent, state.next_index)
+                ws.transport.abort()
+                return
+        state.finished = True
+        if all(s.finished for s in self._states):
+            self.all_sent.set()
+        if self.close_at_end:
+            await ws.close()
+        else:
+            await ws.wait_closed()
+
+    @staticmethod
+    def _back(recs: list[CaptureRecord], index: int, overlap: int, floor: int) -> int:
+        # Step back over ``overlap`` recv records so they are sent again after the reconnect.
+        i = index
+        n = 0
+        while i > floor and n < overlap:
+            i -= 1
+            if recs[i].kind == "recv":
+                n += 1
+        return i
+
+    # ---- HTTP
+
+    def _http_body(self, target: str) -> str | None:
+        want = urlsplit(target)
+        by_path = None
+        for ex in self.capture.http:
+            u = urlsplit(ex.url)
+            if u.path == want.path:
+                if u.query == want.query:
+                    return ex.body
+                by_path = by_path if by_path is not None else ex.body
+        return by_path
+
+    async def _handle_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            lines = head.decode("latin-1").split("\r\n")
+            _method, target, _version = lines[0].split(" ", 2)
+            length = 0
+            for h in lines[1:]:
+                name, _, value = h.partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip())
+            if length > MAX_HTTP_REQUEST_BYTES:
+                raise ValueError("request body too large")
+            if length:
+                await asyncio.wait_for(reader.readexactly(length), 10)
+            self.stats.http_requests += 1
+            body = self._http_body(target)
+            status = "200 OK" if body is not None else "404 Not Found"
+            data = (body if body is not None else '{"error":"not in capture"}').encode()
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + data
+            )
+            await writer.drain()
+        except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            log.info("http replay: bad request: %s", exc)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+class ReplayThread:
+    """Runs a :class:`ReplayServer` on its own event loop thread (for tests and the feed benchmark).
+
+    ``with ReplayThread(server) as srv: ...`` starts it and stops it on exit.
+    """
+
+    def __init__(self, server: ReplayServer, start_timeout_s: float = 10.0) -> None:
+        self.server = server
+        self.start_timeout_s = start_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> ReplayServer:
+        self._thread = threading.Thread(target=self._run, name="replay-server", daemon=True)
+        self._thread.start()
+        if not self._started.wait(self.start_timeout_s) or self._error is not None:
+            raise SourceError(f"replay server did not start: {self._error}")
+        return self.server
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def wait_all_sent(self, timeout_s: float) -> bool:
+        """True once every recorded connection was sent to its end (within ``timeout_s``)."""
+        loop = self._loop
+        if loop is None:
+            return False
+        fut = asyncio.run_coroutine_threadsafe(self._wait(timeout_s), loop)
+        return fut.result(timeout_s + 5)
+
+    async def _wait(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self.server.all_sent.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        # The server's Event must belong to this loop.
+        self.server.all_sent = asyncio.Event()
+        if all(s.finished for s in self.server._states):
+            self.server.all_sent.set()
+        try:
+            await self.server.start()
+        except OSError as exc:
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        await self._stop.wait()
+        await self.server.stop()
