@@ -17,8 +17,12 @@ from sensorhub.errors import ConfigError, SensorhubError
 
 # name -> module; keep sorted. A command is listed only once it works.
 COMMANDS: dict[str, str] = {
+    "audit": "sensorhub.pipeline.cmd_audit",
     "config": "sensorhub.cmd_config",
+    "ingest": "sensorhub.pipeline.cmd_ingest",
+    "writer": "sensorhub.pipeline.cmd_writer",
     "schema": "sensorhub.sinks.cmd_schema",
+    "stack": "sensorhub.service.stack",
 }
 
 

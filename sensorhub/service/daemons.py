@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,28 +203,17 @@ def mosquitto_config(
     )
 
 
-def start_mosquitto(run_dir: Path, port: int = 0, host: str = "127.0.0.1") -> ManagedProcess:
-    port = port or free_port(host)
+def mosquitto_argv(run_dir: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+    """Write the broker configuration under ``run_dir/mosquitto`` and return its command line."""
     d = run_dir / "mosquitto"
     d.mkdir(parents=True, exist_ok=True)
     conf = d / "mosquitto.conf"
     conf.write_text(mosquitto_config(port, d, host))
-    mp = ManagedProcess(
-        "mosquitto",
-        [_binary("mosquitto", "/usr/sbin"), "-c", str(conf)],
-        ready=lambda: wait_tcp(host, port, 0.2),
-        log_path=d / "mosquitto.log",
-        host=host,
-        port=port,
-        url=f"mqtt://{host}:{port}",
-    )
-    return mp.start()
+    return [_binary("mosquitto", "/usr/sbin"), "-c", str(conf)]
 
 
-def start_redis(
-    run_dir: Path, port: int = 0, host: str = "127.0.0.1", maxmemory: str | None = None
-) -> ManagedProcess:
-    port = port or free_port(host)
+def redis_argv(run_dir: Path, port: int, host: str = "127.0.0.1", maxmemory: str | None = None) -> list[str]:
+    """redis-server with AOF (appendfsync everysec) and noeviction, data under ``run_dir/redis``."""
     d = run_dir / "redis"
     d.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -242,46 +231,70 @@ def start_redis(
     ]
     if maxmemory:
         argv += ["--maxmemory", maxmemory]
+    return argv
 
-    def ready() -> bool:
-        try:
-            with socket.create_connection((host, port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
 
+def chdb_argv(run_dir: Path, port: int, host: str = "127.0.0.1", python: str = sys.executable) -> list[str]:
+    d = run_dir / "chdb"
+    d.mkdir(parents=True, exist_ok=True)
+    return [python, "-m", "sensorhub", "chdb-server", "--host", host, "--port", str(port), "--data", str(d / "data")]
+
+
+def redis_ready(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def http_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/ping", timeout=0.5) as r:
+            return bool(r.read() == b"Ok.\n")
+    except OSError:
+        return False
+
+
+def start_mosquitto(run_dir: Path, port: int = 0, host: str = "127.0.0.1") -> ManagedProcess:
+    port = port or free_port(host)
     mp = ManagedProcess(
-        "redis", argv, ready=ready, log_path=d / "redis.log", host=host, port=port,
+        "mosquitto",
+        mosquitto_argv(run_dir, port, host),
+        ready=lambda: wait_tcp(host, port, 0.2),
+        log_path=run_dir / "mosquitto" / "mosquitto.log",
+        host=host,
+        port=port,
+        url=f"mqtt://{host}:{port}",
+    )
+    return mp.start()
+
+
+def start_redis(
+    run_dir: Path, port: int = 0, host: str = "127.0.0.1", maxmemory: str | None = None
+) -> ManagedProcess:
+    port = port or free_port(host)
+    mp = ManagedProcess(
+        "redis",
+        redis_argv(run_dir, port, host, maxmemory),
+        ready=lambda: redis_ready(host, port),
+        log_path=run_dir / "redis" / "redis.log",
+        host=host,
+        port=port,
         url=f"redis://{host}:{port}/0",
     )
     return mp.start()
 
 
-def start_chdb_server(
-    run_dir: Path,
-    port: int = 0,
-    host: str = "127.0.0.1",
-    extra_args: Sequence[str] = (),
-    python: str = sys.executable,
-) -> ManagedProcess:
+def start_chdb_server(run_dir: Path, port: int = 0, host: str = "127.0.0.1") -> ManagedProcess:
     port = port or free_port(host)
-    d = run_dir / "chdb"
-    d.mkdir(parents=True, exist_ok=True)
     url = f"http://{host}:{port}"
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(url + "/ping", timeout=0.5) as r:
-                return bool(r.read() == b"Ok.\n")
-        except OSError:
-            return False
-
     mp = ManagedProcess(
         "chdb-server",
-        [python, "-m", "sensorhub", "chdb-server", "--host", host, "--port", str(port), "--data", str(d / "data"), *extra_args],
-        ready=ready,
-        log_path=d / "chdb-server.log",
+        chdb_argv(run_dir, port, host),
+        ready=lambda: http_ready(url),
+        log_path=run_dir / "chdb" / "chdb-server.log",
         host=host,
         port=port,
         url=url,

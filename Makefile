@@ -1,0 +1,68 @@
+# sensorhub: two commands on a fresh Debian 12 + Python 3.11 machine, as root.
+#   make demo   set up, run the pipeline at 40k readings/s with the monitor, print a summary
+#   make test   set up, run ruff, mypy and the whole default test suite
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+RUN    := run
+DEMO_RATE ?= 40000
+DEMO_SECONDS ?= 60
+DEMO_DEVICES ?= 200
+DEMO_FORMAT ?= frame
+DEMO_PER_MESSAGE ?= 10
+PYTEST_ARGS ?=
+
+.PHONY: all setup system-packages venv build test lint typecheck unit fuzz bench demo faults wheel clean
+
+all: setup
+
+setup: system-packages build
+
+# mosquitto and redis-server from Debian, only when missing.
+system-packages:
+	@bash scripts/ensure-system-packages.sh
+
+$(VENV)/.installed: pyproject.toml setup.py
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 (Debian: apt-get install -y python3.11 python3.11-venv python3-dev)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Cython extensions, built in place (sensorhub/_ext/*.so)
+build: venv
+	$(PY) setup.py -q build_ext --inplace
+	@$(PY) -c "import sensorhub; assert sensorhub.IMPLEMENTATION == 'cython', sensorhub.IMPLEMENTATION; print('sensorhub', sensorhub.__version__, 'implementation', sensorhub.IMPLEMENTATION)"
+
+lint: venv
+	$(VENV)/bin/ruff check sensorhub firmware_sim tests benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+test: setup lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+fuzz: setup
+	@for f in tests/fuzz/fuzz_*.py; do echo "== $$f"; $(PY) $$f --seconds $${FUZZ_SECONDS:-60} || exit 1; done
+
+bench: setup
+	@mkdir -p benchmarks/results
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+faults: setup
+	SENSORHUB_FAULT_RATE=40000 SENSORHUB_FAULT_SECONDS=60 $(PY) -m pytest tests/fault -v $(PYTEST_ARGS)
+
+demo: setup
+	@DEMO_RATE=$(DEMO_RATE) DEMO_SECONDS=$(DEMO_SECONDS) DEMO_DEVICES=$(DEMO_DEVICES) \
+	  DEMO_FORMAT=$(DEMO_FORMAT) DEMO_PER_MESSAGE=$(DEMO_PER_MESSAGE) \
+	  bash scripts/demo.sh $(RUN)/demo
+
+wheel: venv
+	$(PY) -m pip wheel --no-deps -w dist .
+
+clean:
+	rm -rf build dist *.egg-info sensorhub/_ext/*.so sensorhub/_ext/*.pyi cython_ext/*.c $(RUN)

@@ -1,0 +1,135 @@
+"""Process metrics: counters, gauges and HDR latency histograms, published to Redis.
+
+Every process owns one :class:`Metrics`. Once a second it writes a JSON
+snapshot to the hash ``<prefix>:metrics:<process>`` (field ``state``) with an
+expiry, so a dead process disappears from the monitor after ``ttl_s``. The
+histograms are cumulative since start (percentiles for the monitor) and also
+kept per interval (what the writer stores in ``hop_latency``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import psutil
+from hdrh.histogram import HdrHistogram
+
+__all__ = ["HOPS", "Metrics"]
+
+# Latency is recorded in microseconds, 1 µs .. 1 hour, 3 significant digits.
+_LOWEST, _HIGHEST, _DIGITS = 1, 3_600_000_000, 3
+
+#: The hops of the data path, in order, and end to end.
+HOPS = (
+    "device_to_recv",  # device clock -> MQTT receive (includes clock skew)
+    "recv_to_decode",  # MQTT receive -> block closed (batching wait included)
+    "decode_to_xadd",  # block closed -> XADD acknowledged by Redis
+    "xadd_to_read",  # XADD -> XREADGROUP by a writer
+    "read_to_insert",  # XREADGROUP -> INSERT acknowledged by ClickHouse
+    "recv_to_insert",  # MQTT receive -> INSERT done (what the pipeline adds)
+    "device_to_insert",  # device time -> INSERT done (end to end)
+)
+
+
+def _hist() -> HdrHistogram:
+    return HdrHistogram(_LOWEST, _HIGHEST, _DIGITS)
+
+
+def percentiles(h: HdrHistogram) -> dict[str, float]:
+    if h.get_total_count() == 0:
+        return {"count": 0, "p50_ms": 0.0, "p95_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+    return {
+        "count": int(h.get_total_count()),
+        "p50_ms": h.get_value_at_percentile(50) / 1000.0,
+        "p95_ms": h.get_value_at_percentile(95) / 1000.0,
+        "p99_ms": h.get_value_at_percentile(99) / 1000.0,
+        "max_ms": h.get_max_value() / 1000.0,
+    }
+
+
+class Metrics:
+    """Counters, gauges and histograms of one process; thread-safe."""
+
+    def __init__(self, role: str, name: str) -> None:
+        self.role = role
+        self.name = name
+        self.process = f"{role}:{name}:{socket.gethostname()}:{os.getpid()}"
+        self.started = time.time()
+        self.counters: dict[str, int] = defaultdict(int)
+        self.gauges: dict[str, Any] = {}
+        self._hists: dict[str, HdrHistogram] = defaultdict(_hist)
+        self._interval: dict[str, HdrHistogram] = defaultdict(_hist)
+        self._interval_start = time.time()
+        self._lock = threading.Lock()
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)
+        self._rates: dict[str, float] = {}
+        self._last_counts: dict[str, int] = {}
+        self._last_t = time.monotonic()
+
+    def inc(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def set(self, name: str, value: Any) -> None:
+        self.gauges[name] = value
+
+    def record_us(self, hop: str, value_us: float, count: int = 1) -> None:
+        v = int(value_us)
+        if v < _LOWEST:
+            v = _LOWEST
+        elif v > _HIGHEST:
+            v = _HIGHEST
+        with self._lock:
+            self._hists[hop].record_value(v, count)
+            self._interval[hop].record_value(v, count)
+
+    def take_interval(self) -> tuple[float, float, dict[str, dict[str, float]]]:
+        """Per-hop percentiles since the last call (start time, seconds, stats)."""
+        with self._lock:
+            now = time.time()
+            start, self._interval_start = self._interval_start, now
+            hists, self._interval = self._interval, defaultdict(_hist)
+        return start, now - start, {hop: percentiles(h) for hop, h in hists.items()}
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self._lock:
+            counters = dict(self.counters)
+            lat = {hop: percentiles(h) for hop, h in self._hists.items()}
+        dt = now - self._last_t
+        if dt >= 0.5:
+            self._rates = {
+                k: (v - self._last_counts.get(k, 0)) / dt for k, v in counters.items()
+            }
+            self._last_counts = counters
+            self._last_t = now
+        mem = self._proc.memory_info()
+        return {
+            "process": self.process,
+            "role": self.role,
+            "name": self.name,
+            "pid": os.getpid(),
+            "started": self.started,
+            "heartbeat": time.time(),
+            "counters": counters,
+            "rates": dict(self._rates),
+            "gauges": dict(self.gauges),
+            "latency": lat,
+            "rss_bytes": mem.rss,
+            "cpu_percent": self._proc.cpu_percent(None),
+        }
+
+    def publish(self, redis: Any, key: str, ttl_s: int) -> dict[str, Any]:
+        snap = self.snapshot()
+        pipe = redis.pipeline(transaction=False)
+        pipe.hset(key, mapping={"state": json.dumps(snap)})
+        pipe.expire(key, ttl_s)
+        pipe.execute()
+        return snap

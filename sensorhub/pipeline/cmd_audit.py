@@ -1,0 +1,47 @@
+"""``sensorhub audit [--reconcile]``: per source and minute, written vs stored."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from sensorhub.config import load_settings
+from sensorhub.pipeline.audit import reconcile
+from sensorhub.pipeline.streams import StreamLayout
+from sensorhub.sinks.clickhouse import connect
+
+HELP = "show per source and minute: received, written to Redis, inserted, stored; name gaps"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reconcile", action="store_true", help="compare with ClickHouse and exit 1 on a gap")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--redis", metavar="URL")
+    p.add_argument("--clickhouse", metavar="URL")
+
+
+def run(args: argparse.Namespace) -> int:
+    s = load_settings(args.config)
+    r = redis.Redis.from_url(args.redis or s.redis.url)
+    ch_cfg = s.clickhouse.model_copy(update={"url": args.clickhouse}) if args.clickhouse else s.clickhouse
+    ch = connect(ch_cfg)
+    rows = reconcile(r, ch, StreamLayout(s.redis.prefix, s.redis.partitions), s.clickhouse.database)
+    gaps = [x for x in rows if not x["ok"]]
+    if args.json:
+        print(json.dumps({"rows": rows, "gaps": gaps}, indent=1))
+    else:
+        t = Table(title="sensorhub audit")
+        for col in ("source", "minute", "received", "duplicates", "dead_lettered", "xadded", "inserted", "stored", "ok"):
+            t.add_column(col, justify="right" if col not in ("source", "minute") else "left")
+        for x in rows:
+            t.add_row(*[str(x[c]) if c != "ok" else ("[green]yes" if x["ok"] else "[red]NO") for c in
+                        ("source", "minute", "received", "duplicates", "dead_lettered", "xadded", "inserted", "stored", "ok")])
+        Console().print(t)
+        for g in gaps:
+            why = f"{g['pending']} readings not yet inserted" if g["pending"] else f"stored {g['stored']} != written {g['xadded']}"
+            print(f"gap: {g['source']} {g['minute']}: {why}")
+    return 1 if (args.reconcile and gaps) else 0

@@ -1,0 +1,27 @@
+"""``sensorhub writer``: Redis Streams into ClickHouse, until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+
+from sensorhub.config import load_settings
+from sensorhub.pipeline.writer import Writer
+from sensorhub.service.lifecycle import Lifecycle
+
+HELP = "move stream entries into ClickHouse exactly once"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--consumer", help="consumer name (default writer.consumer or writer-<host>-<pid>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    life = Lifecycle("writer")
+    life.install_signal_handlers()
+    w = Writer(settings, consumer=args.consumer)
+    w.stop_event = life.stop
+    try:
+        return w.run()
+    except InterruptedError:
+        return 0

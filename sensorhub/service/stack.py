@@ -1,0 +1,240 @@
+"""``sensorhub stack``: the whole appliance on one box, on private loopback ports, without systemd.
+
+``stack up --dir DIR`` starts a supervisor in the background (its own session)
+that runs mosquitto, redis-server, chdb-server, one MQTT ingest and one
+writer, each restarted like systemd's ``Restart=always`` when it dies. It
+returns once everything is ready and prints::
+
+    {"mqtt": {"host", "port"}, "redis_url", "clickhouse_url", "pids": {name: pid}, ...}
+
+``stack status --dir DIR --json`` prints the same with current pids;
+``stack down --dir DIR`` stops everything it started, by PID. ``make demo``,
+the fault tests and outside tools use it: the names and keys are stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sensorhub.errors import SensorhubError
+from sensorhub.service import daemons
+from sensorhub.service.supervisor import ChildSpec, Supervisor
+
+__all__ = ["stack_down", "stack_status", "stack_up"]
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "stack.json"
+HOST = "127.0.0.1"
+CHILDREN = ("mosquitto", "redis", "chdb-server", "ingest", "writer")
+
+
+def _state_path(d: Path) -> Path:
+    return d / STATE_FILE
+
+
+def _read_state(d: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(_state_path(d).read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(d: Path, state: dict[str, Any]) -> None:
+    tmp = _state_path(d).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(_state_path(d))
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is not alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _specs(d: Path, ports: dict[str, int], opts: dict[str, Any]) -> list[ChildSpec]:
+    py = sys.executable
+    logs = d / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {
+        "SENSORHUB_MQTT_HOST": HOST,
+        "SENSORHUB_MQTT_PORT": str(ports["mqtt"]),
+        "SENSORHUB_MQTT_CLIENT_ID": f"sensorhub-ingest-{ports['mqtt']}",
+        "SENSORHUB_REDIS_URL": f"redis://{HOST}:{ports['redis']}/0",
+        "SENSORHUB_CLICKHOUSE_URL": f"http://{HOST}:{ports['clickhouse']}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(opts.get("env", {}))
+    cfg = ["--config", opts["config"]] if opts.get("config") else []
+    return [
+        ChildSpec("mosquitto", tuple(daemons.mosquitto_argv(d, ports["mqtt"], HOST)), notify=False,
+                  output=str(logs / "mosquitto.log")),
+        ChildSpec("redis", tuple(daemons.redis_argv(d, ports["redis"], HOST, opts.get("redis_maxmemory"))),
+                  notify=False, output=str(logs / "redis.log")),
+        ChildSpec("chdb-server", tuple(daemons.chdb_argv(d, ports["clickhouse"], HOST, py)), notify=False,
+                  output=str(logs / "chdb-server.log")),
+        ChildSpec("ingest", (py, "-m", "sensorhub", *cfg, "ingest", "--source", "mqtt"), env=env,
+                  output=str(logs / "ingest.log"), start_timeout_s=60),
+        ChildSpec("writer", (py, "-m", "sensorhub", *cfg, "writer", "--consumer", "writer-1"), env=env,
+                  output=str(logs / "writer.log"), start_timeout_s=120),
+    ]
+
+
+def _public(state: dict[str, Any], sup: Supervisor | None = None) -> dict[str, Any]:
+    pids = dict(state.get("pids", {}))
+    if sup is not None:
+        pids = {n: s.pid for n, s in sup.states().items()}
+    return {
+        "mqtt": {"host": HOST, "port": state["ports"]["mqtt"]},
+        "redis_url": f"redis://{HOST}:{state['ports']['redis']}/0",
+        "clickhouse_url": f"http://{HOST}:{state['ports']['clickhouse']}",
+        "pids": pids,
+        "supervisor_pid": state.get("supervisor_pid"),
+        "dir": state.get("dir"),
+        "ready": state.get("ready", False),
+        "restarts": state.get("restarts", {}),
+    }
+
+
+def supervise(d: Path, opts: dict[str, Any]) -> int:
+    """Run in the background: start the children, keep them up, record their pids."""
+    state = _read_state(d)
+    ports = state.get("ports") or {
+        "mqtt": daemons.free_port(HOST),
+        "redis": daemons.free_port(HOST),
+        "clickhouse": daemons.free_port(HOST),
+    }
+    state.update({"ports": ports, "supervisor_pid": os.getpid(), "dir": str(d), "ready": False})
+    _write_state(d, state)
+    sup = Supervisor(_specs(d, ports, opts))
+    stopping = False
+
+    def on_term(_sig: int, _frm: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    sup.start()
+    try:
+        while not stopping:
+            states = sup.states()
+            ready = all(
+                s.ready for s in states.values()
+            ) and daemons.redis_ready(HOST, ports["redis"]) and daemons.http_ready(f"http://{HOST}:{ports['clickhouse']}")
+            state["pids"] = {n: s.pid for n, s in states.items()}
+            state["restarts"] = {n: s.restarts for n, s in states.items()}
+            state["ready"] = bool(ready)
+            _write_state(d, state)
+            time.sleep(0.2)
+    finally:
+        # writer and ingest first so they drain into services still running
+        sup.stop()
+        state["pids"] = {}
+        state["ready"] = False
+        state["supervisor_pid"] = None
+        _write_state(d, state)
+    return 0
+
+
+def stack_up(d: Path, timeout_s: float = 120.0, opts: dict[str, Any] | None = None) -> dict[str, Any]:
+    d = d.resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    state = _read_state(d)
+    if _alive(state.get("supervisor_pid")):
+        raise SensorhubError(f"a stack already runs in {d} (supervisor pid {state['supervisor_pid']})")
+    (d / "opts.json").write_text(json.dumps(opts or {}))
+    log_f = open(d / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
+    subprocess.Popen(
+        [sys.executable, "-m", "sensorhub", "stack", "_supervise", "--dir", str(d)],
+        stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    log_f.close()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = _read_state(d)
+        if st.get("ready"):
+            return _public(st)
+        time.sleep(0.2)
+    tail = (d / "supervisor.log").read_text(errors="replace")[-2000:]
+    raise SensorhubError(f"stack in {d} not ready within {timeout_s:.0f} s; supervisor log:\n{tail}")
+
+
+def stack_status(d: Path) -> dict[str, Any]:
+    st = _read_state(d.resolve())
+    if not st.get("ports"):
+        raise SensorhubError(f"no stack in {d}")
+    pub = _public(st)
+    pub["running"] = _alive(st.get("supervisor_pid"))
+    return pub
+
+
+def stack_down(d: Path, timeout_s: float = 60.0) -> bool:
+    st = _read_state(d.resolve())
+    pid = st.get("supervisor_pid")
+    if not pid or not _alive(pid):
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+# ---- command line ----
+HELP = "run the whole appliance on private loopback ports (up, status, down)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["up", "status", "down", "_supervise"])
+    p.add_argument("--dir", required=True, type=Path, help="run directory (data, logs, state)")
+    p.add_argument("--json", action="store_true", help="print JSON (up and status)")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--redis-maxmemory", help="e.g. 64mb: Redis refuses writes past it (noeviction)")
+
+
+def run(args: argparse.Namespace) -> int:
+    d: Path = args.dir
+    if args.action == "_supervise":
+        saved = json.loads((d / "opts.json").read_text()) if (d / "opts.json").exists() else {}
+        return supervise(d.resolve(), saved)
+    if args.action == "up":
+        opts: dict[str, Any] = {}
+        if args.config:
+            opts["config"] = str(Path(args.config).resolve())
+        if args.redis_maxmemory:
+            opts["redis_maxmemory"] = args.redis_maxmemory
+        info = stack_up(d, args.timeout, opts)
+        print(json.dumps(info) if args.json else json.dumps(info, indent=1))
+        return 0
+    if args.action == "status":
+        info = stack_status(d)
+        print(json.dumps(info) if args.json else json.dumps(info, indent=1))
+        return 0 if info["running"] else 3
+    stopped = stack_down(d)
+    print("stopped" if stopped else "not running")
+    return 0

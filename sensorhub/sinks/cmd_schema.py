@@ -1,0 +1,41 @@
+"""``sensorhub schema``: print the DDL, or apply it to the configured ClickHouse."""
+
+from __future__ import annotations
+
+import argparse
+
+from sensorhub.config import load_settings
+from sensorhub.sinks.clickhouse import connect
+from sensorhub.sinks.schema import SCHEMA_VERSION, apply_schema, ddl, statements_text
+
+HELP = "print or apply the ClickHouse schema (idempotent)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=["print", "apply"], default="print")
+    p.add_argument("--clickhouse", metavar="URL", help="override clickhouse.url")
+    p.add_argument("--database", help="override clickhouse.database")
+    p.add_argument("--cluster", help="generate Replicated*/Distributed DDL for this cluster")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {}
+    if args.clickhouse or args.database or args.cluster:
+        base = load_settings(args.config).clickhouse.model_dump()
+        if args.clickhouse:
+            base["url"] = args.clickhouse
+        if args.database:
+            base["database"] = args.database
+        if args.cluster:
+            base["cluster"] = args.cluster
+        overrides["clickhouse"] = base
+    settings = load_settings(args.config, **overrides)
+    ch = settings.clickhouse
+    if args.action == "print":
+        print(f"-- sensorhub schema version {SCHEMA_VERSION}")
+        print(statements_text(ddl(ch.database, ch.cluster)))
+        return 0
+    client = connect(ch)
+    stmts = apply_schema(client, ch.database, ch.cluster)
+    print(f"schema version {SCHEMA_VERSION} applied to {ch.url} database {ch.database} ({len(stmts)} statements)")
+    return 0
