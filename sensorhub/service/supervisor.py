@@ -21,8 +21,9 @@ one up on its own, the way the units in ``systemd/`` do:
 - a child's exit is seen at once through a pidfd, so the restart follows the
   exit by ``restart_sec`` plus the time to spawn;
 - one child's exit never touches another;
-- :meth:`Supervisor.stop` sends SIGTERM to every child by PID, waits up to
-  each child's ``stop_timeout_s`` and then sends SIGKILL to its process group.
+- :meth:`Supervisor.stop` stops the children in reverse list order (the list
+  is the start order, as along an ``After=`` chain): SIGTERM to the child's PID,
+  up to its ``stop_timeout_s``, then SIGKILL to its process group.
 
 All waiting is bounded; the supervisor runs one thread that owns every child.
 """
@@ -229,8 +230,9 @@ class Supervisor:
     def stop(self, timeout_s: float | None = None) -> None:
         """SIGTERM every child, SIGKILL what is left after its ``stop_timeout_s``; wait for all.
 
-        Returns once every child is reaped (bounded by the largest
-        ``stop_timeout_s`` plus a margin, or ``timeout_s``).
+        Children stop one at a time, last listed first. Returns once every
+        child is reaped (bounded by the sum of their ``stop_timeout_s`` plus a
+        margin, or ``timeout_s``).
         """
         if self._thread is None:
             return
@@ -239,7 +241,7 @@ class Supervisor:
         self._wake()
         bound = timeout_s
         if bound is None:
-            bound = max((c.spec.stop_timeout_s for c in self._children.values()), default=0.0) + 5.0
+            bound = sum(c.spec.stop_timeout_s for c in self._children.values()) + 5.0
         self._thread.join(bound)
         if self._thread.is_alive():
             log.error("supervisor did not finish stopping within %.1f s", bound)
@@ -558,35 +560,41 @@ class Supervisor:
                     child.start_deadline = max(child.start_deadline, now + int(value) / 1_000_000)
 
     def _shutdown(self, sel: selectors.BaseSelector, registered: dict[int, str]) -> None:
-        now = time.monotonic()
+        """Stop the children one by one in reverse order, like systemd along an After= chain.
+
+        The list is in start order (broker, Redis, ClickHouse, ingest, writer),
+        so the processes that drain stop while the peers they drain into still
+        run. Each child gets SIGTERM, then SIGKILL after its ``stop_timeout_s``.
+        """
         with self._changed:
             for child in self._children.values():
-                if child.proc is not None:
-                    self._signal(child, signal.SIGTERM, group=False)
-                    child.state = "stopping"
-                    child.kill_deadline = now + child.spec.stop_timeout_s
-                elif child.state != "failed":
+                if child.proc is None and child.state != "failed":
                     child.state = "stopped"
             self._changed.notify_all()
-        while True:
-            now = time.monotonic()
+        for child in reversed(list(self._children.values())):
             with self._changed:
-                for child in self._children.values():
-                    self._reap(child, now)
+                if child.proc is None:
+                    continue
+                self._signal(child, signal.SIGTERM, group=False)
+                child.state = "stopping"
+                child.kill_deadline = time.monotonic() + child.spec.stop_timeout_s
+            while True:
+                now = time.monotonic()
+                with self._changed:
+                    for c in self._children.values():
+                        self._reap(c, now)  # any child may end meanwhile; none is restarted now
                     if child.proc is not None and now >= child.kill_deadline:
                         log.warning("%s: did not stop within %.1f s; SIGKILL", child.spec.name, child.spec.stop_timeout_s)
                         self._signal(child, signal.SIGKILL, group=True)
                         child.kill_deadline = now + 5.0  # SIGKILL cannot be refused; this only bounds the wait
-                live = [c for c in self._children.values() if c.proc is not None]
-                self._sync_pidfds(sel, registered)
-                self._changed.notify_all()
-                if not live:
-                    return
-                wait = min(max(min(c.kill_deadline for c in live) - now, 0.0), _MAX_SLEEP_S)
-            for key, _ in sel.select(wait):
-                if key.data == "notify":
-                    self._read_notifications()
-                elif key.data == "wake":
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
-
+                    self._sync_pidfds(sel, registered)
+                    self._changed.notify_all()
+                    if child.proc is None:
+                        break
+                    wait = min(max(child.kill_deadline - now, 0.0), _MAX_SLEEP_S)
+                for key, _ in sel.select(wait):
+                    if key.data == "notify":
+                        self._read_notifications()
+                    elif key.data == "wake":
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(self._wake_r, 4096)

@@ -75,6 +75,8 @@ def test_stop_sends_sigterm_then_sigkill_after_the_bound(tmp_path: Path) -> None
     assert states["good"].last_exit == 0
     assert states["stubborn"].last_exit == -signal.SIGKILL
     assert 0.5 <= took < 3.0
+    # Reverse order, one at a time: the last listed stops first.
+    assert states["stubborn"].exited_at <= states["good"].exited_at  # type: ignore[operator]
     assert "drained complete=True steps=3 reason=SIGTERM" in out.read_text()
 
 
