@@ -267,7 +267,9 @@ class ReplayServer:
                 self.stats.drops += 1
                 state.next_index = self._back(recs, i + 1, self.overlap, start)
                 log.info("dropping connection after %d frames; resuming at record %d", sent, state.next_index)
-                ws.transport.abort()
+                # TCP close without a WebSocket close frame: the client sees an abnormal closure (1006),
+                # after the frames already written (an abort would discard them unpredictably).
+                ws.transport.close()
                 return
         state.finished = True
         if all(s.finished for s in self._states):

@@ -1,0 +1,97 @@
+"""Shared pieces of the exchange feed tests: captures, and running a real source against a replay server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sensorhub.config import SourceSettings
+from sensorhub.decoders.trade_batch import TradeBatch
+from sensorhub.replay import Capture, ReplayServer, ReplayThread, read_capture
+from sensorhub.sources.exchanges import VENUES, ExchangeSource
+
+CAPTURES = Path("/work/shared/captures")
+
+#: Symbols per capture, in the normalized spelling the sources are configured with.
+SYMBOLS = {
+    "BINANCE": ["NKN-USDT", "BLZ-ETH", "LRC-BTC", "RUNE-EUR"],
+    "OKX": ["BTC-USDT", "BTC-USD-220527", "UNI-USD-PERP"],
+    "COINBASE": ["BTC-USD", "ETH-USD"],
+    "KRAKEN": ["KSM-BTC", "XMR-USD", "ETH-CHF", "OMG-USD", "GRT-ETH", "WAVES-EUR", "ADA-BTC", "BTC-CHF", "SC-EUR", "OCEAN-BTC"],
+    "BYBIT": ["BTC-USDT-PERP", "ETH-USDT-PERP", "SOL-USDT-PERP", "DOGE-USDT-PERP"],
+}
+OPTIONS: dict[str, dict[str, Any]] = {"BINANCE": {"stream": "aggTrade"}}
+
+_cache: dict[str, Capture] = {}
+
+
+def capture(exchange: str) -> Capture:
+    """The recorded capture of ``exchange`` (read once per test run)."""
+    path = CAPTURES / f"{exchange}.jsonl.zst"
+    if not path.exists():
+        pytest.skip(f"capture {path} not present")
+    if exchange not in _cache:
+        _cache[exchange] = read_capture(path)
+    return _cache[exchange]
+
+
+def make_source(exchange: str, endpoint: str, **options: Any) -> ExchangeSource:
+    """A real source for the capture's venue, pointed at ``endpoint``."""
+    opts = {**OPTIONS.get(exchange, {}), "backoff_initial_s": 0.05, "backoff_max_s": 0.2, **options}
+    settings = SourceSettings(driver=exchange.lower(), symbols=tuple(SYMBOLS[exchange]), endpoint=endpoint, options=opts)
+    return ExchangeSource(f"test-{exchange.lower()}", exchange.lower(), settings, max_inflight_frames=10_000)
+
+
+def server_venue(exchange: str) -> Any:
+    """A venue instance for the replay server's heartbeat answers and subscription checks."""
+    return VENUES[exchange.lower()](SYMBOLS[exchange], OPTIONS.get(exchange))
+
+
+def pump(
+    src: ExchangeSource,
+    batch: TradeBatch,
+    until: Callable[[], bool],
+    timeout_s: float = 15.0,
+) -> int:
+    """Take frames from ``src`` and decode them into ``batch`` until ``until()`` and the queue is empty.
+
+    Returns the number of frames decoded. Bounded by ``timeout_s``.
+    """
+    decoder, _device = src.decoder_for("ws") or (None, None)
+    assert decoder is not None
+    frames = 0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = src.get(512, 0.05)
+        for f in got:
+            decoder.decode(None, f.payload, f.recv_ns, batch)
+            frames += 1
+        if not got and until():
+            return frames
+    raise AssertionError(f"timed out after {timeout_s} s; {frames} frames decoded; health {src.health}")
+
+
+def run_replay(
+    server: ReplayServer,
+    make: Callable[[str], ExchangeSource],
+    expected_frames: int,
+    timeout_s: float = 15.0,
+) -> tuple[TradeBatch, int, ExchangeSource]:
+    """Serve a capture, run the source ``make(ws_url)`` against it, decode all it delivers.
+
+    Stops once the source has received ``expected_frames`` frames and the
+    queue is drained; returns the batch, the frames decoded and the (stopped) source.
+    """
+    batch = TradeBatch()
+    with ReplayThread(server):
+        src = make(server.ws_url)
+        src.start()
+        try:
+            frames = pump(src, batch, lambda: src.health.frames >= expected_frames, timeout_s)
+        finally:
+            src.stop()
+    return batch, frames, src
