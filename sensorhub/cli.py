@@ -18,9 +18,11 @@ from sensorhub.errors import ConfigError, SensorhubError
 # name -> module; keep sorted. A command is listed only once it works.
 COMMANDS: dict[str, str] = {
     "audit": "sensorhub.pipeline.cmd_audit",
+    "chdb-server": "sensorhub.chdb_server.cli",
     "config": "sensorhub.cmd_config",
     "ingest": "sensorhub.pipeline.cmd_ingest",
     "writer": "sensorhub.pipeline.cmd_writer",
+    "replay": "sensorhub.replay.cmd_replay",
     "schema": "sensorhub.sinks.cmd_schema",
     "stack": "sensorhub.service.stack",
 }

@@ -1,0 +1,13 @@
+"""The embedded ClickHouse: the chdb engine served over the ClickHouse HTTP interface.
+
+``sensorhub chdb-server --host 127.0.0.1 --port 8123 --data DIR`` runs it;
+any ClickHouse HTTP client (clickhouse-connect, curl) talks to it as to a
+ClickHouse server. See docs/chdb-server.md.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ClickHouseError", "ServerConfig"]
+
+from sensorhub.chdb_server.protocol import ClickHouseError
+from sensorhub.chdb_server.server import ServerConfig

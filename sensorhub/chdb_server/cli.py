@@ -1,0 +1,121 @@
+"""``sensorhub chdb-server``: the embedded ClickHouse (chdb) served over the ClickHouse HTTP interface."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+from pathlib import Path
+
+from sensorhub.chdb_server.engine import Engine
+from sensorhub.chdb_server.server import ChdbHTTPServer, QueryRunner, ServerConfig, SessionStore
+from sensorhub.errors import ConfigError
+from sensorhub.service.lifecycle import Lifecycle
+
+__all__ = ["HELP", "add_arguments", "run", "serve"]
+
+HELP = "serve the embedded ClickHouse engine (chdb) over the ClickHouse HTTP interface"
+
+log = logging.getLogger(__name__)
+
+_DEFAULTS = ServerConfig()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command's flags; names are fixed because other tools drive the command."""
+    p.add_argument("--host", default=_DEFAULTS.host, help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=_DEFAULTS.port, help="TCP port (default %(default)s)")
+    p.add_argument("--data", required=True, metavar="DIR", help="database directory; kept across restarts")
+    p.add_argument(
+        "--password",
+        default=os.environ.get("SENSORHUB_CHDB_PASSWORD") or None,
+        help="require this password (env SENSORHUB_CHDB_PASSWORD); default: no authentication",
+    )
+    p.add_argument("--user", default=_DEFAULTS.user, help="the one user name accepted with --password")
+    p.add_argument(
+        "--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes,
+        help="largest request body, compressed and decompressed (default %(default)s)",
+    )
+    p.add_argument(
+        "--spool-bytes", type=int, default=_DEFAULTS.spool_bytes,
+        help="request bodies above this size are spooled to a temporary file (default %(default)s)",
+    )
+    p.add_argument("--tmp-dir", default=None, help="directory for spooled bodies (default: system temp)")
+    p.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections)
+    p.add_argument("--max-sessions", type=int, default=_DEFAULTS.max_sessions)
+    p.add_argument(
+        "--idle-timeout", type=float, default=_DEFAULTS.idle_timeout_s,
+        help="seconds an idle keep-alive connection stays open (default %(default)s)",
+    )
+    p.add_argument(
+        "--lock-timeout", type=float, default=_DEFAULTS.lock_timeout_s,
+        help="seconds a statement waits for the engine before 503 (default %(default)s)",
+    )
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError("chdb-server.port", "0..65535", args.port)
+    for name in ("max_body_bytes", "spool_bytes", "max_connections", "max_sessions"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"chdb-server.{name}", "a positive integer", getattr(args, name))
+    for name in ("idle_timeout", "lock_timeout"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"chdb-server.{name}", "seconds > 0", getattr(args, name))
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data).resolve(),
+        user=args.user,
+        password=args.password,
+        max_body_bytes=args.max_body_bytes,
+        spool_bytes=args.spool_bytes,
+        tmp_dir=Path(args.tmp_dir) if args.tmp_dir else None,
+        max_connections=args.max_connections,
+        max_sessions=args.max_sessions,
+        idle_timeout_s=args.idle_timeout,
+        lock_timeout_s=args.lock_timeout,
+    )
+
+
+def serve(config: ServerConfig, life: Lifecycle) -> int:
+    """Serve until ``life.stop`` is set; then close the engine so everything is on disk."""
+    engine = Engine(config.data_dir, lock_timeout_s=config.lock_timeout_s)
+    runner = QueryRunner(
+        engine,
+        SessionStore(config.max_sessions, config.default_session_timeout_s, config.max_session_timeout_s),
+    )
+    try:
+        server = ChdbHTTPServer(config, runner)
+    except OSError as exc:
+        engine.close()
+        raise ConfigError("chdb-server.port", f"a free port on {config.host}", f"{config.port}: {exc}")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="http", daemon=True)
+    thread.start()
+    host, port = config.host, int(server.server_address[1])
+    life.ready(f"ClickHouse {engine.version} on http://{host}:{port}, data {config.data_dir}")
+    log.info(
+        "chdb-server ready: http://%s:%s (ClickHouse %s, data %s, auth %s)",
+        host, port, engine.version, config.data_dir, "on" if config.password is not None else "off",
+    )
+    while not life.stop.wait(1.0):
+        life.watchdog.tick()
+    log.info("chdb-server stopping (%s)", life.stop_reason)
+    server.shutdown()
+    server.server_close()
+    thread.join(5.0)
+    engine.close()
+    log.info("chdb-server stopped")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``sensorhub chdb-server``; exits 0 on SIGTERM/SIGINT."""
+    config = _config(args)
+    life = Lifecycle("chdb-server")
+    life.install_signal_handlers()
+    try:
+        return serve(config, life)
+    finally:
+        life.restore_signal_handlers()

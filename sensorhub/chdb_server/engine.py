@@ -1,0 +1,219 @@
+"""The one chdb engine of the process, used by one statement at a time.
+
+chdb runs one ClickHouse engine per process with one session context. The
+HTTP interface applies settings and the current database per request; here
+they are applied with ``SET`` and ``USE`` on that context, and only what
+differs from the previous request is sent, so a client that sends the same
+settings every time (clickhouse-connect does) costs nothing extra. A lock
+makes "apply settings, then run the statement" atomic; the lock wait is
+bounded and a busy engine answers 503 (retryable by clients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sensorhub.chdb_server.protocol import ClickHouseError, error_from_engine, quote_string
+
+__all__ = ["Engine", "Outcome"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one statement: the response body and ClickHouse's summary counters."""
+
+    body: bytes
+    read_rows: int = 0
+    read_bytes: int = 0
+    written_rows: int = 0
+    written_bytes: int = 0
+    result_rows: int = 0
+    result_bytes: int = 0
+    elapsed_s: float = 0.0
+
+    def summary(self) -> dict[str, str]:
+        """``X-ClickHouse-Summary`` as real servers send it: every counter a decimal string."""
+        return {
+            "read_rows": str(self.read_rows),
+            "read_bytes": str(self.read_bytes),
+            "written_rows": str(self.written_rows),
+            "written_bytes": str(self.written_bytes),
+            "total_rows_to_read": str(self.read_rows),
+            "result_rows": str(self.result_rows),
+            "result_bytes": str(self.result_bytes),
+            "elapsed_ns": str(int(self.elapsed_s * 1e9)),
+        }
+
+
+def _quote_ident(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+class Engine:
+    """The chdb session over ``data_dir``; every public method is safe to call from any thread."""
+
+    def __init__(self, data_dir: Path, lock_timeout_s: float = 300.0) -> None:
+        # The engine reads the zone once at start; UTC makes timezone() 'UTC' as
+        # on the servers the rest of sensorhub talks to, whatever the host says.
+        os.environ["TZ"] = "UTC"
+        time.tzset()
+        # imported here: loading the engine takes a moment, and only the server needs it
+        chdb_session: Any = importlib.import_module("chdb.session")
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
+        self.lock_timeout_s = lock_timeout_s
+        self._lock = threading.Lock()
+        self._session: Any = chdb_session.Session(str(data_dir))
+        self._applied: dict[str, str] = {}
+        self._database = "default"
+        rows = self._session.query("SELECT name, value FROM system.settings WHERE changed", "TSVRaw")
+        self._baseline: dict[str, str] = dict(
+            line.split("\t", 1) for line in rows.bytes().decode().splitlines() if "\t" in line
+        )
+        info = self._session.query("SELECT version(), timezone()", "TSVRaw").bytes().decode().split("\t")
+        self.version = info[0].strip()
+        self.timezone = info[1].strip()
+        self.display_name = socket.gethostname()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if not self._lock.acquire(timeout=self.lock_timeout_s):
+            raise ClickHouseError.of(
+                "CANNOT_SCHEDULE_TASK",
+                f"The engine was busy with other statements for {self.lock_timeout_s:.0f} s",
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _reset_literal(self, name: str) -> str:
+        base = self._baseline.get(name)
+        return quote_string(base) if base is not None else "DEFAULT"
+
+    def _apply(self, settings: Mapping[str, str], database: str | None) -> None:
+        """Make the session's settings and database those of this request (lock held)."""
+        changes = [f"{k} = {v}" for k, v in settings.items() if self._applied.get(k) != v]
+        changes += [f"{k} = {self._reset_literal(k)}" for k in self._applied if k not in settings]
+        if changes:
+            try:
+                self._session.query("SET " + ", ".join(changes), "TSV")
+            except RuntimeError as exc:
+                self._recover_settings(settings)
+                raise error_from_engine(exc)
+            self._applied = dict(settings)
+        db = database or "default"
+        if db != self._database:
+            try:
+                self._session.query(f"USE {_quote_ident(db)}", "TSV")
+            except RuntimeError as exc:
+                raise error_from_engine(exc)
+            self._database = db
+
+    def _recover_settings(self, requested: Mapping[str, str]) -> None:
+        """After a failed SET, put every setting either request named back to its start value.
+
+        One by one, because a name the engine does not know fails again.
+        """
+        for name in set(self._applied) | set(requested):
+            try:
+                self._session.query(f"SET {name} = {self._reset_literal(name)}", "TSV")
+            except RuntimeError as exc:
+                log.debug("reset of setting %s after a failed SET: %s", name, exc)
+        self._applied = {}
+
+    def check_settings(self, settings: Mapping[str, str]) -> None:
+        """Raise the engine's error if ``settings`` cannot be applied (unknown name, bad value)."""
+        with self._locked():
+            self._apply({**self._applied, **settings}, self._database)
+
+    def query(
+        self,
+        sql: str,
+        *,
+        settings: Mapping[str, str],
+        database: str | None,
+        params: Mapping[str, str],
+        default_format: str,
+    ) -> Outcome:
+        """Run one statement; its result is written in its FORMAT clause or ``default_format``."""
+        with self._locked():
+            self._apply(settings, database)
+            try:
+                r = self._session.query(sql, default_format, params=dict(params) if params else None)
+            except RuntimeError as exc:
+                raise error_from_engine(exc)
+            # chdb's rows_read/bytes_read count the result; storage_* what was read
+            return Outcome(
+                body=r.bytes() or b"",
+                read_rows=int(r.storage_rows_read()),
+                read_bytes=int(r.storage_bytes_read()),
+                written_rows=int(r.rows_written()),
+                written_bytes=int(r.bytes_written()),
+                result_rows=int(r.rows_read()),
+                result_bytes=int(r.bytes_read()),
+                elapsed_s=float(r.elapsed()),
+            )
+
+    def insert(
+        self,
+        statement: str,
+        fmt: str,
+        chunks: Iterable[bytes],
+        *,
+        settings: Mapping[str, str],
+        database: str | None,
+    ) -> Outcome:
+        """Stream ``chunks`` (``fmt``-encoded rows) into ``statement`` (an INSERT without FORMAT)."""
+        with self._locked():
+            self._apply(settings, database)
+            started = time.perf_counter()
+            try:
+                ins = self._session.send_insert(statement, fmt)
+            except RuntimeError as exc:
+                raise error_from_engine(exc)
+            try:
+                for chunk in chunks:
+                    ins.append(chunk)
+                res = ins.finish()
+            except BaseException as exc:
+                try:
+                    ins.cancel()
+                except RuntimeError as cancel_exc:  # the engine may have ended it already
+                    log.debug("cancel after a failed insert: %s", cancel_exc)
+                if isinstance(exc, RuntimeError):
+                    raise error_from_engine(exc)
+                raise
+            return Outcome(
+                body=b"",
+                written_rows=int(res.rows_written),
+                written_bytes=int(res.bytes_written),
+                result_rows=int(res.rows_written),
+                result_bytes=int(res.bytes_written),
+                # chdb's InsertResult.elapsed is not this insert's own time
+                elapsed_s=time.perf_counter() - started,
+            )
+
+    def close(self) -> None:
+        """Wait for the running statement (bounded), then close the session so everything is on disk."""
+        acquired = self._lock.acquire(timeout=self.lock_timeout_s)
+        try:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+        finally:
+            if acquired:
+                self._lock.release()
