@@ -176,7 +176,7 @@ def json_value(v: Any, rng: random.Random) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        return repr(v) if rng.random() < 0.7 else f"{v:e}".replace("e+", "E")
+        return repr(v) if rng.random() < 0.7 else f"{v:.17e}".replace("e+", "E")
     if isinstance(v, str):
         return json_string(v, rng)
     if isinstance(v, list):
