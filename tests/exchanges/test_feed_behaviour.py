@@ -6,9 +6,10 @@ import time
 from collections import Counter
 
 from exchange_kit import capture, make_source, pump, run_replay, server_venue
+from test_replay_venues import expected_trades
+
 from sensorhub.decoders.trade_batch import TradeBatch
 from sensorhub.replay import Capture, CaptureConnection, ReplayServer, ReplayThread
-from test_replay_venues import expected_trades
 
 
 def _distinct(batch: TradeBatch) -> Counter[str]:
@@ -57,7 +58,7 @@ def test_heartbeats_are_sent_and_answered() -> None:
             src.start()
             batch = TradeBatch()
             try:
-                pump(src, batch, lambda: src.pings_sent >= 3 and server.stats.pings_answered >= 3, 10)
+                pump(src, batch, lambda s=src, r=server: s.pings_sent >= 3 and r.stats.pings_answered >= 3, 10)
             finally:
                 src.stop()
         assert src.venue.stats.parse_errors == 0, exchange

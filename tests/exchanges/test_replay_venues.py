@@ -11,8 +11,8 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import pytest
-
 from exchange_kit import SYMBOLS, capture, make_source, run_replay, server_venue
+
 from sensorhub.replay import ReplayServer
 
 # Venue spelling -> the normalized symbols the sources are configured with, written out by hand.
@@ -45,10 +45,9 @@ def expected_trades(exchange: str, frames: list[Any]) -> dict[str, set[Any]]:
             if isinstance(msg, list) and msg[-2] == "trade":
                 for i, t in enumerate(msg[1]):
                     out[KRAKEN_NAMES[msg[-1]]].add((t[2], i, t[0], t[1], t[3]))
-        elif exchange == "BYBIT":
-            if isinstance(msg, dict) and msg.get("topic", "").startswith("publicTrade."):
-                for t in msg["data"]:
-                    out[t["s"].replace("USDT", "-USDT-PERP")].add(t["i"])
+        elif exchange == "BYBIT" and isinstance(msg, dict) and msg.get("topic", "").startswith("publicTrade."):
+            for t in msg["data"]:
+                out[t["s"].replace("USDT", "-USDT-PERP")].add(t["i"])
     return out
 
 

@@ -167,7 +167,8 @@ class Kraken(Venue):
                     _SIDES.get(e[3], SIDE_UNKNOWN), kraken_time_us(e[2]), recv_us,
                 )
             return n
-        if payload.startswith(b'{"channel":"trade"'):
+        head = payload[:32]
+        if head.startswith(b'{"channel"') and (b':"trade"' in head or b': "trade"' in head):
             n = 0
             emit = self.emit
             for t in _v2_trade_msg(payload).data:
@@ -176,7 +177,7 @@ class Kraken(Venue):
                     _SIDES.get(t.side, SIDE_UNKNOWN), iso_to_us(t.timestamp), recv_us, t.trade_id,
                 )
             return n
-        if payload.startswith((b'{"event":"heartbeat"', b'{"channel":"heartbeat"', b'{"channel":')):
+        if payload.startswith((b'{"event":"heartbeat"', b'{"channel"')):
             ensure_whole(payload)
             return 0
         msg = loads(payload)  # systemStatus, subscriptionStatus, pong, method results

@@ -1,0 +1,122 @@
+"""Venue parsers on hand-made frames: bad input, Kraken v2, gaps, the recent-id bound, exports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sensorhub.decoders.trade_batch import TradeBatch
+from sensorhub.errors import DecodeError, InvalidValue
+from sensorhub.sources import exchanges
+from sensorhub.sources.base import driver_names
+from sensorhub.sources.exchanges import VENUES
+from sensorhub.sources.exchanges.base import iso_to_us
+
+BAD = [b"", b"{", b"not json", b'{"stream":"x@depth","data":{', b'{"arg":{"channel":"trades"},"data":[{"px":1}]}',
+       b'{"channel":"market_trades","events":[{"trades":[{"product_id":"BTC-USD"}]}]}',
+       b'[1,[["1.0","2.0","bad","b","l",""]],"trade","XBT/USD"]', b'{"topic":"publicTrade.BTCUSDT","data":[{}]}',
+       b'{"stream":"btcusdt@aggTrade","data":{"s":"BTCUSDT","a":"x"}}', b"\xff\xfe"]
+
+
+@pytest.mark.parametrize("venue", sorted(VENUES))
+@pytest.mark.parametrize("payload", BAD)
+def test_bad_frames_raise_decode_error_and_leave_batch(venue: str, payload: bytes) -> None:
+    v = VENUES[venue](["BTC-USD"])
+    batch = TradeBatch()
+    batch.append("x", "y", "1", 1.0, 1.0, 0, 1, 1)
+    try:
+        n = v.parse(payload, 1_000, batch)
+    except DecodeError:
+        assert len(batch) == 1 and batch.symbols == ["y"]
+        assert v.stats.parse_errors == 1
+    else:  # a frame of another venue's shape may be a well-formed non-trade frame here
+        assert n == 0 and len(batch) == 1
+
+
+def test_kraken_v2_trades_snapshot_and_gap() -> None:
+    v = VENUES["kraken"](["BTC-USD", "MATIC-USD"])
+    assert v.url("wss://ws.kraken.com/v2").endswith("/v2") and v.api == "v2"
+    sub = json.loads(v.subscribe_messages()[0])
+    assert sub == {"method": "subscribe", "params": {"channel": "trade", "symbol": ["BTC/USD", "MATIC/USD"], "snapshot": True}}
+    def msg(kind: str, ids: list[int]) -> bytes:
+        data = [{"symbol": "MATIC/USD", "side": "buy", "price": 0.5147, "qty": 6423.46326, "ord_type": "limit",
+                 "trade_id": i, "timestamp": "2023-09-25T07:49:37.708706Z"} for i in ids]
+        return json.dumps({"channel": "trade", "type": kind, "data": data}).encode()
+    b = TradeBatch()
+    assert v.parse(msg("snapshot", [10, 11]), 5_000, b) == 2
+    assert v.parse(msg("update", [11, 12]), 6_000, b) == 1  # 11 repeated
+    assert v.parse(msg("update", [15]), 7_000, b) == 1
+    rows = b.rows()
+    assert rows[0] == {"venue": "kraken", "symbol": "MATIC-USD", "trade_id": "10", "price": 0.5147, "amount": 6423.46326,
+                       "side": "buy", "ts_us": 1695628177708706, "recv_us": 5}
+    assert (v.stats.duplicates, v.stats.gaps, v.stats.missing) == (1, 1, 2)
+    assert v.parse(b'{"method":"pong"}', 1, b) == 0
+    assert v.pong_for('{"method":"ping"}') == '{"method":"pong"}'
+
+
+def test_kraken_v1_derived_ids_are_deterministic() -> None:
+    frame = b'[993,[["354.11","0.5","1618678142.557535","s","l",""],["354.11","0.5","1618678142.557535","s","l",""]],"trade","XBT/USD"]'
+    ids = []
+    for _ in range(2):
+        v = VENUES["kraken"](["BTC-USD"])
+        b = TradeBatch()
+        assert v.parse(frame, 1, b) == 2  # two equal fills in one message stay distinct
+        ids.append(b.trade_id)
+        assert b.symbols == ["BTC-USD"] and b.ts_us[0] == 1618678142557535
+    assert ids[0] == ids[1] == ["1618678142.557535:0:354.11:0.5:s", "1618678142.557535:1:354.11:0.5:s"]
+
+
+def test_coinbase_newest_first_is_not_a_gap_and_jumps_are() -> None:
+    v = VENUES["coinbase"](["BTC-USD"])
+    def msg(ids: list[int]) -> bytes:
+        trades = [{"product_id": "BTC-USD", "trade_id": str(i), "price": "1.5", "size": "2", "time": "2026-08-09T21:05:42.5Z",
+                   "side": "BUY"} for i in ids]
+        return json.dumps({"channel": "market_trades", "events": [{"type": "update", "trades": trades}]},
+                          separators=(",", ":")).encode()
+    b = TradeBatch()
+    assert v.parse(msg([3, 2, 1]), 1, b) == 3
+    assert v.parse(msg([5, 4]), 1, b) == 2
+    assert v.stats.gaps == 0
+    assert v.parse(msg([9]), 1, b) == 1
+    assert (v.stats.gaps, v.stats.missing) == (1, 3)
+    assert b.ts_us[0] == iso_to_us("2026-08-09T21:05:42.500000Z")
+
+
+def test_recent_id_set_is_bounded() -> None:
+    v = VENUES["okx"](["BTC-USDT"], recent_trade_ids=2)
+    def msg(i: int) -> bytes:
+        return (b'{"arg":{"channel":"trades","instId":"BTC-USDT"},"data":[{"instId":"BTC-USDT","tradeId":"%d",'
+                b'"px":"1","sz":"1","side":"sell","ts":"1"}]}' % i)
+    b = TradeBatch()
+    for i in (1, 2, 3):
+        v.parse(msg(i), 1, b)
+    assert v.parse(msg(3), 1, b) == 0  # still remembered
+    assert v.parse(msg(1), 1, b) == 1  # forgotten: the bound held, the store's key dedups it
+    assert max(len(s) for s in v._recent.values()) <= 2
+
+
+def test_symbols_and_amount_units() -> None:
+    okx = VENUES["okx"](["UNI-USD-PERP", "BTC-USDT"])
+    assert okx.venue_symbols == {"UNI-USD-PERP": "UNI-USD-SWAP", "BTC-USDT": "BTC-USDT"}
+    assert okx.amount_unit("UNI-USD-PERP") == "contracts" and okx.amount_unit("BTC-USDT") == "base"
+    by = VENUES["bybit"](["BTC-USDT-PERP"])
+    assert by.default_endpoint().endswith("/linear") and by.normal_symbol("SOLUSDT") == "SOL-USDT-PERP"
+    assert VENUES["bybit"](["BTC-USD-PERP"]).amount_unit("BTC-USD-PERP") == "contracts"
+    bn = VENUES["binance"](["NKN-USDT"])
+    assert bn.url("ws://h:1") == "ws://h:1/stream?streams=nknusdt@trade"
+    assert bn.normal_symbol("ETHBTC") == "ETH-BTC"
+
+
+def test_iso_timestamps() -> None:
+    assert iso_to_us("1970-01-01T00:00:01Z") == 1_000_000
+    assert iso_to_us("2026-08-09T21:05:48.228568804Z") == iso_to_us("2026-08-09T21:05:48.228568Z")
+    for bad in ("2026-08-09", "2026-08-09T21:05:48.1+02:00", "x" * 30):
+        with pytest.raises(InvalidValue):
+            iso_to_us(bad)
+
+
+def test_exports_and_registry() -> None:
+    assert exchanges.__all__ == ["VENUES", "ExchangeSource", "Venue", "register_venue", "venue_modules"]
+    assert {"binance", "bybit", "coinbase", "kraken", "okx"} <= set(driver_names())
+    assert set(exchanges.venue_modules) == {"binance", "bybit", "coinbase", "kraken", "okx"}
