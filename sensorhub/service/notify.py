@@ -112,12 +112,22 @@ def _status_line(text: str) -> str:
     return f"STATUS={text}"
 
 
+# Whether this process has sent READY=1; before it, Watchdog.tick() extends
+# the start timeout instead of pinging (the manager's watchdog only runs once
+# the start is over).
+_ready_sent = False
+
+
 def ready(status_text: str | None = None) -> bool:
     """``READY=1``: the process is connected and doing its work. Send it once, when that is true."""
+    global _ready_sent
     lines = ["READY=1"]
     if status_text is not None:
         lines.append(_status_line(status_text))
-    return notify(*lines)
+    sent = notify(*lines)
+    if sent:
+        _ready_sent = True
+    return sent
 
 
 def status(text: str) -> bool:
@@ -186,17 +196,25 @@ class Watchdog:
     the pings stop and the manager kills and restarts the process. With no
     watchdog configured :meth:`tick` costs one attribute test.
 
-    ``interval`` defaults to :func:`watchdog_interval`; ``send`` and ``clock``
-    default to :func:`watchdog` and :func:`time.monotonic`.
+    Before the process has sent ``READY=1`` (still waiting for its broker or
+    Redis), the same ticks send ``EXTEND_TIMEOUT_USEC=<interval>`` instead: a
+    loop that is alive keeps the start from timing out however long the peer
+    takes, and a start that hangs fails after one interval, as a hung loop
+    does later.
+
+    ``interval`` defaults to :func:`watchdog_interval`; ``send``, ``extend``
+    and ``clock`` default to :func:`watchdog`, :func:`extend_timeout` by the
+    interval, and :func:`time.monotonic`.
     """
 
-    __slots__ = ("_clock", "_next", "_send", "enabled", "interval", "period", "pings")
+    __slots__ = ("_clock", "_extend", "_next", "_send", "enabled", "extensions", "interval", "period", "pings")
 
     def __init__(
         self,
         interval: float | None = None,
         *,
         send: Callable[[], bool] = watchdog,
+        extend: Callable[[], bool] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if interval is None:
@@ -207,18 +225,34 @@ class Watchdog:
         self.enabled = interval is not None
         self.period = interval / 2 if interval is not None else math.inf
         self.pings = 0
+        self.extensions = 0
         self._send = send
+        if extend is None and interval is not None:
+            seconds = interval
+
+            def extend() -> bool:
+                return extend_timeout(seconds)
+
+        self._extend = extend
         self._clock = clock
         self._next = -math.inf  # the first tick pings at once
 
     def tick(self) -> bool:
-        """Ping if at least ``interval / 2`` has passed since the last ping; returns whether it sent."""
+        """Ping (or, before READY, extend the start) if ``interval / 2`` has passed since the last one.
+
+        Returns whether it sent.
+        """
         if not self.enabled:
             return False
         now = self._clock()
         if now < self._next:
             return False
         self._next = now + self.period
+        if not _ready_sent and self._extend is not None:
+            if self._extend():
+                self.extensions += 1
+                return True
+            return False
         if self._send():
             self.pings += 1
             return True

@@ -19,6 +19,7 @@ from sensorhub.service.lifecycle import Lifecycle, drain, drain_async
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(notify, "_ready_sent", False)
 
 
 def test_sigterm_sends_stopping_drains_and_exits_cleanly(listener: NotifyListener) -> None:
@@ -119,7 +120,12 @@ def test_drain_completes_when_the_step_says_so() -> None:
         return left[0] == 0
 
     ticks: list[float] = []
-    wd = notify.Watchdog(1.0, send=lambda: ticks.append(time.monotonic()) is None)
+
+    def send() -> bool:
+        ticks.append(time.monotonic())
+        return True
+
+    wd = notify.Watchdog(1.0, send=send, extend=send)
     result = drain(step, timeout_s=5.0, watchdog=wd)
     assert result.complete and result.steps == 3
     assert len(ticks) == 1  # paced: three steps within one half-interval

@@ -27,6 +27,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(notify, "_warned", set())
+    monkeypatch.setattr(notify, "_ready_sent", False)
 
 
 def test_everything_is_a_noop_without_notify_socket() -> None:
@@ -128,7 +129,8 @@ def test_watchdog_interval_from_environment(
     assert notify.watchdog_interval() == expected
 
 
-def test_watchdog_pings_at_most_every_half_interval() -> None:
+def test_watchdog_pings_at_most_every_half_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(notify, "_ready_sent", True)
     now = [100.0]
     sent: list[float] = []
 
@@ -136,7 +138,10 @@ def test_watchdog_pings_at_most_every_half_interval() -> None:
         sent.append(now[0])
         return True
 
-    wd = Watchdog(1.0, send=send, clock=lambda: now[0])
+    def extend() -> bool:
+        raise AssertionError("extends the start timeout after READY")
+
+    wd = Watchdog(1.0, send=send, extend=extend, clock=lambda: now[0])
     assert wd.enabled and wd.period == 0.5
     for step in range(300):  # a loop iterating every 10 ms for 3 s
         now[0] = 100.0 + step * 0.01
@@ -146,6 +151,30 @@ def test_watchdog_pings_at_most_every_half_interval() -> None:
     assert len(sent) == 6
     assert all(0.5 - 1e-9 <= g < 0.52 for g in gaps)
     assert wd.pings == 6
+
+
+def test_before_ready_ticks_extend_the_start_timeout_instead(
+    listener: NotifyListener, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", listener.address)
+    now = [0.0]
+    wd = Watchdog(2.0, clock=lambda: now[0])
+    assert wd.tick()  # not ready yet: extends the start by one interval
+    now[0] = 0.5
+    assert not wd.tick()  # paced like pings
+    now[0] = 1.0
+    assert wd.tick()
+    assert notify.ready()
+    now[0] = 2.0
+    assert wd.tick()
+    got = [m.lines for m in listener.collect(0.5)]
+    assert got == [
+        ("EXTEND_TIMEOUT_USEC=2000000",),
+        ("EXTEND_TIMEOUT_USEC=2000000",),
+        ("READY=1",),
+        ("WATCHDOG=1",),
+    ]
+    assert (wd.extensions, wd.pings) == (2, 1)
 
 
 def test_watchdog_rejects_nonsense_intervals() -> None:

@@ -108,6 +108,20 @@ def test_child_that_never_gets_ready_is_restarted_after_the_start_timeout() -> N
         assert sup.state("mute").ready_at is None
 
 
+def test_a_live_start_extends_its_timeout_and_a_hung_start_does_not() -> None:
+    # Both wait for a peer that never comes (no READY). The live one ticks its
+    # watchdog, which extends the start past TimeoutStartSec; the other's loop
+    # hangs after 0.3 s, so its start times out.
+    waiting = spec("waiting", "--no-ready", watchdog_sec=0.5, start_timeout_s=2.0)
+    hung = spec("hung", "--no-ready", "--hang-after", "0.3", watchdog_sec=0.5, start_timeout_s=2.0)
+    with Supervisor([waiting, hung]) as sup:
+        assert sup.wait_for(lambda s: s["hung"].start_timeouts >= 1, 20)
+        time.sleep(1.0)
+        st = sup.state("waiting")
+        assert st.started_at is not None and time.monotonic() - st.started_at > 2.5
+        assert (st.state, st.starts, st.start_timeouts) == ("starting", 1, 0)
+
+
 def test_only_the_main_pid_may_notify() -> None:
     # The child lets a grandchild send READY=1; NotifyAccess=main ignores it.
     code = (

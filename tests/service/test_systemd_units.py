@@ -150,7 +150,7 @@ def test_commands_and_hardening() -> None:
     writer = parse_unit(UNITS_DIR / "sensorhub-writer@.service")
     chdb = parse_unit(UNITS_DIR / "sensorhub-chdb.service")
     assert ingest["Service.ExecStart"][0].endswith(" ingest --source %i")
-    assert writer["Service.ExecStart"][0].endswith(" writer")
+    assert writer["Service.ExecStart"][0].endswith(" writer --consumer writer-%H-%i")
     assert chdb["Service.ExecStart"][0].endswith(" chdb-server --host 127.0.0.1 --port 8123 --data /var/lib/sensorhub/chdb")
     assert chdb["Service.StateDirectory"] == ["sensorhub"]
     for u in (ingest, writer, chdb):
