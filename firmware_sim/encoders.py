@@ -134,10 +134,9 @@ def corrupt_frame(frame: bytes, rule: str) -> bytes:
     elif rule == "reserved-flags":
         body[3] |= 0x04
     elif rule == "truncated":
-        # Cut inside the readings (or inside the header of an empty frame) and
-        # keep a correct CRC over what is left, so only the length is wrong.
-        cut = max(6, len(body) - 3)
-        body = body[:cut]
+        # Cut inside the last reading (or inside base_ts of an empty frame): the
+        # frame ends before a field it must hold, CRC included.
+        return frame[: max(5 + id_len + 6, len(frame) - 7)]
     elif rule == "bad-device-id":
         body[5] = ord("/")
     elif rule == "count-too-large":
