@@ -16,6 +16,7 @@
     │   ├── TrailingBytes          bytes left after the end of the payload
     │   ├── DeviceMismatch         payload names another device than its topic
     │   ├── InvalidValue           a field has the wrong type or is out of range
+    │   ├── UnknownAlias           a Sparkplug metric names only an alias no birth defined
     │   ├── SyntaxError_           the text payload does not parse (JSON, line protocol)
     │   └── UnknownFormat          no decoder serves this topic or format
     ├── SourceError                a source cannot connect or lost its peer
@@ -46,6 +47,7 @@ __all__ = [
     "SyntaxError_",
     "TrailingBytes",
     "Truncated",
+    "UnknownAlias",
     "UnknownFormat",
     "UnsupportedVersion",
 ]
@@ -133,6 +135,15 @@ class DeviceMismatch(DecodeError):
 
 class InvalidValue(DecodeError):
     reason = "invalid value"
+
+
+class UnknownAlias(DecodeError):
+    """A Sparkplug metric carries only an alias that no birth seen so far defines.
+
+    The host's state for that edge node is lost; it asks the node for a rebirth.
+    """
+
+    reason = "unknown alias"
 
 
 class SyntaxError_(DecodeError):  # noqa: N801 - avoids shadowing the builtin
