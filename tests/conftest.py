@@ -140,3 +140,114 @@ def wait_until() -> Callable[..., Any]:
         return value
 
     return _wait
+
+
+class Stack:
+    """A running ``sensorhub stack`` (mosquitto, redis, chdb-server, ingest, writer) under ``dir``."""
+
+    def __init__(self, d: Path, config: Path | None = None, redis_maxmemory: str | None = None) -> None:
+        import json
+        import subprocess
+        import sys
+
+        self.dir = d
+        argv = [sys.executable, "-m", "sensorhub"]
+        if config:
+            argv += ["--config", str(config)]
+        argv += ["stack", "up", "--dir", str(d), "--json", "--timeout", "120"]
+        if redis_maxmemory:
+            argv += ["--redis-maxmemory", redis_maxmemory]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=150)
+        if out.returncode != 0:
+            raise RuntimeError(f"stack up failed:\n{out.stdout}\n{out.stderr}")
+        self.info: dict[str, Any] = json.loads(out.stdout)
+        self.mqtt_port: int = self.info["mqtt"]["port"]
+        self.redis_url: str = self.info["redis_url"]
+        self.clickhouse_url: str = self.info["clickhouse_url"]
+
+    def status(self) -> dict[str, Any]:
+        from sensorhub.service.stack import stack_status
+
+        return stack_status(self.dir)
+
+    def pid(self, name: str) -> int:
+        return int(self.status()["pids"][name])
+
+    def signal(self, name: str, sig: int) -> int:
+        pid = self.pid(name)
+        os.kill(pid, sig)
+        return pid
+
+    def wait_restarted(self, name: str, old_pid: int, timeout: float = 30.0) -> int:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status()
+            pid = st["pids"].get(name)
+            if pid and pid != old_pid and st.get("ready"):
+                return int(pid)
+            time.sleep(0.1)
+        raise TimeoutError(f"{name} did not come back within {timeout} s")
+
+    def ch(self) -> Any:
+        import clickhouse_connect
+
+        return clickhouse_connect.get_client(dsn=self.clickhouse_url)
+
+    def redis(self) -> Any:
+        import redis as redis_mod
+
+        return redis_mod.Redis.from_url(self.redis_url)
+
+    def log(self, name: str) -> str:
+        return (self.dir / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def down(self) -> None:
+        from sensorhub.service.stack import stack_down
+
+        stack_down(self.dir)
+
+
+@pytest.fixture
+def stack_factory(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    stacks: list[Stack] = []
+
+    def make(config_text: str | None = None, redis_maxmemory: str | None = None) -> Stack:
+        cfg = None
+        if config_text:
+            cfg = tmp_path / f"sensorhub-{len(stacks)}.toml"
+            cfg.write_text(config_text)
+        s = Stack(tmp_path / f"stack-{len(stacks)}", cfg, redis_maxmemory)
+        stacks.append(s)
+        return s
+
+    yield make
+    for s in stacks:
+        s.down()
+
+
+@pytest.fixture
+def loadtest() -> Callable[..., dict[str, Any]]:
+    """``loadtest(stack, *args)`` runs ``sensorhub-sim loadtest`` against a stack."""
+    return run_loadtest
+
+
+def run_loadtest(stack: Stack, *args: str, timeout: float = 300) -> dict[str, Any]:
+    """``sensorhub-sim loadtest`` against a stack; returns its JSON result."""
+    import json
+    import subprocess
+    import sys
+
+    argv = [
+        sys.executable, "-m", "firmware_sim", "loadtest",
+        "--mqtt", f"127.0.0.1:{stack.mqtt_port}",
+        "--clickhouse", stack.clickhouse_url,
+        "--json", *args,
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"loadtest printed no result (status {out.returncode}):\n{out.stdout}\n{out.stderr}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result

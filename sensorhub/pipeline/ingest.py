@@ -34,6 +34,7 @@ from sensorhub.config import Settings
 from sensorhub.decoders.trade_batch import TradeBatch
 from sensorhub.errors import DecodeError
 from sensorhub.metrics.registry import Metrics
+from sensorhub.pipeline.lag import LagAlarm, stream_states
 from sensorhub.pipeline.streams import (
     F_BLOCK,
     F_KIND,
@@ -91,7 +92,7 @@ class Ingest:
         self._window: deque[bytes] = deque()
         self._seen: set[bytes] = set()
         self._window_max = max(cfg.max_inflight_frames, settings.mqtt.receive_maximum) * 4
-        self._pending_acks: list[Any] = []
+        self._lag_alarm = LagAlarm(self.metrics, self.redis, self.layout.events, settings.writer.lag_alert_s)
 
     @staticmethod
     def _reading_batch_factory() -> Any:
@@ -153,6 +154,7 @@ class Ingest:
                 ready_sent = True
             if now - last_pub >= self.settings.metrics.publish_interval_s:
                 last_pub = now
+                self._check_lag()
                 self._publish_metrics(metrics_key)
         # drain: whatever was taken is written and acknowledged before exit
         notify.stopping()
@@ -316,6 +318,14 @@ class Ingest:
             b.clear()
         self._rows = 0
         self._first_ns = 0
+
+    def _check_lag(self) -> None:
+        """Watch the writers from this side too: a stuck or dead writer cannot raise its own alert."""
+        streams = [self.layout.trades(p) if self._trades else self.layout.readings(p) for p in range(self.layout.partitions)]
+        try:
+            self._lag_alarm.update(stream_states(self.redis, streams))
+        except redis.RedisError:
+            pass
 
     def _publish_metrics(self, key: str) -> None:
         h = self.source.health

@@ -37,6 +37,7 @@ import redis
 from sensorhub.config import Settings
 from sensorhub.errors import DecodeError, SinkError
 from sensorhub.metrics.registry import Metrics
+from sensorhub.pipeline.lag import LagAlarm, id_tuple, stream_states
 from sensorhub.pipeline.streams import (
     F_BLOCK,
     F_KIND,
@@ -78,12 +79,6 @@ return acked
 READING_COLS = ["device", "metric", "ts", "value", "quality", "seq", "recv", "source"]
 TRADE_COLS = ["venue", "symbol", "trade_id", "price", "amount", "side", "ts", "recv"]
 DLQ_COLS = ["source", "topic", "payload", "error", "recv", "entry_id"]
-
-
-def _id_tuple(entry_id: bytes | str) -> tuple[int, int]:
-    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = s.partition("-")
-    return int(ms), int(seq or 0)
 
 
 class _Batch:
@@ -130,7 +125,7 @@ class Writer:
         self.inserts = 0
         self.state = "starting"
         self.lag_s = 0.0
-        self._healthy_after_replay = True
+        self._lag_alarm = LagAlarm(self.metrics, self.redis, self.layout.events, self.cfg.lag_alert_s)
 
     # ---- setup ----
     def _retry(self, what: str, fn: Any) -> Any:
@@ -277,7 +272,7 @@ class Writer:
             batch.first = time.monotonic()
             batch.read_ns = read_ns
         batch.entries.append((stream, entry_id))
-        xadd_ms = _id_tuple(entry_id)[0]
+        xadd_ms = id_tuple(entry_id)[0]
         audit: list[tuple[str, str, int]] = []
         if stream == self.layout.dlq:
             src = fields.get(b"src", b"?").decode(errors="replace")
@@ -486,47 +481,15 @@ class Writer:
 
     # ---- trim and lag ----
     def _trim_and_lag(self) -> None:
-        lag_s = 0.0
-        backlog = 0
         try:
-            now_ms = time.time() * 1000
-            for s in self.streams:
-                groups = self.redis.xinfo_groups(s)
-                if not groups:
-                    continue
-                safe: tuple[int, int] | None = None
-                for g in groups:
-                    pending = int(g.get("pending", 0))
-                    last = _id_tuple(g["last-delivered-id"])
-                    lag_entries = g.get("lag")
-                    if lag_entries:
-                        backlog += int(lag_entries)
-                    if pending:
-                        p = self.redis.xpending(s, g["name"])
-                        low = _id_tuple(p["min"])
-                        lag_s = max(lag_s, (now_ms - low[0]) / 1000)
-                    else:
-                        low = (last[0], last[1] + 1)
-                    safe = low if safe is None or low < safe else safe
-                # oldest undelivered entry also counts as lag
-                first_new = self.redis.xrange(s, f"({groups[0]['last-delivered-id'].decode() if isinstance(groups[0]['last-delivered-id'], bytes) else groups[0]['last-delivered-id']}", "+", count=1)
-                if first_new:
-                    lag_s = max(lag_s, (now_ms - _id_tuple(first_new[0][0])[0]) / 1000)
-                if safe is not None and safe > (0, 0):
-                    self.redis.xtrim(s, minid=f"{safe[0]}-{safe[1]}", approximate=False)
+            states = stream_states(self.redis, self.streams)
+            for st in states:
+                if st.safe_trim is not None and st.safe_trim > (0, 0):
+                    self.redis.xtrim(st.stream, minid=f"{st.safe_trim[0]}-{st.safe_trim[1]}", approximate=False)
         except redis.RedisError as exc:
             log.warning("trim/lag check failed: %s", exc)
             return
-        self.lag_s = lag_s
-        m = self.metrics
-        m.set("lag_s", round(lag_s, 3))
-        m.set("backlog_entries", backlog)
-        alert = lag_s > self.cfg.lag_alert_s
-        if alert and not m.gauges.get("lag_alert"):
-            log.warning("LAG ALERT: consumer group %s is %.1f s behind", self.group, lag_s)
-            m.inc("lag_alerts")
-            self._event("lag_alert", lag_s=round(lag_s, 1))
-        m.set("lag_alert", alert)
+        self.lag_s = self._lag_alarm.update(states)
 
     def _event(self, kind: str, **fields: Any) -> None:
         try:

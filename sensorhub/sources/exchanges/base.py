@@ -41,7 +41,7 @@ import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI, WebSocketException
 
-from sensorhub.config import BackoffSettings, SourceSettings
+from sensorhub.config import BackoffSettings, Settings, SourceSettings
 from sensorhub.decoders.trade_batch import TradeBatch
 from sensorhub.errors import (
     ConfigError,
@@ -438,8 +438,14 @@ def register_venue(cls: type[Venue]) -> type[Venue]:
         raise TypeError(f"{cls.__name__} must set name and endpoint")
     VENUES[cls.name] = cls
 
-    def factory(name: str, **kwargs: Any) -> ExchangeSource:
-        return ExchangeSource(name, cls, **kwargs)
+    def factory(
+        name: str, settings: Settings | None = None, source_settings: SourceSettings | None = None, **kwargs: Any
+    ) -> ExchangeSource:
+        # the ingest process passes the whole configuration and the source's own table
+        if settings is not None:
+            kwargs.setdefault("max_inflight_frames", settings.ingest.max_inflight_frames)
+            kwargs.setdefault("backoff", settings.ingest.backoff)
+        return ExchangeSource(name, cls, source_settings, **kwargs)
 
     register(cls.name)(factory)
     return cls

@@ -1,0 +1,193 @@
+"""The whole data path with real processes: mosquitto → ingest → Redis → writer → ClickHouse.
+
+Publishers are real MQTT clients: the simulator (its own encoders), paho, and
+``mosquitto_pub``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+
+def _frame(device: str, frame_seq: int, base_ts: int, readings: list[tuple[int, int, int, float]]) -> bytes:
+    """Firmware frame v1 (float64), written here from the spec."""
+    d = device.encode()
+    body = b"SH" + bytes([1, 0, len(d)]) + d + struct.pack("<IqH", frame_seq, base_ts, len(readings))
+    for metric_id, delta, quality, value in readings:
+        body += struct.pack("<HIBd", metric_id, delta, quality, value)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _publisher(stack: Any) -> mqtt.Client:
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"test-pub-{time.monotonic_ns()}")
+    c.connect("127.0.0.1", stack.mqtt_port)
+    c.loop_start()
+    return c
+
+
+def _publish_all(c: mqtt.Client, msgs: list[tuple[str, bytes]]) -> None:
+    infos = [c.publish(t, p, qos=1) for t, p in msgs]
+    for i in infos:
+        i.wait_for_publish(10)
+        assert i.is_published()
+
+
+def _count(ch: Any, sql: str) -> int:
+    return int(ch.command(sql))
+
+
+def _wait_count(ch: Any, sql: str, want: int, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    n = _count(ch, sql)
+    while n < want and time.monotonic() < deadline:
+        time.sleep(0.2)
+        n = _count(ch, sql)
+    return n
+
+
+@pytest.mark.slow
+def test_200_devices_mixed_formats_stored_exactly_once(stack_factory, loadtest) -> None:  # type: ignore[no-untyped-def]
+    stack = stack_factory()
+    r = loadtest(
+        stack, "--rate", "4000", "--duration", "8", "--devices", "200", "--format", "mixed",
+        "--per-message", "5", "--qos", "1",
+    )
+    assert r["published"] > 25_000
+    assert r["lost"] == 0, r
+    assert r["duplicated"] == 0, r
+    assert r["mismatched"] == 0, r
+    assert r["stored"] == r["published"]
+    ch = stack.ch()
+    assert _count(ch, "SELECT uniqExact(device) FROM sensorhub.readings") >= 200
+    # count() without FINAL is exact: no duplicate parts
+    assert _count(ch, "SELECT count() FROM sensorhub.readings") == _count(
+        ch, "SELECT uniqExact(device, metric, ts, seq) FROM sensorhub.readings"
+    )
+
+
+def test_bad_payloads_are_dead_lettered_and_good_ones_stored(stack_factory) -> None:  # type: ignore[no-untyped-def]
+    stack = stack_factory()
+    c = _publisher(stack)
+    base = 1_764_072_000_000_000
+    good_frame = _frame("press-1", 7, base, [(1, 0, 0, 1.5), (2, 10, 1, -3.25)])
+    bad_crc = bytearray(good_frame)
+    bad_crc[-1] ^= 0xFF
+    msgs = [
+        ("sensors/l1/press-1/frame", good_frame),
+        ("sensors/l1/press-1/frame", bytes(bad_crc)),  # CRC mismatch
+        ("sensors/l1/press-1/frame", b"XX" + good_frame[2:]),  # bad magic
+        ("sensors/l1/press-2/frame", good_frame),  # topic names another device
+        ("sensors/l1/oven-1/json", json.dumps({"metric": "temp_c", "value": 21.5, "ts": 1764072000.5, "seq": 1}).encode()),
+        ("sensors/l1/oven-1/json", b'{"metric": "temp_c", "value": "hot"}'),  # value not a number
+        ("sensors/l1/oven-1/json", b"{not json"),
+        ("sensors/l1/mill-1/ilp", b"spindle,line=l1 rpm=1200i,load=0.75 1764072000000000000"),
+        ("sensors/l1/mill-1/ilp", b"spindle rpm=12x00 1764072000000000000"),  # does not parse
+    ]
+    _publish_all(c, msgs)
+    c.loop_stop()
+    ch = stack.ch()
+    assert _wait_count(ch, "SELECT count() FROM sensorhub.dead_letters", 6) == 6
+    assert _wait_count(ch, "SELECT count() FROM sensorhub.readings", 5) == 5
+    time.sleep(1.0)  # nothing more arrives
+    assert _count(ch, "SELECT count() FROM sensorhub.readings") == 5
+    rows = ch.query("SELECT topic, payload, error FROM sensorhub.dead_letters ORDER BY recv").result_rows
+    errors = [e for _, _, e in rows]
+    assert any("crc" in e.lower() for e in errors)
+    assert any("magic" in e.lower() for e in errors)
+    assert any("device" in e.lower() and "press-2" in t for t, _, e in rows)
+    assert any("syntax" in e.lower() or "json" in e.lower() for e in errors)
+    # raw payloads are kept untouched
+    payloads = {bytes(p) if not isinstance(p, str) else p.encode("latin-1") for _, p, _ in rows}
+    assert b"{not json" in payloads or "{not json" in {str(p) for _, p, _ in rows}
+    got = ch.query("SELECT device, metric, value, quality FROM sensorhub.readings ORDER BY device, metric").result_rows
+    assert ("mill-1", "spindle.load", 0.75, 0) in got
+    assert ("mill-1", "spindle.rpm", 1200.0, 0) in got
+    assert ("oven-1", "temp_c", 21.5, 0) in got
+    assert ("press-1", "m1", 1.5, 0) in got
+    assert ("press-1", "m2", -3.25, 1) in got
+
+
+def test_order_within_a_device_is_send_order(stack_factory) -> None:  # type: ignore[no-untyped-def]
+    stack = stack_factory()
+    c = _publisher(stack)
+    base = 1_764_072_000_000_000
+    n = 300
+    msgs = [("sensors/l2/seq-1/frame", _frame("seq-1", i, base + i * 1000, [(1, 0, 0, float(i))])) for i in range(n)]
+    _publish_all(c, msgs)
+    c.loop_stop()
+    ch = stack.ch()
+    assert _wait_count(ch, "SELECT count() FROM sensorhub.readings WHERE device = 'seq-1'", n) == n
+    rows = ch.query(
+        "SELECT seq, toUnixTimestamp64Micro(recv) FROM sensorhub.readings WHERE device = 'seq-1' ORDER BY seq"
+    ).result_rows
+    recv = [r for _, r in rows]
+    assert [s for s, _ in rows] == [i * 65536 for i in range(n)]
+    assert recv == sorted(recv), "a later frame was received before an earlier one"
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto_pub not installed")
+def test_mosquitto_pub_json_and_audit_reconciles(stack_factory) -> None:  # type: ignore[no-untyped-def]
+    stack = stack_factory()
+    for i in range(20):
+        doc = json.dumps({"ts": 1764072000 + i, "seq": i, "values": {"rh": 40 + i, "temp_c": 20.5}})
+        subprocess.run(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(stack.mqtt_port), "-q", "1",
+             "-t", "sensors/l3/hvac-1/json", "-m", doc],
+            check=True, timeout=10,
+        )
+    ch = stack.ch()
+    assert _wait_count(ch, "SELECT count() FROM sensorhub.readings WHERE device = 'hvac-1'", 40) == 40
+    out = subprocess.run(
+        [sys.executable, "-m", "sensorhub", "audit", "--reconcile", "--json",
+         "--redis", stack.redis_url, "--clickhouse", stack.clickhouse_url],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    audit = json.loads(out.stdout)
+    row = next(r for r in audit["rows"] if r["source"] == "mqtt")
+    # received also counts the Sparkplug host's own STATE message on spBv1.0/#
+    assert row["received"] >= 20 and row["xadded"] == 40 and row["stored"] == 40 and row["ok"]
+
+
+def test_writer_stopped_raises_lag_alert_then_recovers(stack_factory) -> None:  # type: ignore[no-untyped-def]
+    import signal
+
+    stack = stack_factory("[writer]\nlag_alert_s = 2.0\n")
+    r = stack.redis()
+    stack.signal("writer", signal.SIGSTOP)
+    try:
+        c = _publisher(stack)
+        base = 1_764_072_000_000_000
+        _publish_all(c, [("sensors/l4/lag-1/frame", _frame("lag-1", i, base + i, [(1, 0, 0, 1.0)])) for i in range(50)])
+        deadline = time.monotonic() + 20
+        alert = None
+        while time.monotonic() < deadline and not alert:
+            for _id, f in r.xrange("sh:events"):
+                if f[b"kind"] == b"lag_alert":
+                    alert = json.loads(f[b"data"])
+            time.sleep(0.3)
+        assert alert and alert["lag_s"] > 2.0
+        states = [json.loads(r.hget(k, "state")) for k in r.keys("sh:metrics:ingest:*")]
+        assert any(s["gauges"].get("lag_alert") for s in states)
+    finally:
+        stack.signal("writer", signal.SIGCONT)
+    ch = stack.ch()
+    assert _wait_count(ch, "SELECT count() FROM sensorhub.readings WHERE device = 'lag-1'", 50) == 50
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        states = [json.loads(r.hget(k, "state")) for k in r.keys("sh:metrics:ingest:*")]
+        if states and not any(s["gauges"].get("lag_alert") for s in states):
+            break
+        time.sleep(0.3)
+    assert not any(s["gauges"].get("lag_alert") for s in states)
