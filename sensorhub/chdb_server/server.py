@@ -251,7 +251,7 @@ def _content_type(fmt: str) -> str:
 
 
 class _BodyTooLarge(ClickHouseError):
-    pass
+    """The request body exceeds ``max_body_bytes`` (raw or decompressed)."""
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -291,6 +291,7 @@ class Handler(BaseHTTPRequestHandler):
         engine = self.server.runner.engine
         query_id = ""
         started = time.monotonic()
+        body_read = False
         try:
             try:
                 pairs = parse_qsl(url_query, keep_blank_values=True, max_num_fields=10_000, strict_parsing=False)
@@ -314,11 +315,12 @@ class Handler(BaseHTTPRequestHandler):
             tmp_dir = str(cfg.tmp_dir) if cfg.tmp_dir else None
             with tempfile.SpooledTemporaryFile(max_size=cfg.spool_bytes, dir=tmp_dir) as body:
                 size = self._read_body(body)
+                body_read = True
                 body.seek(0)
                 outcome, fmt = self.server.runner.run(rp, body, size)
         except ClickHouseError as err:
-            if isinstance(err, _BodyTooLarge):
-                self.close_connection = True  # the rest of the body was not read
+            if not body_read:
+                self._discard_body()  # an unread body would be taken for the next request
             log.info("query %s failed (%d): %s", query_id or "-", err.http_status, str(err)[:500])
             self._send_error(err, query_id)
             return
@@ -428,7 +430,11 @@ class Handler(BaseHTTPRequestHandler):
                 try:
                     piece = decoder.feed(piece, limit - total)
                 except ClickHouseError as err:
-                    raise _BodyTooLarge(err.code, err.name, str(err))
+                    if err.name != "QUERY_IS_TOO_LARGE":
+                        raise
+                    raise _BodyTooLarge.of(
+                        "QUERY_IS_TOO_LARGE", f"Decompressed request body is larger than max_body_bytes ({limit})"
+                    )
             total += len(piece)
             if total > limit:
                 raise _BodyTooLarge.of(
@@ -440,7 +446,8 @@ class Handler(BaseHTTPRequestHandler):
         return total
 
     def _discard_body(self) -> None:
-        if self.headers.get("Content-Length", "0") != "0" or self.headers.get("Transfer-Encoding"):
+        """Close the connection after this response if the request's body was not read."""
+        if self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding"):
             self.close_connection = True
 
     # -- responses
