@@ -1,0 +1,168 @@
+"""``sensorhub monitor``: the live terminal status screen (or one frame, or JSON).
+
+Reads only Redis (metrics snapshots, streams, audit counters, events) and
+ClickHouse for today's stored totals; a ClickHouse that does not answer is
+shown as down and retried. Keys: ``q`` quit, ``s`` cycle the source sort,
+``d`` focus dead letters. Keys are read without blocking from a terminal in
+cbreak mode, restored on every exit path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import select
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sensorhub.config import load_settings
+from sensorhub.errors import ConfigError
+from sensorhub.monitor.state import StateCollector
+from sensorhub.monitor.view import SORTS, render
+from sensorhub.pipeline.streams import StreamLayout
+
+__all__ = ["HELP", "add_arguments", "build_collector", "run"]
+
+HELP = "live status screen: sources, pipeline lag, latency, dead letters, totals (--once, --json)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis", metavar="URL", help="Redis URL (default: redis.url)")
+    p.add_argument("--clickhouse", metavar="URL", help="ClickHouse URL (default: clickhouse.url)")
+    p.add_argument("--stack", metavar="DIR", type=Path, help="use the Redis and ClickHouse of a running `sensorhub stack`")
+    p.add_argument("--no-clickhouse", action="store_true", help="do not query ClickHouse (totals unknown)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--json", action="store_true", help="print the state as JSON and exit")
+    p.add_argument("--refresh", type=float, default=1.0, help="seconds between refreshes (0.1 .. 1, default 1)")
+    p.add_argument("--stale-after", type=float, default=5.0, help="a heartbeat older than this is stale (s)")
+    p.add_argument("--width", type=int, default=0, help="--once: render for this many columns (default: terminal)")
+    p.add_argument("--height", type=int, default=0, help="--once: render for this many lines (default: terminal)")
+    p.add_argument("--exit-after", type=float, default=0.0, help="live view: exit after this many seconds (0: on q)")
+
+
+def build_collector(args: argparse.Namespace) -> StateCollector:
+    """The collector for the URLs the arguments (or the stack, or the settings) name."""
+    import redis
+
+    s = load_settings(getattr(args, "config", None))
+    redis_url = args.redis or s.redis.url
+    ch_url = args.clickhouse or s.clickhouse.url
+    if args.stack is not None:
+        from sensorhub.service.stack import stack_status
+
+        st = stack_status(args.stack)
+        redis_url = args.redis or st["redis_url"]
+        ch_url = args.clickhouse or st["clickhouse_url"]
+    try:
+        ch_cfg = s.clickhouse.model_copy(
+            update={"url": ch_url, "connect_timeout_s": 1.0, "send_receive_timeout_s": 3.0}
+        )
+    except ValueError as exc:
+        raise ConfigError("--clickhouse", "http://HOST:PORT", ch_url) from exc
+    r = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+
+    def ch_factory() -> Any:
+        from sensorhub.sinks.clickhouse import connect
+
+        return connect(ch_cfg)
+
+    return StateCollector(
+        r,
+        StreamLayout(s.redis.prefix, s.redis.partitions),
+        group=s.redis.group,
+        database=s.clickhouse.database,
+        ch_factory=None if args.no_clickhouse else ch_factory,
+        ch_url="" if args.no_clickhouse else ch_url,
+        redis_url=redis_url,
+        stale_after_s=args.stale_after,
+        lag_alert_s=s.writer.lag_alert_s,
+        ch_interval_s=5.0,
+    )
+
+
+@contextlib.contextmanager
+def _cbreak(fd: int) -> Iterator[bool]:
+    """Terminal in cbreak mode (keys without Enter, no echo) and restored after; False if no tty."""
+    if not os.isatty(fd):
+        yield False
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+        yield True
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _keys(fd: int, timeout: float) -> str:
+    """Keys typed within ``timeout`` seconds (at most 64 bytes), without blocking longer."""
+    r, _, _ = select.select([fd], [], [], max(0.0, timeout))
+    if not r:
+        return ""
+    try:
+        return os.read(fd, 64).decode(errors="ignore")
+    except OSError:
+        return ""
+
+
+def _live(col: StateCollector, refresh: float, exit_after: float) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    sort_i = 0
+    focus: str | None = None
+    fd = sys.stdin.fileno()
+    started = time.monotonic()
+
+    def frame() -> Any:
+        w, h = console.size
+        return render(col.collect(), width=w, height=h, sort=SORTS[sort_i], focus=focus)
+
+    with _cbreak(fd) as tty_keys, Live(
+        frame(), console=console, screen=True, auto_refresh=False, vertical_overflow="crop", transient=True
+    ) as live:
+        next_at = time.monotonic() + refresh
+        while exit_after <= 0 or time.monotonic() - started < exit_after:
+            wait = next_at - time.monotonic()
+            keys = _keys(fd, wait) if tty_keys else ""
+            if not tty_keys and wait > 0:
+                time.sleep(wait)
+            changed = False
+            for k in keys.lower():
+                if k == "q":
+                    return 0
+                if k == "s":
+                    sort_i = (sort_i + 1) % len(SORTS)
+                    changed = True
+                elif k == "d":
+                    focus = None if focus == "dead" else "dead"
+                    changed = True
+            if changed or time.monotonic() >= next_at:
+                live.update(frame(), refresh=True)
+                next_at = time.monotonic() + refresh
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    col = build_collector(args)
+    if args.json:
+        print(json.dumps(col.collect(), indent=1, default=str))
+        return 0
+    if args.once:
+        from rich.console import Console
+
+        console = Console(width=args.width or None, height=args.height or None)
+        w, h = console.size
+        console.print(render(col.collect(), width=w, height=args.height or h))
+        return 0
+    refresh = min(1.0, max(0.1, args.refresh))
+    return _live(col, refresh, args.exit_after)

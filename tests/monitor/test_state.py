@@ -1,0 +1,187 @@
+"""State collection and ``sensorhub monitor --once/--json`` against real Redis and a real chdb-server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+import clickhouse_connect
+import redis
+from rich.console import Console
+
+from sensorhub.monitor.state import StateCollector
+from sensorhub.monitor.view import render, sort_sources, sparkline
+from sensorhub.service.daemons import free_port
+from sensorhub.sinks.schema import apply_schema
+from tests.monitor.conftest import LAYOUT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _insert_readings(ch: Any, db: str, n: int) -> None:
+    now = datetime.now(UTC)
+    rows = [["dev-1", "temp_c", now, float(i), 0, i, now, "line-1"] for i in range(n)]
+    ch.insert(f"{db}.readings", rows,
+              column_names=["device", "metric", "ts", "value", "quality", "seq", "recv", "source"])
+
+
+def _collector(redis_client: Any, ch_url: str | None, db: str = "sensorhub", **kw: Any) -> StateCollector:
+    def factory() -> Any:
+        return clickhouse_connect.get_client(dsn=ch_url, connect_timeout=1, send_receive_timeout=3)
+
+    return StateCollector(redis_client, LAYOUT, database=db, ch_factory=factory if ch_url else None,
+                          ch_url=ch_url or "", **kw)
+
+
+def test_collect_answers_flowing_lost_and_delay(
+    fleet: dict[str, Any], redis_client: Any, chdb_server: Any, ch_client: Any, ch_database: str
+) -> None:
+    apply_schema(ch_client, ch_database)
+    _insert_readings(ch_client, ch_database, 860)
+    st = _collector(redis_client, chdb_server.url, ch_database).collect()
+
+    assert st["redis"]["ok"] and st["clickhouse"]["ok"], st["clickhouse"]
+    by_name = {s["name"]: s for s in st["sources"]}
+    assert set(by_name) == {"line-1", "okx", "line-9"}
+    assert by_name["line-1"]["status"] == "ok" and by_name["line-1"]["rows_per_s"] > 0
+    assert by_name["line-1"]["dead_letters"] == 2 and by_name["line-1"]["reconnects"] == 1
+    assert by_name["okx"]["kind"] == "trades" and by_name["okx"]["rows_per_s"] > 0 and by_name["okx"]["gaps"] == 2
+    assert by_name["line-9"]["stale"] and by_name["line-9"]["status"] == "stale"
+
+    (w,) = st["writers"]
+    assert w["lag_alert"] and w["lag_s"] == 9.0 and w["rows_per_s"] > 0 and w["retries"] == 1
+    p = st["pipeline"]
+    assert p["lag_alert"] and p["lag_s"] >= 9.0
+    # one entry pending in the group, one not yet delivered
+    (s0,) = [s for s in st["streams"] if s["stream"] == LAYOUT.readings(0)]
+    (g,) = s0["groups"]
+    assert s0["length"] == 2 and g["pending"] == 1 and g["lag_entries"] == 1
+    assert p["backlog_entries"] == 2
+
+    assert {"recv_to_decode", "decode_to_xadd", "read_to_insert", "insert"} <= set(st["latency"])
+    assert 3.9 < st["latency"]["read_to_insert"]["p99_ms"] < 4.1
+    assert len(st["latency"]["insert"]["p99_history"]) == 1
+
+    d = st["dead_letters"]
+    assert d["count_today"] == 2 and d["stream_len"] == 1 and d["stored_today"] == 0
+    assert d["latest"][0]["error"] == "ChecksumMismatch: crc mismatch"
+
+    t = st["totals"]
+    assert (t["received"], t["xadded"], t["inserted"], t["pending"]) == (110, 880, 870, 10)
+    assert t["stored"] == 860 and t["missing"] == 10
+    v = st["verdict"]
+    assert v["flowing"] == "yes"
+    assert v["lost"] == "10 inserted rows not in ClickHouse"
+    assert v["delay"].startswith("LAG ALERT 9.0 s; read_to_insert p99")
+
+
+def test_nothing_lost_when_clickhouse_holds_every_inserted_row(
+    fleet: dict[str, Any], redis_client: Any, chdb_server: Any, ch_client: Any, ch_database: str
+) -> None:
+    apply_schema(ch_client, ch_database)
+    _insert_readings(ch_client, ch_database, 870)
+    st = _collector(redis_client, chdb_server.url, ch_database).collect()
+    assert st["totals"]["missing"] == 0 and st["verdict"]["lost"] == "none"
+
+
+def test_clickhouse_down_is_shown_not_raised(fleet: dict[str, Any], redis_client: Any) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    col = _collector(redis_client, url)
+    st = col.collect()
+    assert st["clickhouse"]["ok"] is False and st["clickhouse"]["error"]
+    assert st["totals"]["stored"] is None
+    assert st["verdict"]["lost"] == "unknown (ClickHouse down)"
+    assert st["sources"], "Redis figures are still shown"
+    text = _text(render(st, width=80, height=24))
+    assert "clickhouse ● DOWN" in text and "stored ?" in text
+
+
+def test_redis_down_is_shown_not_raised() -> None:
+    r = redis.Redis(port=free_port(), socket_connect_timeout=1)
+    st = StateCollector(r, LAYOUT).collect()
+    assert st["redis"]["ok"] is False and "ConnectionError" in st["redis"]["error"]
+    assert st["verdict"]["flowing"] == "REDIS DOWN"
+    assert "redis ● DOWN" in _text(render(st))
+
+
+def test_p99_history_is_bounded(fleet: dict[str, Any], redis_client: Any) -> None:
+    col = _collector(redis_client, None, history_len=5, history_interval_s=0.0)
+    for i in range(12):
+        st = col.collect(now=1e9 + i)
+    assert len(st["latency"]["insert"]["p99_history"]) == 5
+    assert all(len(h) <= 5 for h in col.history.values())
+
+
+def _text(renderable: Any, width: int = 80) -> str:
+    c = Console(width=width, record=True, file=open(os.devnull, "w"), color_system=None)  # noqa: SIM115
+    c.print(renderable)
+    out = c.export_text()
+    c.file.close()
+    return out
+
+
+def test_render_80x24_and_wide(fleet: dict[str, Any], redis_client: Any) -> None:
+    st = _collector(redis_client, None).collect()
+    small = _text(render(st, width=80, height=24), 80)
+    lines = small.splitlines()
+    assert all(len(x) <= 80 for x in lines)
+    # the answers and the alert are in the first lines, never cropped
+    assert "flowing: yes" in lines[1] and "LAG ALERT" in lines[1]
+    assert any("LAG ALERT" in x for x in lines[2:5])
+    assert "line-1" in small and "stale" in small
+    wide = _text(render(st, width=160, height=45), 160)
+    assert "p99 history" in wide and "reconn" in wide and LAYOUT.readings(0) in wide
+    focus = _text(render(st, width=80, height=24, focus="dead"), 80).splitlines()
+    i = next(n for n, x in enumerate(focus) if x.startswith("DEAD LETTERS today 2"))
+    assert i < next(n for n, x in enumerate(focus) if x.startswith("PIPELINE")), "focused panel comes first"
+    assert "crc mismatch" in focus[i + 1]
+
+
+def test_sparkline_and_sort() -> None:
+    assert sparkline([0, 1, 2, 4, 8], 10) == "▁▂▃▅█"  # rounded to the nearest of 8 levels
+    assert sparkline([5, 5, 5], 2) == "██"
+    assert sparkline([0, 0], 4) == "▁▁"
+    assert sparkline([], 4) == ""
+    a = {"name": "a", "process": "a", "rows_per_s": 1.0, "dead_letters": 0, "redis_errors": 0, "last_frame_age_s": 9.0}
+    b = {"name": "b", "process": "b", "rows_per_s": 5.0, "dead_letters": 3, "redis_errors": 0, "last_frame_age_s": None}
+    assert [s["name"] for s in sort_sources([b, a], "name")] == ["a", "b"]
+    assert [s["name"] for s in sort_sources([a, b], "rate")] == ["b", "a"]
+    assert [s["name"] for s in sort_sources([a, b], "errors")] == ["b", "a"]
+    assert [s["name"] for s in sort_sources([b, a], "seen")] == ["a", "b"]
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sensorhub", "monitor", *args],
+        capture_output=True, text=True, timeout=30, cwd=ROOT, env={**os.environ, **(env or {})},
+    )
+
+
+def test_cli_once_and_json(
+    fleet: dict[str, Any], redis_server: Any, redis_client: Any, chdb_server: Any, ch_client: Any, ch_database: str
+) -> None:
+    apply_schema(ch_client, ch_database)
+    _insert_readings(ch_client, ch_database, 870)
+    env = {"SENSORHUB_CLICKHOUSE_DATABASE": ch_database}
+    conn = ("--redis", redis_server.url, "--clickhouse", chdb_server.url)
+    p = _cli(*conn, "--once", "--width", "80", "--height", "24", env=env)
+    assert p.returncode == 0, p.stderr
+    assert "LAG ALERT" in p.stdout and "lost: none" in p.stdout
+    assert "line-1" in p.stdout and "okx" in p.stdout
+    assert "stored 870" in p.stdout
+    assert max(len(x) for x in p.stdout.splitlines()) <= 80
+
+    j = _cli(*conn, "--json", env=env)
+    assert j.returncode == 0, j.stderr
+    st = json.loads(j.stdout)
+    assert st["pipeline"]["lag_alert"] is True
+    assert st["totals"]["stored"] == 870 and st["clickhouse"]["ok"] is True
+    assert {s["name"] for s in st["sources"]} == {"line-1", "okx", "line-9"}
+
+    down = _cli("--redis", redis_server.url, "--clickhouse", f"http://127.0.0.1:{free_port()}", "--json")
+    assert down.returncode == 0, down.stderr
+    assert json.loads(down.stdout)["clickhouse"]["ok"] is False
