@@ -22,6 +22,7 @@ setup: system-packages build
 # mosquitto and redis-server from Debian, only when missing.
 system-packages:
 	@bash scripts/ensure-system-packages.sh
+	@sh scripts/ensure-systemd.sh
 
 $(VENV)/.installed: pyproject.toml setup.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11 (Debian: apt-get install -y python3.11 python3.11-venv python3-dev)"; exit 1; }

@@ -12,15 +12,14 @@ import shutil
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext as _build_ext
 
 HERE = Path(__file__).resolve().parent
 SRC = Path("cython_ext")
 INCLUDE = Path("build") / "cython_include"
 
 
-def _extensions() -> list[Extension]:
-    from Cython.Build import cythonize
-
+def _extensions(cythonized: bool = True) -> list[Extension]:
     pkg_inc = HERE / INCLUDE / "sensorhub" / "_ext"
     pkg_inc.mkdir(parents=True, exist_ok=True)
     for d in (pkg_inc.parent, pkg_inc):
@@ -45,6 +44,10 @@ def _extensions() -> list[Extension]:
                 extra_compile_args=extra,
             )
         )
+    if not cythonized:
+        return exts
+    from Cython.Build import cythonize
+
     return cythonize(
         exts,
         language_level=3,
@@ -59,4 +62,12 @@ def _extensions() -> list[Extension]:
     )
 
 
-setup(ext_modules=_extensions())
+class build_ext(_build_ext):  # noqa: N801 - setuptools command name
+    """Cythonizes only when extensions are actually built, not for metadata."""
+
+    def finalize_options(self) -> None:
+        self.distribution.ext_modules = _extensions()
+        super().finalize_options()
+
+
+setup(ext_modules=_extensions(cythonized=False), cmdclass={"build_ext": build_ext})

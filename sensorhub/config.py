@@ -87,7 +87,10 @@ class MqttSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
-    client_id: str = Field("sensorhub-ingest", min_length=1, max_length=128)
+    client_id: str = Field(
+        "", max_length=128,
+        description="fixed MQTT client id (the persistent session is tied to it); empty: sensorhub-<source>-<hostname>",
+    )
     username: str | None = None
     password: SecretStr | None = None
     qos: Literal[0, 1] = 1

@@ -125,7 +125,9 @@ class Ingest:
         src = self.source
         backoff = self.settings.ingest.backoff
         delay = backoff.initial_s
+        wd = notify.Watchdog()
         while not self.stop_event.is_set():
+            wd.tick()
             try:
                 self._load_acklog()
                 break
@@ -136,7 +138,6 @@ class Ingest:
         src.start()
         ready_sent = False
         last_pub = 0.0
-        wd = notify.Watchdog()
         metrics_key = self.layout.metrics_key(self.metrics.process)
         while not self.stop_event.is_set():
             now = time.monotonic()

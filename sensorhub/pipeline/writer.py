@@ -125,6 +125,9 @@ class Writer:
         self.inserts = 0
         self.state = "starting"
         self.lag_s = 0.0
+        # created before anything can block: ticks while waiting for peers keep
+        # systemd from killing a writer that waits for ClickHouse at boot
+        self._wd = notify.Watchdog()
         self._lag_alarm = LagAlarm(self.metrics, self.redis, self.layout.events, self.cfg.lag_alert_s)
 
     # ---- setup ----
@@ -177,8 +180,7 @@ class Writer:
         self._recover_intent(self.consumer)
         self.state = "replaying"
         notify.ready(f"writer {self.consumer} started")
-        wd = notify.Watchdog()
-        self._wd = wd
+        wd = self._wd
         read_pending = True
         last: dict[str, float] = defaultdict(float)
         batch = _Batch()
@@ -241,9 +243,7 @@ class Writer:
         return 0
 
     def _idle_beat(self) -> None:
-        wd = getattr(self, "_wd", None)
-        if wd is not None:
-            wd.tick()
+        self._wd.tick()
         try:
             self._publish_metrics()
         except Exception:  # metrics are best effort while waiting

@@ -22,6 +22,7 @@ message, and the ingest loop runs on the main thread without an event loop.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -84,7 +85,9 @@ class MqttSource(Source):
             if r.format not in self._decoders:
                 self._decoders[r.format] = make_decoder(r.format, dict(settings.dictionary))
         self._route_cache: dict[str, tuple[Decoder, str | None] | None] = {}
-        self._client = self._make_client(self.cfg.client_id, persistent=True)
+        # stable across restarts: the broker keeps the persistent session under this id
+        self.client_id = self.cfg.client_id or f"sensorhub-{name}-{socket.gethostname()}"
+        self._client = self._make_client(self.client_id, persistent=True)
         self._sp_client: mqtt.Client | None = None
         self.sparkplug: Any = None
         if self.cfg.sparkplug:
@@ -127,7 +130,7 @@ class MqttSource(Source):
             return
         self.sparkplug = SparkplugHost(self.cfg.sparkplug_host_id)
         self._sp_decoder = _SparkplugDecoder(self.sparkplug)
-        c = self._make_client(f"{self.cfg.client_id}-spb", persistent=False)
+        c = self._make_client(f"{self.client_id}-spb", persistent=False)
         ts = int(time.time() * 1000)
         c.will_set(self.sparkplug.state_topic, self.sparkplug.death_state_payload(ts), qos=1, retain=True)
         c.on_connect = self._on_sp_connect
