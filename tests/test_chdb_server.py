@@ -222,6 +222,37 @@ def test_settings_apply_to_their_request_only(ch_client: Any) -> None:
     assert ch_client.command("SELECT 2") == 2  # a failed SET leaves the engine usable
 
 
+def test_concurrent_clients_keep_their_own_settings(chdb_server: Any, readings: str) -> None:
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        client = clickhouse_connect.get_client(dsn=chdb_server.url)
+        try:
+            for i in range(15):
+                mine = 1000 + 100 * k + i
+                got = client.command("SELECT getSetting('max_block_size')", settings={"max_block_size": mine})
+                if got != mine:
+                    errors.append(f"client {k}: max_block_size {got}, expected {mine}")
+                token = {"insert_deduplication_token": f"w{k}-{i % 5}"}  # each batch sent three times
+                client.insert(readings, make_rows(10, start=1000 * k + i % 5), column_names=COLUMNS, settings=token)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(k,), name=f"client-{k}") for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert not any(t.is_alive() for t in threads)
+    check = clickhouse_connect.get_client(dsn=chdb_server.url)
+    try:
+        # 4 clients x 5 distinct batches x 10 rows: the repeats were deduplicated
+        assert check.command(f"SELECT count() FROM {readings}") == 200
+    finally:
+        check.close()
+
+
 # ---------------------------------------------------------------- raw HTTP
 
 
@@ -454,12 +485,17 @@ def test_body_limit_answers_413(guarded_server: Any) -> None:
     assert raw(guarded_server, b"SELECT 3", headers=auth)[::2] == (200, b"3\n")
 
 
-def test_data_survives_sigterm_and_kill_9(spawn: Any) -> None:
+def test_data_survives_sigstop_sigterm_and_kill_9(spawn: Any) -> None:
     server = spawn.chdb()
     client = clickhouse_connect.get_client(dsn=server.url)
     client.command("CREATE DATABASE p")
     client.command(READINGS_DDL.format(db="p"))
     client.insert("p.readings", make_rows(10_000), column_names=COLUMNS)
+    server.stop()  # SIGSTOP: connections are accepted by the kernel, nothing answers
+    with pytest.raises(OSError):
+        urllib.request.urlopen(server.url + "/ping", timeout=0.5)
+    server.cont()
+    assert client.command("SELECT count() FROM p.readings") == 10_000
     client.close()
     assert server.terminate() == 0  # SIGTERM: a clean exit
     server.start()
@@ -501,6 +537,9 @@ def test_output_format_and_statements() -> None:
     assert output_format("SELECT format FROM t", "TSV") == "TSV"
     assert output_format("SELECT 1 FORMAT Native SETTINGS a = 1;", "TSV") == "Native"
     assert output_format("SELECT 'FORMAT JSON'", "TSV") == "TSV"
+    assert output_format("SELECT 1 -- FORMAT JSON", "TSV") == "TSV"
+    assert output_format("SELECT x AS format FORMAT `CSV`", "TSV") == "CSV"
+    assert output_format("SELECT (SELECT 1 FORMAT JSON)", "TSV") == "TSV"
     assert statement_count("SELECT ';'; ") == 1
     assert statement_count("SELECT 1; SELECT 2") == 2
     assert parse_set("SET a = 1, b = 'x,y', c = [1, 2];") == {"a": "1", "b": "'x,y'", "c": "[1, 2]"}

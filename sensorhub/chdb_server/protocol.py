@@ -44,6 +44,7 @@ __all__ = [
     "parse_set",
     "parse_use",
     "quote_string",
+    "scan_statements",
     "split_params",
     "statement_count",
 ]
@@ -378,16 +379,79 @@ def parse_insert_head(text: str) -> InsertHead | None:
     return None
 
 
+# A coarser tokenizer for whole statements, which may be megabytes (long IN lists):
+# runs of characters that can be neither keyword, quote, comment nor bracket are one token.
+_SCAN_RE = re.compile(
+    r"""
+    (?P<skip>[^'"`;()\[\]{}\#/\-A-Za-z_]+)
+  | (?P<comment>--[^\n]*|\#[^\n]*|/\*.*?\*/)
+  | (?P<ident>[A-Za-z_][A-Za-z0-9_$]*)
+  | (?P<quoted>`(?:[^`\\]|\\.|``)*`|"(?:[^"\\]|\\.|"")*")
+  | (?P<string>'(?:[^'\\]|\\.|'')*')
+  | (?P<other>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+
+def scan_statements(text: str, default_format: str) -> tuple[int, str]:
+    """How many statements ``text`` holds, and the format the last one's result is written in.
+
+    Statements are separated by ``;`` at the top level. The format is the
+    trailing ``FORMAT name`` clause (optionally followed by ``SETTINGS``),
+    else ``default_format``.
+    """
+    count, pending, depth = 0, False, 0
+    fmt = default_format
+    prev_format = False  # the previous top-level token was the keyword FORMAT
+    candidate = ""  # "FORMAT name" just seen; kept if the statement ends or SETTINGS follows
+    for m in _SCAN_RE.finditer(text):
+        kind = m.lastgroup
+        if kind == "comment" or (kind == "skip" and m.group().isspace()):
+            continue
+        tok = m.group()
+        if kind == "other" and tok in "([{":
+            depth += 1
+            pending, prev_format, candidate = True, False, ""
+            continue
+        if kind == "other" and tok in ")]}":
+            depth = max(0, depth - 1)
+            pending, prev_format, candidate = True, False, ""
+            continue
+        if depth:
+            continue
+        if tok == ";":
+            if candidate:
+                fmt = candidate
+            count += pending
+            pending, prev_format, candidate = False, False, ""
+            continue
+        pending = True
+        if candidate and kind == "ident" and tok.upper() == "SETTINGS":
+            fmt, candidate = candidate, ""
+        elif prev_format and kind in ("ident", "quoted"):
+            candidate = tok.strip('`"')
+        else:
+            candidate = ""
+        prev_format = kind == "ident" and tok.upper() == "FORMAT"
+    if candidate:
+        fmt = candidate
+    return count + pending, fmt
+
+
 def output_format(statement: str, default: str) -> str:
     """The format a statement's result is written in: its trailing ``FORMAT`` clause, else ``default``."""
-    toks = [t for t in _tokens(statement) if t.depth == 0]
-    found = default
-    for i in range(len(toks) - 1):
-        if toks[i].word == "FORMAT" and toks[i + 1].kind in ("ident", "quoted"):
-            after = toks[i + 2] if i + 2 < len(toks) else None
-            if after is None or after.text == ";" or after.word == "SETTINGS":
-                found = toks[i + 1].text.strip('`"')
-    return found
+    return scan_statements(statement, default)[1]
+
+
+def statement_count(text: str) -> int:
+    """How many statements ``text`` holds (``;`` at the top level separates them)."""
+    return scan_statements(text, "")[0]
+
+
+def _first_word(statement: str) -> str:
+    first = next(_tokens(statement), None)
+    return first.word if first is not None else ""
 
 
 def _statement_tokens(statement: str) -> list[_Tok]:
@@ -403,9 +467,9 @@ def parse_set(statement: str) -> dict[str, str] | None:
     ``SET ROLE`` and ``SET DEFAULT ROLE`` are not settings and return None.
     Raises :class:`ClickHouseError` (SYNTAX_ERROR) on a malformed assignment list.
     """
-    toks = _statement_tokens(statement)
-    if not toks or toks[0].word != "SET":
+    if _first_word(statement) != "SET":  # before tokenizing what may be a long statement
         return None
+    toks = _statement_tokens(statement)
     if len(toks) > 1 and toks[1].word in ("ROLE", "DEFAULT", "TRANSACTION"):
         return None
     out: dict[str, str] = {}
@@ -429,24 +493,14 @@ def parse_set(statement: str) -> dict[str, str] | None:
 
 def parse_use(statement: str) -> str | None:
     """The database of ``USE db``; None when ``statement`` is not a USE statement."""
+    if _first_word(statement) != "USE":
+        return None
     toks = _statement_tokens(statement)
     if len(toks) == 2 and toks[0].word == "USE" and toks[1].kind in ("ident", "quoted"):
         return toks[1].text.strip('`"') if toks[1].kind == "quoted" else toks[1].text
     if len(toks) == 3 and toks[0].word == "USE" and toks[1].word == "DATABASE":
         return toks[2].text.strip('`"')
     return None
-
-
-def statement_count(text: str) -> int:
-    """How many statements ``text`` holds (``;`` at the top level separates them)."""
-    count, pending = 0, False
-    for tok in _tokens(text):
-        if tok.text == ";" and tok.depth == 0:
-            count += pending
-            pending = False
-        else:
-            pending = True
-    return count + pending
 
 
 _READ_ONLY_WORDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS", "EXPLAIN", "CHECK"})

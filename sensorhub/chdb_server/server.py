@@ -37,12 +37,11 @@ from sensorhub.chdb_server.protocol import (
     compress_body,
     is_read_only,
     make_decoder,
-    output_format,
     parse_insert_head,
     parse_set,
     parse_use,
+    scan_statements,
     split_params,
-    statement_count,
 )
 
 __all__ = ["ChdbHTTPServer", "QueryRunner", "ServerConfig", "SessionStore"]
@@ -165,7 +164,8 @@ class QueryRunner:
 
         if not text.strip():
             raise ClickHouseError.of("SYNTAX_ERROR", "Empty query")
-        if statement_count(text) > 1:
+        statements, fmt = scan_statements(text, rp.default_format)
+        if statements > 1:
             raise ClickHouseError.of("SYNTAX_ERROR", "Multi-statements are not allowed")
         assignments = parse_set(text)
         if assignments is not None:
@@ -181,7 +181,6 @@ class QueryRunner:
             return Outcome(body=b""), rp.default_format
         if rp.readonly and not is_read_only(text):
             raise ClickHouseError.of("READONLY", "Cannot execute query in readonly mode")
-        fmt = output_format(text, rp.default_format)
         outcome = self.engine.query(
             text, settings=settings, database=database, params=rp.query_params, default_format=rp.default_format
         )
