@@ -10,7 +10,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.ref cimport PyObject
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
-from libc.string cimport memchr, memcmp, memcpy
+from libc.string cimport memchr, memcmp, memcpy, memset
 
 from sensorhub._ext.batch cimport ReadingBatch
 
@@ -75,12 +75,16 @@ cdef int _digits(const char* p, Py_ssize_t i, Py_ssize_t t, bint allow_minus,
     for j in range(i, t):
         if not _isdigit(p[j]):
             return 0
-    for j in range(i, t):
-        dgt = <uint64_t>(p[j] - 48)
-        if m > (UINT64_MAX_ - dgt) / 10:
-            over = True
-            break
-        m = m * 10 + dgt
+    # Up to 19 digits cannot overflow uint64; the 20th needs a check; more always overflow.
+    if t - i > 20:
+        over = True
+    else:
+        for j in range(i, t):
+            dgt = <uint64_t>(p[j] - 48)
+            if j - i == 19 and m > (UINT64_MAX_ - dgt) / 10:
+                over = True
+                break
+            m = m * 10 + dgt
     mag[0] = m
     return 2 if over else 1
 
@@ -113,6 +117,67 @@ cdef bint _is_float(const char* p, Py_ssize_t i, Py_ssize_t t) noexcept:
         if j == e0:
             return False
     return j == t
+
+
+cdef double[23] _POW10 = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
+                          1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22]
+
+
+cdef bint _fast_float(const char* p, Py_ssize_t i, Py_ssize_t t, double* out) noexcept:
+    # Exact conversion of a token already checked by _is_float when its digits
+    # form an integer of at most 2**53 and its decimal exponent is within 22:
+    # both operands are then exact doubles and one IEEE multiplication or
+    # division rounds correctly, giving the same double as the full parser.
+    cdef uint64_t m = 0
+    cdef int nd = 0, frac = 0, ex = 0, exd = 0, e
+    cdef bint neg = False, eneg = False, in_frac = False
+    cdef char c
+    cdef double v
+    if p[i] == 45:
+        neg = True
+        i += 1
+    while i < t:
+        c = p[i]
+        if c == 46:
+            in_frac = True
+        elif c == 101 or c == 69:
+            break
+        else:
+            if nd >= 19:
+                return False
+            m = m * 10 + <uint64_t>(c - 48)
+            if m:
+                nd += 1
+            if in_frac:
+                frac += 1
+        i += 1
+    if i < t:  # exponent
+        i += 1
+        if p[i] == 45:
+            eneg = True
+            i += 1
+        elif p[i] == 43:
+            i += 1
+        while i < t:
+            if exd >= 4:
+                return False
+            ex = ex * 10 + (p[i] - 48)
+            exd += 1
+            i += 1
+        if eneg:
+            ex = -ex
+    if m > 9007199254740992ULL:
+        return False
+    e = ex - frac
+    if e < -22 or e > 22:
+        return False
+    v = <double>m
+    if e >= 0:
+        v = v * _POW10[e]
+    else:
+        v = v / _POW10[-e]
+    out[0] = -v if neg else v
+    return True
 
 
 cdef inline bint _eq(const char* p, Py_ssize_t n, const char* lit, Py_ssize_t m) noexcept:
@@ -162,6 +227,8 @@ cdef double _field_value(const char* p, Py_ssize_t i, Py_ssize_t t) except? -1.0
         return <double>mag
     if not _is_float(p, i, t):
         raise SyntaxError_("bad field value", i)
+    if _fast_float(p, i, t, &f):
+        return f
     # The token is followed by ',', ' ', '\r', '\n' or the bytes object's NUL,
     # none of which can extend a number, so the conversion stops at t.
     f = PyOS_string_to_double(p + i, &endp, NULL)
@@ -189,6 +256,12 @@ cdef class Decoder:
         self._devices = {}
         self._fields = NULL
         self._fcap = 0
+        memset(self._mhash, 0, sizeof(self._mhash))
+        self._mkeys = [None] * 256
+        self._mnames = [None] * 256
+        self._dkey = None
+        self._dname = None
+        self._didx = 0
 
     def __dealloc__(self):
         free(self._fields)
@@ -248,6 +321,57 @@ cdef class Decoder:
                 self._metrics.clear()
             self._metrics[key] = name
         return <str>name
+
+    cdef Py_ssize_t _metric_index(self, ReadingBatch b, const char* p, Py_ssize_t m0,
+                                  Py_ssize_t m1, Py_ssize_t k0, Py_ssize_t k1) except -1:
+        cdef uint64_t h = 1469598103934665603ULL  # FNV-1a over measurement, NUL, field key
+        cdef Py_ssize_t j, idx, ml = m1 - m0, kl = k1 - k0
+        cdef int slot
+        cdef const char* kp
+        for j in range(m0, m1):
+            h = (h ^ <unsigned char>p[j]) * 1099511628211ULL
+        h = h * 1099511628211ULL
+        for j in range(k0, k1):
+            h = (h ^ <unsigned char>p[j]) * 1099511628211ULL
+        slot = <int>(h & 255)
+        key = self._mkeys[slot]
+        if self._mhash[slot] == h and key is not None and PyBytes_GET_SIZE(key) == ml + 1 + kl:
+            kp = PyBytes_AS_STRING(key)
+            if memcmp(kp, p + m0, <size_t>ml) == 0 and kp[ml] == 0 \
+                    and memcmp(kp + ml + 1, p + k0, <size_t>kl) == 0:
+                name = self._mnames[slot]
+                idx = self._midx[slot]
+                if idx < len(b.metrics) and b.metrics[idx] is name:
+                    return idx
+                idx = b.intern_metric(name)
+                self._midx[slot] = idx
+                return idx
+        name = self._metric_name(p, m0, m1, k0, k1)
+        key = PyBytes_FromStringAndSize(NULL, ml + 1 + kl)
+        memcpy(PyBytes_AS_STRING(key), p + m0, <size_t>ml)
+        PyBytes_AS_STRING(key)[ml] = 0
+        memcpy(PyBytes_AS_STRING(key) + ml + 1, p + k0, <size_t>kl)
+        idx = b.intern_metric(name)
+        self._mhash[slot] = h
+        self._mkeys[slot] = key
+        self._mnames[slot] = name
+        self._midx[slot] = idx
+        return idx
+
+    cdef Py_ssize_t _device_index(self, ReadingBatch b, const char* p, Py_ssize_t v0,
+                                  Py_ssize_t v1) except -1:
+        cdef Py_ssize_t idx
+        if self._dkey is not None and PyBytes_GET_SIZE(self._dkey) == v1 - v0 \
+                and memcmp(PyBytes_AS_STRING(self._dkey), p + v0, <size_t>(v1 - v0)) == 0:
+            idx = self._didx
+            if idx < len(b.devices) and b.devices[idx] is self._dname:
+                return idx
+        else:
+            self._dname = self._device_name(p, v0, v1)
+            self._dkey = PyBytes_FromStringAndSize(p + v0, v1 - v0)
+        idx = b.intern_device(self._dname)
+        self._didx = idx
+        return idx
 
     cdef Py_ssize_t c_decode(self, str topic_device, const char* p, Py_ssize_t n,
                              int64_t recv_us, ReadingBatch b, Py_ssize_t* strings) except -1:
@@ -380,7 +504,7 @@ cdef class Decoder:
                     raise SyntaxError_("trailing characters after the timestamp", i)
             # device
             if dv0 >= 0:
-                dev = b.intern_device(self._device_name(p, dv0, dv1))
+                dev = self._device_index(b, p, dv0, dv1)
             elif topic_device is not None:
                 if topic_dev < 0:
                     topic_dev = b.intern_device(topic_device)
@@ -391,7 +515,7 @@ cdef class Decoder:
             # names first, then the readings (as the twin does)
             b.reserve(nf)
             for j in range(nf):
-                x = b.intern_metric(self._metric_name(p, m0, m1, self._fields[j].k0, self._fields[j].k1))
+                x = self._metric_index(b, p, m0, m1, self._fields[j].k0, self._fields[j].k1)
                 self._fields[j].k0 = x
             for j in range(nf):
                 b.push(<uint32_t>dev, <uint32_t>self._fields[j].k0, ts_us, self._fields[j].v,

@@ -369,3 +369,45 @@ def test_cython_and_twin_agree(payload: bytes, device: str | None) -> None:
     assert _outcome(lineproto_c, batch_c, payload, device) == _outcome(
         lineproto_py, batch_py, payload, device
     )
+
+
+@pytest.mark.skipif(lineproto_c is None, reason="Cython extension not built")
+@settings(max_examples=500, deadline=None)
+@given(
+    tok=st.from_regex(
+        r"\A-?(?:[0-9]{1,25}(?:\.[0-9]{0,25})?|\.[0-9]{1,25})(?:[eE][+-]?[0-9]{1,5})?\Z"
+    )
+)
+def test_float_values_are_correctly_rounded(tok: str) -> None:
+    """The Cython fast path for short decimals gives the same double as the full parser."""
+    want = float(tok)
+    payload = f"m v={tok}".encode()
+    if not math.isfinite(want):
+        with pytest.raises(InvalidValue):
+            decode((lineproto_c, batch_c), payload)
+        return
+    (row,) = decode((lineproto_c, batch_c), payload)
+    assert math.copysign(1.0, row[3]) == math.copysign(1.0, want)
+    assert row[3] == want
+
+
+def test_many_names_across_batches_clear_and_rollback(impl: tuple[Any, Any]) -> None:
+    """Name caches stay right when names outnumber them and batches are cleared or rolled back."""
+    mod, bmod = impl
+    d = mod.Decoder()
+    batch = bmod.ReadingBatch()
+    for rnd in range(3):
+        for k in range(0, 600, 50):
+            lines = [f"m{j % 7},device=d{j % 300} f{j}={j}i" for j in range(k, k + 50)]
+            assert d.decode("t", "\n".join(lines).encode(), RECV_NS, batch) == 50
+            with pytest.raises(SyntaxError_):
+                d.decode("t", f"new{k} x=1\nbad".encode(), RECV_NS, batch)
+        rows = batch.rows()
+        assert [(r["device"], r["metric"], r["value"]) for r in rows] == [
+            (f"d{j % 300}", f"m{j % 7}.f{j}", float(j)) for j in range(600)
+        ], rnd
+        # round 0 goes on in the cleared batch, round 1 in a new one
+        if rnd == 0:
+            batch.clear()
+        else:
+            batch = bmod.ReadingBatch()
