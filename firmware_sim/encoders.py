@@ -33,6 +33,7 @@ __all__ = [
     "SparkplugMetric",
     "corrupt_frame",
     "encode_frame",
+    "encode_frame_columns",
     "encode_ilp_line",
     "encode_json_array",
     "encode_json_multi",
@@ -114,6 +115,42 @@ def encode_frame(
             raise ValueError(f"quality {r.quality} is not 0, 1 or 2")
         parts.append(rs.pack(r.metric_id, r.ts_delta_us, r.quality, r.value))
     body = b"".join(parts)
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+_FAST: dict[tuple[int, int, bool], struct.Struct] = {}
+
+
+def encode_frame_columns(
+    device_id: bytes,
+    frame_seq: int,
+    base_ts_us: int,
+    metric_ids: Sequence[int],
+    qualities: Sequence[int],
+    values: Sequence[float],
+    *,
+    float32: bool = False,
+) -> bytes:
+    """:func:`encode_frame` for the simulator's hot path: one ``struct`` call per frame.
+
+    Reading ``i`` has ts_delta ``i``. The caller guarantees a valid device id,
+    qualities in 0..2 and at most 1024 readings; the output equals
+    :func:`encode_frame` of the same readings (a property test holds them equal).
+    """
+    n = len(values)
+    key = (len(device_id), n, float32)
+    st = _FAST.get(key)
+    if st is None:
+        st = struct.Struct(f"<2sBBB{len(device_id)}sIqH" + ("HIBf" if float32 else "HIBd") * n)
+        if len(_FAST) < 4096:  # bounded: a few id lengths times a few message sizes
+            _FAST[key] = st
+    args: list[object] = [
+        FRAME_MAGIC, FRAME_VERSION, FLAG_FLOAT32 if float32 else 0, len(device_id), device_id,
+        frame_seq & 0xFFFFFFFF, base_ts_us, n,
+    ]
+    for i in range(n):
+        args += (metric_ids[i], i, qualities[i], values[i])
+    body = st.pack(*args)
     return body + _CRC.pack(zlib.crc32(body))
 
 

