@@ -603,3 +603,33 @@ def test_exports_are_documented() -> None:
     text = doc.read_text()
     for flag in ("--host", "--port", "--data", "--password", "--max-body-bytes"):
         assert flag in text
+
+
+def test_sigterm_during_a_long_insert_finishes_it_and_exits_0(spawn: Any) -> None:
+    server = spawn.chdb()
+    client = clickhouse_connect.get_client(dsn=server.url)
+    client.command("CREATE TABLE slow (a UInt64) ENGINE = MergeTree ORDER BY a")
+    client.close()
+    done = threading.Event()
+
+    def slow_insert() -> None:
+        try:
+            raw(server, b"INSERT INTO slow SELECT number FROM numbers(8) WHERE sleepEachRow(0.25) = 0",
+                params={"max_block_size": "8"})
+        except OSError:
+            pass  # the process may exit before the response is written; the rows count below
+        finally:
+            done.set()
+
+    t = threading.Thread(target=slow_insert, name="slow-insert")
+    t.start()
+    time.sleep(0.7)
+    assert not done.is_set()
+    assert server.terminate(timeout=20) == 0
+    t.join(10)
+    server.start()
+    client = clickhouse_connect.get_client(dsn=server.url)
+    try:
+        assert client.command("SELECT count() FROM slow") == 8
+    finally:
+        client.close()

@@ -11,7 +11,7 @@ from pathlib import Path
 from sensorhub.chdb_server.engine import Engine
 from sensorhub.chdb_server.server import ChdbHTTPServer, QueryRunner, ServerConfig, SessionStore
 from sensorhub.errors import ConfigError
-from sensorhub.service.lifecycle import Lifecycle
+from sensorhub.service.lifecycle import DEFAULT_DRAIN_S, Lifecycle
 
 __all__ = ["HELP", "add_arguments", "run", "serve"]
 
@@ -105,7 +105,8 @@ def serve(config: ServerConfig, life: Lifecycle) -> int:
     server.shutdown()
     server.server_close()
     thread.join(5.0)
-    engine.close()
+    # within systemd's stop timeout; the lifecycle's drain bound
+    engine.close(timeout_s=min(config.lock_timeout_s, DEFAULT_DRAIN_S))
     log.info("chdb-server stopped")
     return 0
 

@@ -96,6 +96,8 @@ class Engine:
                 f"The engine was busy with other statements for {self.lock_timeout_s:.0f} s",
             )
         try:
+            if self._session is None:
+                raise ClickHouseError.of("CANNOT_SCHEDULE_TASK", "The server is shutting down")
             yield
         finally:
             self._lock.release()
@@ -207,13 +209,20 @@ class Engine:
                 elapsed_s=time.perf_counter() - started,
             )
 
-    def close(self) -> None:
-        """Wait for the running statement (bounded), then close the session so everything is on disk."""
-        acquired = self._lock.acquire(timeout=self.lock_timeout_s)
+    def close(self, timeout_s: float = 20.0) -> bool:
+        """Wait up to ``timeout_s`` for the running statement, then close the session.
+
+        Returns False when a statement was still running: the session is then
+        left to the process exit (every acknowledged insert is already on disk;
+        the running one was never acknowledged).
+        """
+        if not self._lock.acquire(timeout=timeout_s):
+            log.warning("a statement still runs after %.0f s; exiting without closing the engine", timeout_s)
+            return False
         try:
             if self._session is not None:
                 self._session.close()
                 self._session = None
         finally:
-            if acquired:
-                self._lock.release()
+            self._lock.release()
+        return True
