@@ -55,7 +55,7 @@ def raw(
     path: str = "/",
 ) -> tuple[int, dict[str, str], bytes]:
     """One plain HTTP request; returns status, headers (lower-case names) and the raw body."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn = http.client.HTTPConnection(urllib.parse.urlsplit(server.url).hostname or "127.0.0.1", server.port, timeout=30)
     try:
         url = path + ("?" + urllib.parse.urlencode(params) if params else "")
         conn.request(method or ("POST" if body is not None else "GET"), url, body=body, headers=headers or {})
