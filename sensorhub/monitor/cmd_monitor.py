@@ -124,7 +124,12 @@ def _live(col: StateCollector, refresh: float, exit_after: float) -> int:
     started = time.monotonic()
 
     def frame() -> Any:
-        w, h = console.size
+        # measure the terminal at every frame (a COLUMNS exported at start would pin the size)
+        try:
+            w, h = os.get_terminal_size(sys.stdout.fileno())
+            console.size = (w, h)
+        except OSError:
+            w, h = console.size
         return render(col.collect(), width=w, height=h, sort=SORTS[sort_i], focus=focus)
 
     with _cbreak(fd) as tty_keys, Live(

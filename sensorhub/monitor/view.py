@@ -85,7 +85,7 @@ def _header(st: dict[str, Any], sort: str, focus: str | None) -> RenderableType:
     v = st["verdict"]
     t = Text(no_wrap=True, overflow="ellipsis")
     t.append("sensorhub ", style="bold")
-    t.append(datetime.fromtimestamp(st["time"], UTC).strftime("%H:%M:%S UTC"))
+    t.append(datetime.fromtimestamp(st["time"], UTC).strftime("%H:%M:%SZ"))
     for name, peer in (("redis", st["redis"]), ("clickhouse", st["clickhouse"])):
         t.append(f"  {name} ")
         t.append("● up" if peer["ok"] else "● DOWN", style="green" if peer["ok"] else "bold red")
