@@ -221,13 +221,15 @@ def _publish_procs(args: argparse.Namespace, truth: Path, argv: list[str]) -> di
         p.unlink()
     tmp.rmdir()
     merged: dict[str, Any] = {}
-    for key in ("published", "published_messages", "sent_messages", "unacked_messages",
+    for key in ("published", "birth_readings", "published_messages", "sent_messages", "unacked_messages",
                 "dead_letters_sent", "duplicates_sent", "reconnects", "deaths", "cpu_s", "devices"):
         merged[key] = sum(r[key] for r in results)
     merged["elapsed_s"] = max(r["elapsed_s"] for r in results)
     merged["start_unix_us"] = min(r["start_unix_us"] for r in results)
     merged["end_unix_us"] = max(r["end_unix_us"] for r in results)
-    merged["achieved_rate"] = round(merged["published"] / max(merged["elapsed_s"], 1e-9), 1)
+    merged["achieved_rate"] = round(
+        (merged["published"] - merged["birth_readings"]) / max(merged["elapsed_s"], 1e-9), 1
+    )
     pm = merged["published_messages"]
     merged["cpu_us_per_message"] = round(merged["cpu_s"] / pm * 1e6, 2) if pm else None
     merged["truth_full"] = summary["full"]
@@ -291,7 +293,7 @@ def cmd_loadtest(args: argparse.Namespace, argv: list[str]) -> int:
         client.close()
     result["achieved_rate"] = pub["achieved_rate"]
     result["target_rate"] = args.rate
-    for k in ("published_messages", "sent_messages", "elapsed_s", "cpu_s", "cpu_us_per_message",
+    for k in ("birth_readings", "published_messages", "sent_messages", "elapsed_s", "cpu_s", "cpu_us_per_message",
               "dead_letters_sent", "duplicates_sent", "reconnects", "deaths", "unacked_messages"):
         result[k] = pub.get(k)
     if not args.truth:

@@ -90,7 +90,13 @@ def metric_names(fmt: str, dictionary: dict[int, str] | None = None) -> list[str
         return [d.get(m.metric_id, f"m{m.metric_id}") for m in METRICS]
     if fmt == "ilp":
         return [f"{ILP_MEASUREMENT}.{m.name}" for m in METRICS]
+    if fmt == "sparkplug":
+        # Births also carry these two node metrics, and a host stores them as readings.
+        return [m.name for m in METRICS] + list(SPARKPLUG_NODE_METRICS)
     return [m.name for m in METRICS]
+
+
+SPARKPLUG_NODE_METRICS = ("bdSeq", "Node Control/Rebirth")
 
 
 ILP_MEASUREMENT = "line"
@@ -133,6 +139,7 @@ class Message:
     payload: bytes
     readings: list[tuple[int, int, int, float]]
     fault: str | None = None
+    birth: bool = False
 
 
 @dataclass(slots=True)
@@ -328,21 +335,29 @@ class Device:
     def sparkplug_birth(self) -> Message:
         """NBIRTH: bdSeq, ``Node Control/Rebirth`` and every metric with its name, alias and value.
 
-        Births are not counted as published readings (they restate current
-        values; whether a host stores them is its choice), so the message
-        carries no truth rows. Its timestamp is kept off the data timestamps.
+        A host stores a birth's numeric and boolean metrics as readings (the
+        spec makes them readings), so the birth's rows are part of the truth:
+        ``bdSeq`` and ``Node Control/Rebirth`` (0) included. Its timestamp is
+        kept off every data timestamp.
         """
         self.sp_seq = 0
         base = self._next_ts(1, None)
         ts_ms = self._ms_after(base)
+        n = len(METRICS)
         metrics = [
             SparkplugMetric("bdSeq", None, ts_ms, SP_INT64, self.bd_seq),
             SparkplugMetric("Node Control/Rebirth", None, ts_ms, SP_BOOLEAN, False),
         ]
+        rows: list[tuple[int, int, int, float]] = [
+            (n, ts_ms * 1000, SEQ_UNKNOWN, float(self.bd_seq)),
+            (n + 1, ts_ms * 1000, SEQ_UNKNOWN, 0.0),
+        ]
         for m, spec in enumerate(METRICS):
-            metrics.append(SparkplugMetric(spec.name, m + 1, ts_ms, SP_DOUBLE, self._value(m, ts_ms / 1000)))
+            v = self._value(m, ts_ms / 1000)
+            metrics.append(SparkplugMetric(spec.name, m + 1, ts_ms, SP_DOUBLE, v))
+            rows.append((m, ts_ms * 1000, SEQ_UNKNOWN, v))
         payload = encode_sparkplug(ts_ms, self._sp_seq(), metrics)
-        return Message(self.index, self.sparkplug_topic("NBIRTH"), payload, [])
+        return Message(self.index, self.sparkplug_topic("NBIRTH"), payload, rows, birth=True)
 
     def _ms_after(self, ts_us: int) -> int:
         """A millisecond timestamp not earlier than ``ts_us`` and after every one used before."""

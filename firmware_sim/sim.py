@@ -112,9 +112,10 @@ class SimConfig:
 
 @dataclass
 class RunStats:
-    """What a run did; ``published`` counts readings that count as published."""
+    """What a run did; ``published`` counts readings that count as published (births included)."""
 
     published: int = 0
+    birth_readings: int = 0
     published_messages: int = 0
     sent_messages: int = 0
     unacked_messages: int = 0
@@ -130,8 +131,8 @@ class RunStats:
 
     @property
     def achieved_rate(self) -> float:
-        """Published readings per second over the publishing time."""
-        return self.published / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        """Published data readings (births left out) per second over the publishing time."""
+        return (self.published - self.birth_readings) / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -220,8 +221,12 @@ class Simulator:
         if msg is not None and msg.readings:
             st.published_messages += 1
             st.published += len(msg.readings)
-            sec = int(time.monotonic() - self._t0)
-            self._second_counts[sec] = self._second_counts.get(sec, 0) + len(msg.readings)
+            if msg.birth:
+                # Birth readings are in the truth but not part of the rate.
+                st.birth_readings += len(msg.readings)
+            else:
+                sec = int(time.monotonic() - self._t0)
+                self._second_counts[sec] = self._second_counts.get(sec, 0) + len(msg.readings)
             self.truth.add(
                 msg.device,
                 self.metric_maps[msg.device],
@@ -374,11 +379,16 @@ class Simulator:
             if rule == "bad-quality" and not msg.readings:
                 rule = "crc"
             return Message(d.index, msg.topic, corrupt_frame(msg.payload, rule), [], fault=rule)
+        # Each invalid payload is derived from the real one so that no two are
+        # alike (a store keyed on the payload would fold identical ones).
         if d.fmt == "json":
             return Message(d.index, msg.topic, msg.payload[:-1] + b",", [], fault="json syntax")
         if d.fmt == "ilp":
-            return Message(d.index, msg.topic, b"line,device=" + d.device_id.encode() + b" temp_c=", [], fault="ilp syntax")
-        return Message(d.index, msg.topic, b"\xff\xff\xff", [], fault="protobuf")
+            head, _, rest = msg.payload.partition(b" ")
+            ts = rest.rsplit(b" ", 1)[-1].split(b"\n")[0]
+            return Message(d.index, msg.topic, head + b" temp_c= " + ts, [], fault="ilp syntax")
+        # A protobuf field key whose varint never ends.
+        return Message(d.index, msg.topic, msg.payload + b"\xff", [], fault="protobuf")
 
     # ------------------------------------------------------------ the run
 

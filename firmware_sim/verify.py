@@ -13,6 +13,8 @@ Numbers (all counted in readings):
 - ``distinct``: ``uniqExact((device, metric, ts, seq))`` over the same rows.
 - ``lost``: published readings with no stored row.
 - ``duplicated``: ``stored - distinct``.
+- ``extra``: distinct stored keys the truth does not hold (``distinct - (published - lost)``),
+  e.g. a message whose PUBACK never came back although the broker took it.
 - ``mismatched``: published readings whose stored value differs (NaN equals NaN).
 - latency: ``inserted - ts`` of each published reading's first stored copy
   (the simulator stamps ts at send time; skewed clocks are left out).
@@ -111,6 +113,8 @@ def verify(
         result.update(_verify_full(client, summary, chunks, db, where, params))
     else:
         result.update(_verify_counts(client, summary, db, where, params))
+    if result.get("lost") is not None:
+        result["extra"] = distinct - (published - int(result["lost"]))
     if dead_letters and summary.get("dead_letters"):
         result["dead_letters_expected"] = sum(summary["dead_letters"].values())
         result["dead_letters_stored"] = _dead_letters(client, summary, db)

@@ -358,8 +358,12 @@ def test_sparkplug_birth_data_and_death() -> None:
     cls = sparkplug_payload_class()
     d = _devices("sparkplug", 1)[0]
     d.bd_seq = 4
-    birth = cls.FromString(d.sparkplug_birth().payload)
+    birth_msg = d.sparkplug_birth()
+    birth = cls.FromString(birth_msg.payload)
     assert birth.seq == 0
+    # The birth's readings are in the truth: eight metrics, bdSeq and Rebirth.
+    assert sorted(d.names[m] for m, _t, _s, _v in birth_msg.readings) == sorted(d.names)
+    assert {ts for _m, ts, _s, _v in birth_msg.readings} == {birth.timestamp * 1000}
     names = {m.name: m for m in birth.metrics}
     assert names["bdSeq"].long_value == 4
     aliases = {m.alias: m.name for m in birth.metrics if m.HasField("alias")}

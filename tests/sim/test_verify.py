@@ -163,6 +163,7 @@ def test_verify_counts_loss_duplicates_and_mismatches(
     assert result["stored"] == len(rows) - len(lost) + n_dup
     assert result["lost"] == len(lost)
     assert result["duplicated"] == n_dup
+    assert result["extra"] == 0
     if full:
         assert result["mismatched"] == len(changed)
         # Every reading's first copy was inserted 50 ms after its ts.
@@ -184,6 +185,7 @@ def test_verify_clean_run_is_clean(ch_client: Any, ch_database: str, tmp_path: P
     _store(ch_client, rows, latency_us=10_000)
     r = verify(ch_client, truth, database=ch_database)
     assert (r["published"], r["stored"], r["lost"], r["duplicated"], r["mismatched"]) == (900, 900, 0, 0, 0)
+    assert r["extra"] == 0
     # No dead_letters table in this database: reported as unknown, not as zero.
     assert r["dead_letters_expected"] == 1 and r["dead_letters_stored"] is None
 
