@@ -1,0 +1,134 @@
+"""The Prometheus exporter against real Redis with snapshots from real Metrics objects, scraped over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sensorhub.metrics.prometheus import serve
+from sensorhub.service.daemons import free_port
+from tests.monitor.conftest import LAYOUT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            out.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
+    return out
+
+
+def _one(m: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float:
+    hits = [v for lab, v in m.get(name, []) if all(lab.get(k) == want for k, want in labels.items())]
+    assert len(hits) == 1, (name, labels, m.get(name))
+    return hits[0]
+
+
+@pytest.fixture
+def exporter(redis_client: Any) -> Iterator[str]:
+    server = serve(redis_client, LAYOUT, "127.0.0.1", 0)
+    yield f"http://127.0.0.1:{server.server_port}/metrics"
+    server.shutdown()
+    server.server_close()
+
+
+def test_scrape_has_every_family(fleet: dict[str, Any], exporter: str) -> None:
+    m = _scrape(exporter)
+    ing, okx, stale, wr = (fleet[k].process for k in ("ingest", "okx", "stale", "writer"))
+    assert _one(m, "sensorhub_process_up", process=okx) == 1
+    assert _one(m, "sensorhub_exporter_redis_up") == 1
+    # processes: live and stale
+    assert _one(m, "sensorhub_process_up", process=ing) == 1
+    assert _one(m, "sensorhub_process_up", process=stale) == 0
+    assert _one(m, "sensorhub_process_heartbeat_age_seconds", process=stale) > 25
+    assert _one(m, "sensorhub_process_resident_memory_bytes", process=wr) > 1e6
+    assert _one(m, "sensorhub_rate_per_second", process=ing, counter="readings") > 0
+    # sources
+    assert _one(m, "sensorhub_source_readings_total", process=ing, source="line-1") == 880
+    assert _one(m, "sensorhub_source_dead_letters_total", source="line-1") == 2
+    assert _one(m, "sensorhub_source_trades_total", source="okx") == 35
+    assert _one(m, "sensorhub_source_connected", source="okx") == 1
+    assert _one(m, "sensorhub_source_last_message_age_seconds", source="okx") == pytest.approx(0.4)
+    assert _one(m, "sensorhub_source_reconnects_total", source="line-1") == 1
+    assert _one(m, "sensorhub_source_gaps_total", source="okx", kind="trades") == 2
+    assert _one(m, "sensorhub_source_redis_ok", source="line-1") == 1
+    # writer
+    assert _one(m, "sensorhub_writer_rows_total", process=wr) == 750
+    assert _one(m, "sensorhub_writer_retries_total", consumer="writer-1") == 1
+    assert _one(m, "sensorhub_writer_lag_seconds", consumer="writer-1") == 9
+    assert _one(m, "sensorhub_writer_lag_alert", consumer="writer-1") == 1
+    assert _one(m, "sensorhub_writer_clickhouse_up", consumer="writer-1") == 1
+    assert _one(m, "sensorhub_writer_batch_rows", consumer="writer-1") == 300
+    # latency per hop and quantile, in seconds
+    assert _one(m, "sensorhub_hop_latency_seconds", hop="read_to_insert", quantile="0.99") == pytest.approx(
+        0.004, rel=0.01)
+    assert _one(m, "sensorhub_hop_latency_seconds", hop="recv_to_decode", quantile="0.5", source="line-1") == (
+        pytest.approx(0.0015, rel=0.01))
+    assert _one(m, "sensorhub_hop_latency_max_seconds", hop="insert") == pytest.approx(0.003, rel=0.01)
+    assert _one(m, "sensorhub_hop_latency_observations_total", hop="insert") == 3
+    # streams, read with XINFO at scrape time
+    s0 = LAYOUT.readings(0)
+    assert _one(m, "sensorhub_stream_length", stream=s0) == 2
+    assert _one(m, "sensorhub_stream_length", stream=LAYOUT.dlq) == 1
+    assert _one(m, "sensorhub_stream_pending_entries", stream=s0, group="writers") == 1
+    assert _one(m, "sensorhub_stream_lag_entries", stream=s0, group="writers") == 1
+    assert _one(m, "sensorhub_stream_lag_seconds", stream=s0, group="writers") < 60
+    assert _one(m, "sensorhub_stream_consumers", stream=s0, group="writers") == 1
+
+
+def test_scrape_follows_new_snapshots(fleet: dict[str, Any], redis_client: Any, exporter: str) -> None:
+    w = fleet["writer"]
+    w.inc("rows", 250)
+    w.set("lag_alert", False)
+    w.publish(redis_client, LAYOUT.metrics_key(w.process), 30)
+    m = _scrape(exporter)
+    assert _one(m, "sensorhub_writer_rows_total", consumer="writer-1") == 1000
+    assert _one(m, "sensorhub_writer_lag_alert", consumer="writer-1") == 0
+
+
+def test_redis_down_is_a_metric_not_an_error() -> None:
+    import redis
+
+    server = serve(redis.Redis(port=free_port(), socket_connect_timeout=1), LAYOUT, "127.0.0.1", 0)
+    try:
+        m = _scrape(f"http://127.0.0.1:{server.server_port}/metrics")
+        assert _one(m, "sensorhub_exporter_redis_up") == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_metrics_exporter_command(fleet: dict[str, Any], redis_server: Any, wait_until: Any) -> None:
+    port = free_port()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "sensorhub", "metrics-exporter", "--redis", redis_server.url, "--port", str(port),
+         "--exit-after", "30"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == f"serving http://127.0.0.1:{port}/metrics"
+        m = _scrape(f"http://127.0.0.1:{port}/metrics")
+        assert _one(m, "sensorhub_source_readings_total", source="line-1") == 880
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        if p.stdout is not None:
+            p.stdout.close()
