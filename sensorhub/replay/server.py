@@ -15,6 +15,13 @@ it has sent N frames (at most ``drops`` times in all); the recorded
 connection then resumes ``overlap`` frames before the drop point on the
 client's next connection, so the client sees duplicates as after a real reconnect.
 
+Venue particulars: a frame by which the venue asks the client to reconnect
+(:meth:`Venue.is_reconnect_request`, e.g. Bitstamp ``bts:request_reconnect``)
+ends the sending on that connection; the recording resumes right after it on
+the client's next connection. REST requests are first offered to
+:meth:`Venue.replay_http_response` (KuCoin's token, which must name this
+server), then answered from the capture.
+
 Subscription check (lenient by default): every key the client asks for
 (:meth:`Venue.subscription_keys`) that the recording never subscribed to is
 logged and listed in ``stats.subscribe_mismatches``; with ``strict=True`` the
@@ -43,6 +50,8 @@ log = logging.getLogger(__name__)
 
 MAX_PACE_GAP_S = 30.0  # a recorded silence longer than this is shortened (before speed scaling)
 MAX_HTTP_REQUEST_BYTES = 1 << 20
+MAX_LOGGED = 10_000  # bound on the client messages and request targets kept in the stats
+RECONNECT_WAIT_S = 5.0  # after a reconnect request, how long the client gets to close
 
 
 @dataclass
@@ -57,6 +66,10 @@ class ReplayStats:
     http_requests: int = 0
     subscribe_mismatches: list[str] = field(default_factory=list)
     client_keys: set[str] = field(default_factory=set)
+    reconnect_requests: int = 0  # reconnect requests sent, after which the client closed
+    client_log: list[str | bytes] = field(default_factory=list)  # client messages, in order (bounded)
+    ws_targets: list[str] = field(default_factory=list)  # path and query of each WebSocket connection
+    http_targets: list[str] = field(default_factory=list)  # "METHOD target" of each REST request
 
 
 @dataclass
@@ -90,6 +103,7 @@ class ReplayServer:
         strict: bool = False,
         subscribe_wait_s: float = 2.0,
         close_at_end: bool = False,
+        heartbeat_interval_s: float = 18.0,
     ) -> None:
         if speed is not None and speed <= 0:
             raise ValueError("speed must be positive (None: as fast as possible)")
@@ -97,7 +111,9 @@ class ReplayServer:
         self.venue = venue
         self.host = host
         self.port = port
-        self.http_port = http_port if capture.http else None
+        # REST only when there is something to answer: recorded exchanges or a venue's own (KuCoin's token).
+        answers_rest = venue is not None and type(venue).replay_http_response is not Venue.replay_http_response
+        self.http_port = http_port if (capture.http or answers_rest) else None
         self.speed = speed
         self.drop_after = drop_after
         self.drops_left = drops if drop_after else 0
@@ -105,7 +121,9 @@ class ReplayServer:
         self.strict = strict
         self.subscribe_wait_s = subscribe_wait_s
         self.close_at_end = close_at_end
+        self.heartbeat_interval_s = heartbeat_interval_s
         self.stats = ReplayStats()
+        self._http_count = 0
         self.all_sent = asyncio.Event()
         self._states = [_ConnState(c) for c in capture.connections]
         for st in self._states:
@@ -143,6 +161,16 @@ class ReplayServer:
         return f"ws://{self.host}:{self.port}"
 
     @property
+    def served_done(self) -> bool:
+        """True once a connection was given out and every one given out was sent to its end.
+
+        (``all_sent`` needs every recorded connection; a trade feed takes only
+        its own, e.g. one of Kraken's three.)
+        """
+        served = [s for s in self._states if s.next_index > 0 or s.finished]
+        return bool(served) and all(s.finished for s in served)
+
+    @property
     def http_url(self) -> str | None:
         """``http://host:port`` of the REST replay, or None when the capture has none."""
         return None if self.http_port is None else f"http://{self.host}:{self.http_port}"
@@ -177,6 +205,8 @@ class ReplayServer:
     async def _handle(self, ws: ServerConnection) -> None:
         self.stats.connections += 1
         path = ws.request.path if ws.request is not None else "/"
+        if len(self.stats.ws_targets) < MAX_LOGGED:
+            self.stats.ws_targets.append(path)
         first = asyncio.Event()
         first_msg: list[str | bytes] = []
         current: list[_ConnState] = []  # the recorded connection this client is given, once chosen
@@ -230,6 +260,8 @@ class ReplayServer:
     ) -> None:
         try:
             async for msg in ws:
+                if len(self.stats.client_log) < MAX_LOGGED:
+                    self.stats.client_log.append(msg)
                 reply = self.venue.pong_for(msg) if self.venue is not None else None
                 if reply is not None:
                     self.stats.pings_answered += 1
@@ -249,6 +281,8 @@ class ReplayServer:
         start = state.next_index
         sent = 0
         prev_ts: float | None = None
+        venue = self.venue
+        watch_reconnects = venue is not None and venue.honours_reconnect_requests
         for i in range(start, len(recs)):
             r = recs[i]
             if r.kind != "recv":
@@ -262,6 +296,15 @@ class ReplayServer:
             sent += 1
             self.stats.frames_sent += 1
             state.next_index = i + 1
+            if watch_reconnects and venue is not None and i + 1 < len(recs):
+                raw = r.data if isinstance(r.data, bytes) else r.data.encode()
+                if venue.is_reconnect_request(raw):
+                    # The venue hands the client over to a new connection; the recording goes on there.
+                    self.stats.reconnect_requests += 1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ws.wait_closed(), RECONNECT_WAIT_S)
+                    await ws.close()
+                    return
             if self.drop_after and self.drops_left > 0 and sent >= self.drop_after and i + 1 < len(recs):
                 self.drops_left -= 1
                 self.stats.drops += 1
@@ -292,7 +335,18 @@ class ReplayServer:
 
     # ---- HTTP
 
-    def _http_body(self, target: str) -> str | None:
+    def _http_body(self, method: str, target: str) -> str | None:
+        self._http_count += 1
+        recorded = self._recorded_body(target)
+        if self.venue is not None:
+            body = self.venue.replay_http_response(
+                method, target, self.ws_url, recorded, self._http_count, self.heartbeat_interval_s
+            )
+            if body is not None:
+                return body
+        return recorded
+
+    def _recorded_body(self, target: str) -> str | None:
         want = urlsplit(target)
         by_path = None
         for ex in self.capture.http:
@@ -307,7 +361,7 @@ class ReplayServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             lines = head.decode("latin-1").split("\r\n")
-            _method, target, _version = lines[0].split(" ", 2)
+            method, target, _version = lines[0].split(" ", 2)
             length = 0
             for h in lines[1:]:
                 name, _, value = h.partition(":")
@@ -318,7 +372,9 @@ class ReplayServer:
             if length:
                 await asyncio.wait_for(reader.readexactly(length), 10)
             self.stats.http_requests += 1
-            body = self._http_body(target)
+            if len(self.stats.http_targets) < MAX_LOGGED:
+                self.stats.http_targets.append(f"{method} {target}")
+            body = self._http_body(method, target)
             status = "200 OK" if body is not None else "404 Not Found"
             data = (body if body is not None else '{"error":"not in capture"}').encode()
             writer.write(

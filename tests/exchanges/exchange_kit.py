@@ -23,7 +23,20 @@ SYMBOLS = {
     "COINBASE": ["BTC-USD", "ETH-USD"],
     "KRAKEN": ["KSM-BTC", "XMR-USD", "ETH-CHF", "OMG-USD", "GRT-ETH", "WAVES-EUR", "ADA-BTC", "BTC-CHF", "SC-EUR", "OCEAN-BTC"],
     "BYBIT": ["BTC-USDT-PERP", "ETH-USDT-PERP", "SOL-USDT-PERP", "DOGE-USDT-PERP"],
+    "BITFINEX": ["BFT-USD", "IOT-ETH", "DOG-USD", "MNA-BTC", "ODE-USD", "TESTBTC-TESTUSD", "SNG-USD"],
+    "BITSTAMP": ["SGB-EUR", "ETH-USD", "XRP-EUR", "BAT-EUR", "USDT-EUR", "USDT-USD", "XLM-GBP", "ADA-EUR", "BAT-BTC",
+                 "GALA-EUR"],
+    "GEMINI": ["BTC-USD", "BTC-EUR", "BTC-GBP", "BTC-USDT", "ETH-USD", "ETH-USDT", "SOL-USD", "BTC-USDC-PERP",
+               "ETH-USDC-PERP", "SOL-USDC-PERP"],
+    "KUCOIN": ["EQZ-BTC", "ANKR-BTC", "SNX-BTC", "FET-BTC", "BSV-USDT", "NRG-BTC", "CAPP-BTC", "DAPPT-BTC", "COV-BTC",
+               "LTX-USDT"],
+    "GATEIO": ["INK-USDT", "HAI-ETH", "BTC-USDC", "NANO-USDT", "QTUM3S-USDT", "DIS-USDT", "NEO-BTC", "FAST-USDT",
+               "ZKS-ETH", "OMG-USDT"],
+    "HUOBI": ["TRIO-ETH", "BOR-USDT", "OMG-BTC", "XVG-ETH", "YFI-HUSD", "ZEN-ETH", "DOGE-ETH", "FIL3S-USDT", "PROPY-ETH",
+              "NEST-ETH"],
 }
+#: Driver name of a capture's venue where it is not the capture's name in lower case.
+DRIVERS = {"HUOBI": "htx"}
 OPTIONS: dict[str, dict[str, Any]] = {"BINANCE": {"stream": "aggTrade"}}
 
 _cache: dict[str, Capture] = {}
@@ -39,16 +52,27 @@ def capture(exchange: str) -> Capture:
     return _cache[exchange]
 
 
+def driver(exchange: str) -> str:
+    """The source driver of a capture's venue (``HUOBI`` -> ``htx``)."""
+    return DRIVERS.get(exchange, exchange.lower())
+
+
 def make_source(exchange: str, endpoint: str, **options: Any) -> ExchangeSource:
     """A real source for the capture's venue, pointed at ``endpoint``."""
     opts = {**OPTIONS.get(exchange, {}), "backoff_initial_s": 0.05, "backoff_max_s": 0.2, **options}
-    settings = SourceSettings(driver=exchange.lower(), symbols=tuple(SYMBOLS[exchange]), endpoint=endpoint, options=opts)
-    return ExchangeSource(f"test-{exchange.lower()}", exchange.lower(), settings, max_inflight_frames=10_000)
+    name = driver(exchange)
+    settings = SourceSettings(driver=name, symbols=tuple(SYMBOLS[exchange]), endpoint=endpoint, options=opts)
+    return ExchangeSource(f"test-{name}", name, settings, max_inflight_frames=10_000)
+
+
+def replay_options(exchange: str, server: ReplayServer) -> dict[str, Any]:
+    """Options pointing a source's pre-connect REST step at the replay server (KuCoin's ``rest_url``)."""
+    return {"rest_url": server.http_url} if "rest_url" in VENUES[driver(exchange)].options else {}
 
 
 def server_venue(exchange: str) -> Any:
     """A venue instance for the replay server's heartbeat answers and subscription checks."""
-    return VENUES[exchange.lower()](SYMBOLS[exchange], OPTIONS.get(exchange))
+    return VENUES[driver(exchange)](SYMBOLS[exchange], OPTIONS.get(exchange))
 
 
 def pump(

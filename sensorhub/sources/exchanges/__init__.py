@@ -7,10 +7,24 @@ Importing this package registers every venue below under its name (the
 
 from __future__ import annotations
 
-from sensorhub.sources.exchanges import binance, bybit, coinbase, kraken, okx
+from sensorhub.sources.exchanges import (
+    binance,
+    bitfinex,
+    bitstamp,
+    bybit,
+    coinbase,
+    gateio,
+    gemini,
+    htx,
+    kraken,
+    kucoin,
+    okx,
+)
 from sensorhub.sources.exchanges.base import VENUES, ExchangeSource, Venue, register_venue
 
 __all__ = ["VENUES", "ExchangeSource", "Venue", "register_venue", "venue_modules"]
 
 #: The venue modules shipped here, by registry name.
-venue_modules = {m.VENUE.name: m for m in (binance, bybit, coinbase, kraken, okx)}
+venue_modules = {
+    m.VENUE.name: m for m in (binance, bitfinex, bitstamp, bybit, coinbase, gateio, gemini, htx, kraken, kucoin, okx)
+}

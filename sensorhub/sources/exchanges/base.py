@@ -235,6 +235,8 @@ class Venue:
     sequential_ids: ClassVar[bool] = False
     #: True when the server sends application pings that need an answer (:meth:`server_ping_reply`).
     answers_server_pings: ClassVar[bool] = False
+    #: True when the server may ask the client to reconnect (:meth:`is_reconnect_request`).
+    honours_reconnect_requests: ClassVar[bool] = False
     #: Venue-specific options (``sources.<name>.options``) with their defaults.
     options: ClassVar[dict[str, Any]] = {}
 
@@ -261,6 +263,9 @@ class Venue:
         self._last_seq: dict[str, int] = {}
         self._undo: list[tuple[dict[str, None], str]] = []
         self._seqs: list[tuple[str, int]] = []
+        #: Heartbeat interval the venue asked for in its pre-connect step (KuCoin's ``pingInterval``);
+        #: used instead of ``heartbeat_s`` unless the source's options set one.
+        self.heartbeat_hint_s: float | None = None
 
     # ---- what a venue module fills in
 
@@ -296,8 +301,31 @@ class Venue:
         """
         return None
 
+    def is_reconnect_request(self, payload: bytes) -> bool:
+        """True for a frame by which the server asks the client to reconnect (Bitstamp ``bts:request_reconnect``).
+
+        Called on the network thread for every frame when
+        ``honours_reconnect_requests`` is set: keep it cheap. The source then
+        closes the connection and reconnects after the shortest backoff; the frame is
+        still handed to the ingest loop.
+        """
+        return False
+
     def pong_for(self, client_message: str | bytes) -> str | bytes | None:
         """What the venue's server answers to a client heartbeat (used by the replay server)."""
+        return None
+
+    def replay_http_response(
+        self, method: str, target: str, ws_url: str, recorded: str | None, n: int, heartbeat_s: float
+    ) -> str | None:
+        """The replay server's answer to the ``n``-th REST request (from 1) for ``target``, or None.
+
+        None serves the recorded response (``recorded``; None when the
+        capture has none). A venue whose pre-connect step hands out the
+        WebSocket address (KuCoin's token) answers here so that the address
+        points at the replay server (``ws_url``) and asks for heartbeats
+        every ``heartbeat_s``.
+        """
         return None
 
     def subscription_keys(self, client_message: str | bytes) -> set[str]:
@@ -416,6 +444,11 @@ class Venue:
             # seq <= last: a late trade that was not seen before; no gap to report
         seqs.clear()
 
+    def seen(self, symbol: str, trade_id: str) -> bool:
+        """True when ``trade_id`` of ``symbol`` was emitted recently (for venues that send a trade twice)."""
+        recent = self._recent.get(symbol)
+        return recent is not None and trade_id in recent
+
     def log_venue_error(self, message: Any) -> None:
         """Count and log an error the venue reported (a well-formed message, not a bad frame)."""
         self.stats.venue_errors += 1
@@ -505,6 +538,7 @@ class ExchangeSource(Source):
             self.venue: Venue = venue_cls(settings.symbols, opts, int(src["recent_trade_ids"]))
             self.connect_timeout_s = float(src["connect_timeout_s"])
             self.stale_after_s = float(src["stale_after_s"] or venue_cls.stale_after_s)
+            self._heartbeat_configured = src["heartbeat_s"] is not None
             hb = src["heartbeat_s"] if src["heartbeat_s"] is not None else venue_cls.heartbeat_s
             self.heartbeat_s: float | None = float(hb) if hb else None
             self.max_frame_bytes = int(src["max_frame_bytes"])
@@ -526,6 +560,7 @@ class ExchangeSource(Source):
         self.stale_reconnects = 0
         self.pings_sent = 0
         self.server_pings_answered = 0
+        self.reconnect_requests = 0
         self.queue_full_waits = 0
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -578,6 +613,7 @@ class ExchangeSource(Source):
             stale_reconnects=self.stale_reconnects,
             pings_sent=self.pings_sent,
             server_pings_answered=self.server_pings_answered,
+            reconnect_requests=self.reconnect_requests,
             queue_full_waits=self.queue_full_waits,
             queued_frames=len(self.queue),
             last_trade_age_s=(now - st.last_trade_ns) / 1e9 if st.last_trade_ns else None,
@@ -677,6 +713,7 @@ class ExchangeSource(Source):
         health = self.health
         venue = self.venue
         answers = venue.answers_server_pings
+        reconnects_on_request = venue.honours_reconnect_requests
         stopping = self._stopping
         while True:
             try:
@@ -702,13 +739,22 @@ class ExchangeSource(Source):
                 while not put(frame, 0.25):
                     if stopping.is_set():
                         return
+            if reconnects_on_request and venue.is_reconnect_request(data):
+                self.reconnect_requests += 1
+                health.detail = "the venue asked for a reconnect"
+                log.info("%s: %s", self.name, health.detail)
+                return  # the session closes the socket; the reconnect waits only the shortest backoff
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
         msg = self.venue.heartbeat_message()
-        if msg is None or not self.heartbeat_s:
+        interval = self.heartbeat_s
+        hint = self.venue.heartbeat_hint_s
+        if hint and not self._heartbeat_configured:
+            interval = hint  # what the venue asked for in this connection's pre-connect step
+        if msg is None or not interval:
             return
         while True:
-            await asyncio.sleep(self.heartbeat_s)
+            await asyncio.sleep(interval)
             try:
                 await ws.send(msg)
             except ConnectionClosed:
