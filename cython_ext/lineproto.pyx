@@ -75,6 +75,8 @@ cdef int _digits(const char* p, Py_ssize_t i, Py_ssize_t t, bint allow_minus,
     for j in range(i, t):
         if not _isdigit(p[j]):
             return 0
+    while i < t - 1 and p[i] == 48:  # leading zeros add nothing
+        i += 1
     # Up to 19 digits cannot overflow uint64; the 20th needs a check; more always overflow.
     if t - i > 20:
         over = True

@@ -112,6 +112,18 @@ def test_no_device_anywhere_is_invalid(impl: tuple[Any, Any]) -> None:
     assert decode(impl, b"m,device=x v=1", device=None) == [("x", "m.v", RECV_US, 1.0, 0, 0)]
 
 
+def test_leading_zeros(impl: tuple[Any, Any]) -> None:
+    rows = decode(
+        impl,
+        b"m a=000000000000000000000000042i,b=0000000000000000000000007u,c=-00.50 00000000000000000000001337033642",
+    )
+    assert rows == [
+        ("dev1", "m.a", 1337033, 42.0, 0, 0),
+        ("dev1", "m.b", 1337033, 7.0, 0, 0),
+        ("dev1", "m.c", 1337033, -0.5, 0, 0),
+    ]
+
+
 def test_timestamp_floors_to_microseconds(impl: tuple[Any, Any]) -> None:
     rows = decode(
         impl,
