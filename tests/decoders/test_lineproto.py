@@ -423,3 +423,31 @@ def test_many_names_across_batches_clear_and_rollback(impl: tuple[Any, Any]) -> 
             batch.clear()
         else:
             batch = bmod.ReadingBatch()
+
+
+GOLDEN = (
+    b'# header\r\nweather,location=us\\ west,device=d\\,1 temperature=82,hum=5i,ok=t,s="x\\" y" '
+    b"1465839830100400200\r\n  m\\ x,t\\=k=v f\\=1=-1.5e-3,g=18446744073709551615u -1999\n"
+)
+
+
+@pytest.mark.skipif(lineproto_c is None, reason="Cython extension not built")
+def test_every_prefix_and_every_deleted_byte_agree() -> None:
+    """Boundary values: each truncation point and each one-byte deletion of a golden payload."""
+    variants = [GOLDEN[:cut] for cut in range(len(GOLDEN) + 1)]
+    variants += [GOLDEN[:i] + GOLDEN[i + 1 :] for i in range(len(GOLDEN))]
+    kinds = set()
+    for v in variants:
+        for device in ("td", None):
+            a = _outcome(lineproto_c, batch_c, v, device)
+            assert a == _outcome(lineproto_py, batch_py, v, device), v
+            kinds.add(a[0] if isinstance(a[0], type) else "ok")
+    assert {"ok", SyntaxError_, InvalidValue} <= kinds
+
+
+def test_many_fields_in_one_line(impl: tuple[Any, Any]) -> None:
+    n = 5000
+    line = b"m " + b",".join(b"f%d=%di" % (i, i) for i in range(n)) + b" 7000"
+    rows = decode(impl, line)
+    assert len(rows) == n
+    assert rows[-1] == ("dev1", f"m.f{n - 1}", 7, float(n - 1), 0, 0)
