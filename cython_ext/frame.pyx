@@ -188,7 +188,8 @@ cdef class Decoder:
             self.last_dev_idx = <uint32_t>batch.intern_device(self.last_dev)
         dev = self.last_dev_idx
         batch.reserve(count)
-        recv_us = recv_ns // 1000
+        # floor division, as the twin (cdivision would truncate toward zero)
+        recv_us = recv_ns // 1000 if recv_ns >= 0 else -((-recv_ns + 999) // 1000)
         seq0 = <uint64_t>frame_seq << 16
         r = body
         for i in range(count):

@@ -352,3 +352,10 @@ def test_property_random_bytes_same_outcome(payload: bytes) -> None:
     assert _outcome("cython", b"SH\x01" + payload, "d") == _outcome(
         "python", b"SH\x01" + payload, "d"
     )
+
+
+@pytest.mark.parametrize("recv_ns", [0, 999, 1000, -1, -1000, -1001])
+def test_recv_ns_to_us_floors(impl: Impl, recv_ns: int) -> None:
+    b = impl.batch()
+    impl.decoder.decode(None, GOLDEN, recv_ns, b)
+    assert b.column("recv_us") == [recv_ns // 1000]
