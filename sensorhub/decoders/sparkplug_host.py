@@ -18,7 +18,8 @@
   DDATA) carries the next ``seq`` of 0..255, wrapping after 255. A gap
   (``seq_gaps``) or a message before the node's birth (``data_before_birth``)
   means state may be lost: the host queues one NCMD ``Node Control/Rebirth`` =
-  true for the node (until its next NBIRTH) and goes on from the seq it saw.
+  true for the node, and another only when no NBIRTH came within
+  ``rebirth_retry_s`` (the command may be lost), and goes on from the seq it saw.
   Data that arrives before its birth is still stored when its metrics carry
   their names (see :class:`sensorhub.decoders.sparkplug_py.Decoder`).
 - NCMD, DCMD and STATE messages (other applications') are ignored.
@@ -67,6 +68,7 @@ class _Node:
     bdseq: int | None = None
     next_seq: int | None = None
     rebirth_pending: bool = False
+    rebirth_at_ns: int = 0
     devices: dict[str, _Tables] = field(default_factory=dict)
 
 
@@ -115,7 +117,8 @@ class SparkplugHost:
     ``decoder`` is a Sparkplug ``Decoder`` (the process's implementation by
     default); batches given to :meth:`on_message` must be of the same
     implementation. At most ``max_nodes`` edge nodes and ``max_devices``
-    devices per node are followed; more is :class:`CountTooLarge`.
+    devices per node are followed; more is :class:`CountTooLarge`. A rebirth
+    request unanswered for ``rebirth_retry_s`` (receive time) is sent again.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class SparkplugHost:
         max_nodes: int = 10_000,
         max_devices: int = 1_000,
         max_outgoing: int = 10_000,
+        rebirth_retry_s: float = 30.0,
     ) -> None:
         if not host_id or "/" in host_id or "+" in host_id or "#" in host_id:
             raise InvalidValue(f"host id {host_id!r} must be a non-empty topic level")
@@ -137,6 +141,7 @@ class SparkplugHost:
         )
         self.max_nodes = max_nodes
         self.max_devices = max_devices
+        self.rebirth_retry_ns = int(rebirth_retry_s * 1e9)
         self._nodes: dict[tuple[str, str], _Node] = {}
         self._outgoing: deque[tuple[str, bytes]] = deque(maxlen=max_outgoing)
         self.seq_gaps = 0
@@ -281,9 +286,10 @@ class SparkplugHost:
 
     def _request_rebirth(self, key: tuple[str, str], recv_ns: int) -> None:
         node = self._node(key)
-        if node.rebirth_pending:
+        if node.rebirth_pending and recv_ns - node.rebirth_at_ns < self.rebirth_retry_ns:
             return
         node.rebirth_pending = True
+        node.rebirth_at_ns = recv_ns
         self.rebirths_requested += 1
         group, edge = key
         self._outgoing.append(

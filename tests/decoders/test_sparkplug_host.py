@@ -186,6 +186,25 @@ def test_birth_data_by_alias_wrap_gap_and_rebirth(impl: tuple[Any, Any], pb: Mod
     assert host.rebirths_requested == 2 and len(host.take_outgoing()) == 1
 
 
+def test_unanswered_rebirth_request_is_repeated_after_the_retry_time(
+    impl: tuple[Any, Any], pb: ModuleType
+) -> None:
+    mod, bmod = impl
+    host = SparkplugHost("h", mod.Decoder(), rebirth_retry_s=10.0)
+    batch = bmod.ReadingBatch()
+    node = Node(pb)
+    send(host, batch, node.nbirth())
+    node.next_seq()
+    send(host, batch, node.ndata(1.0, 1), recv_ns=RECV_NS)
+    node.next_seq()
+    send(host, batch, node.ndata(1.0, 1), recv_ns=RECV_NS + 9_000_000_000)
+    assert host.seq_gaps == 2 and host.rebirths_requested == 1
+    node.next_seq()
+    send(host, batch, node.ndata(1.0, 1), recv_ns=RECV_NS + 10_000_000_000)
+    assert host.seq_gaps == 3 and host.rebirths_requested == 2
+    assert [t for t, _ in host.take_outgoing()] == ["spBv1.0/plant1/NCMD/press7"] * 2
+
+
 def test_data_before_birth(impl: tuple[Any, Any], pb: ModuleType) -> None:
     host, batch = host_for(impl)
     node = Node(pb)
