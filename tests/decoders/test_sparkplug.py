@@ -566,3 +566,28 @@ def test_make_decoder_serves_sparkplug(pb: ModuleType) -> None:
     assert [(r["device"], r["metric"], r["ts_us"], r["value"]) for r in rows] == [
         ("g/n", "a", TS * 1000, -1.0)
     ]
+
+
+def test_golden_vector(impl: tuple[Any, Any]) -> None:
+    """A DDATA as bytes: Int16 -2 sign-extended to 32 bits, a Double at its own time, seq 200."""
+    raw = bytes.fromhex(
+        "08" "80948ad7ab33"  # timestamp 1764072000000
+        "12" "0b" "0a0161" "2002" "50feffffff0f"  # metric a: Int16, int_value 0xFFFFFFFE
+        "12" "15" "0a0162" "18988c8ad7ab33" "200a" "690000000000803540"  # b: ts 1764071999000, Double 21.5
+        "18" "c801"  # seq 200
+    )  # fmt: skip
+    assert decode(impl, raw) == [
+        ("g/n", "a", 1_764_072_000_000_000, -2.0, 0, 1_764_072_000_000 * 256 + 200),
+        ("g/n", "b", 1_764_071_999_000_000, 21.5, 0, 1_764_072_000_000 * 256 + 200),
+    ]
+
+
+def test_many_metrics(impl: tuple[Any, Any], pb: ModuleType) -> None:
+    n = 5000
+    raw = payload(
+        pb,
+        *({"name": f"m{i}", "datatype": DT["Int32"], "int_value": i} for i in range(n)),
+        timestamp=TS,
+    )
+    rows = decode(impl, raw)
+    assert len(rows) == n and rows[-1] == ("g/n", f"m{n - 1}", TS * 1000, float(n - 1), 0, TS * 256)
