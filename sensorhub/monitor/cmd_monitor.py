@@ -81,7 +81,7 @@ def build_collector(args: argparse.Namespace) -> StateCollector:
         redis_url=redis_url,
         stale_after_s=args.stale_after,
         lag_alert_s=s.writer.lag_alert_s,
-        ch_interval_s=5.0,
+        ch_interval_s=2.0,
     )
 
 

@@ -292,6 +292,12 @@ class StateCollector:
         try:
             if self._ch is None:
                 self._ch = self.ch_factory()
+            # "inserted" read before the count: every row counted here was in ClickHouse
+            # before the count began, so inserted_before > stored means a real loss even
+            # while the writer keeps inserting
+            inserted_before = sum(
+                r.get("inserted", 0) for r in audit_rows(self.redis, self.layout) if r["minute"] >= today_minute
+            )
             db = self.database
             since = f"fromUnixTimestamp64Micro(toInt64({today_minute * 60}) * 1000000)"
             readings = int(self._ch.command(f"SELECT count() FROM {db}.readings WHERE recv >= {since}") or 0)
@@ -305,7 +311,10 @@ class StateCollector:
                 {"source": s, "topic": t, "error": e, "time": int(us) / 1e6, "where": "clickhouse"}
                 for s, t, e, us in q.result_rows
             ]
-            self._ch_figures = {"readings": readings, "trades": trades, "dead": dead, "latest": latest}
+            self._ch_figures = {
+                "readings": readings, "trades": trades, "dead": dead, "latest": latest,
+                "inserted_before": inserted_before,
+            }
             self._ch_state = {"ok": True, "url": self.ch_url, "error": None, "checked": now}
         except Exception as exc:  # any failure means "ClickHouse down" on screen
             self._ch = None
@@ -429,7 +438,7 @@ class StateCollector:
             if ev is not None:
                 reconciled = bool(ev["data"].get("ok"))
                 detail = str(ev["data"].get("detail", ""))
-        missing = (inserted - stored) if stored is not None else None
+        missing = max(0, chf["inserted_before"] - stored) if stored is not None else None
         state["totals"] = {
             "day": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%d"),
             "received": received,
@@ -440,6 +449,7 @@ class StateCollector:
             "pending": xadded - inserted,
             "stored": stored,
             "stored_fresh": ch_ok,
+            "stored_age_s": round(now - float(state["clickhouse"]["checked"]), 1) if chf and ch_ok else None,
             "missing": missing,
             "reconciled": reconciled,
             "reconcile_detail": detail,

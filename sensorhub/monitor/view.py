@@ -170,11 +170,18 @@ def _pipeline(st: dict[str, Any], wide: bool) -> RenderableType:
     if not st["writers"]:
         lines.append(Text("  no writer publishes metrics", style="bold red"))
     if wide:
-        for s in st["streams"]:
-            for g in s["groups"]:
-                lines.append(Text(f"  {s['stream']:<22} len {_num(s['length']):>7}  pending {g['pending']:>6}"
-                                  f"  lag {g['lag_entries'] if g['lag_entries'] is not None else '?':>6} entries"
-                                  f" {g['lag_s']:6.1f} s", style="red" if g["lag_s"] > st["lag_alert_s"] else "dim"))
+        # only streams holding something: 17 empty partitions say nothing at 3 a.m.
+        busy = [(s, g) for s in st["streams"] for g in s["groups"] if s["length"] or g["pending"] or g["lag_s"]]
+        if busy:
+            tab = Table(box=None, pad_edge=False, show_edge=False, expand=False)
+            for col in ("stream", "len", "pending", "lag", "lag s"):
+                tab.add_column(col, justify="left" if col == "stream" else "right", no_wrap=True)
+            for s, g in busy[:8]:
+                lag = "?" if g["lag_entries"] is None else _num(g["lag_entries"])
+                tab.add_row(s["stream"], _num(s["length"]), _num(g["pending"]), lag,
+                          Text(f"{g['lag_s']:.1f}", style="bold red" if g["lag_s"] > st["lag_alert_s"] else ""))
+            lines.append(tab)
+        lines.append(Text(f"  {len(st['streams'])} streams, {len(busy)} with entries", style="dim"))
         return Panel(Group(*lines), title="pipeline", title_align="left")
     return Group(*lines)
 

@@ -1,0 +1,73 @@
+"""``sensorhub monitor`` against a running ``sensorhub stack`` fed by the device simulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sensorhub.service.stack import stack_down
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    # through the command line, as an operator starts it (stack_up leaves its
+    # supervisor's Popen object behind in the calling process)
+    d = tmp_path / "stack"
+    try:
+        up = subprocess.run([sys.executable, "-m", "sensorhub", "stack", "up", "--dir", str(d), "--json",
+                             "--timeout", "90"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert up.returncode == 0, up.stderr
+        info: dict[str, Any] = json.loads(up.stdout)
+        info["dir"] = str(d)
+        yield info
+    finally:
+        stack_down(d)
+
+
+def _monitor(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "sensorhub", "monitor", *args],
+                          capture_output=True, text=True, timeout=30, cwd=ROOT)
+
+
+def test_monitor_follows_a_running_stack(stack: dict[str, Any], wait_until: Callable[..., Any]) -> None:
+    mqtt = f"{stack['mqtt']['host']}:{stack['mqtt']['port']}"
+    sim = subprocess.run(
+        [sys.executable, "-m", "firmware_sim", "run", "--mqtt", mqtt, "--devices", "5", "--rate", "1000",
+         "--duration", "2", "--fault", "crc=0.01", "--json"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert sim.returncode == 0, sim.stderr
+
+    def settled() -> dict[str, Any] | None:
+        p = _monitor("--stack", stack["dir"], "--json")
+        assert p.returncode == 0, p.stderr
+        st: dict[str, Any] = json.loads(p.stdout)
+        t = st["totals"]
+        done = t["inserted"] > 0 and t["pending"] == 0 and t["stored"] == t["xadded"]
+        return st if done and st["dead_letters"]["stored_today"] == t["dead_lettered"] else None
+
+    st = wait_until(settled, timeout=30, interval=1.0)
+    assert st, _monitor("--stack", stack["dir"], "--json").stdout
+    assert st["redis"]["ok"] and st["clickhouse"]["ok"]
+    (src,) = st["sources"]
+    assert src["name"] == "mqtt" and src["status"] == "ok" and src["rows"] > 1000
+    (w,) = st["writers"]
+    assert not w["stale"] and w["clickhouse_ok"] and not w["lag_alert"]
+    t = st["totals"]
+    assert t["received"] > 0 and t["dead_lettered"] > 0 and t["missing"] == 0
+    assert st["verdict"]["lost"] == "none"
+    assert "ChecksumMismatch" in st["dead_letters"]["latest"][0]["error"]
+    assert {"recv_to_xadd", "insert", "recv_to_insert"} <= set(st["latency"])
+
+    once = _monitor("--stack", stack["dir"], "--once", "--width", "80", "--height", "24")
+    assert once.returncode == 0, once.stderr
+    assert "clickhouse ● up" in once.stdout and "lost: none" in once.stdout
