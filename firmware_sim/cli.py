@@ -189,8 +189,11 @@ def publish(args: argparse.Namespace, truth: Path, argv: list[str], show: bool) 
             )
 
     sim = Simulator(cfg, progress)
-    stats = asyncio.run(sim.run())
-    summary = sim.close_truth()
+    try:
+        stats = asyncio.run(sim.run())
+    finally:
+        # Written even when the run fails: it holds what was published until then.
+        summary = sim.close_truth()
     out = stats.as_dict()
     out["devices"] = len(sim.devices)
     out["truth_full"] = summary["full"]
