@@ -22,7 +22,8 @@ offset). The grammar, as InfluxDB documents it::
   ``<measurement>.<field key>``. String fields are not readings: they are
   counted in :attr:`Decoder.strings_skipped` and skipped.
 - Device: the ``device`` tag when the line has one (the last one wins), else
-  the topic's device; with neither the payload is invalid.
+  the topic's device; with neither the payload is invalid. Other tags are
+  checked for syntax and otherwise ignored: a reading has no tag columns.
 - Timestamp: nanoseconds since the epoch (int64, may be negative); stored as
   ``ts_us = ns // 1000``, i.e. floored toward minus infinity, so that a time
   before the epoch stays before it. Without a timestamp the receive time is

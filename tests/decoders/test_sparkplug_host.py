@@ -13,6 +13,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sensorhub.decoders import batch_py, sparkplug_py
 from sensorhub.decoders.sparkplug_host import REBIRTH_METRIC, SparkplugHost
@@ -322,3 +324,66 @@ def test_host_id_must_be_a_topic_level() -> None:
     for bad in ("", "a/b", "+", "#"):
         with pytest.raises(InvalidValue):
             SparkplugHost(bad)
+
+
+# ---------------------------------------------------------------- both implementations, same story
+
+_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["NBIRTH", "NDATA", "NDATA", "NDATA", "NDEATH", "DBIRTH", "DDATA", "DDEATH", "skip"]
+        ),
+        st.integers(0, 2),  # which edge node
+        st.integers(-(2**31), 2**31 - 1),  # a value
+        st.integers(0, 3),  # bdSeq of a death
+    ),
+    max_size=40,
+)
+
+
+def _step_message(node: Node, kind: str, value: int, bdseq: int) -> tuple[str, bytes]:
+    if kind == "NBIRTH":
+        return node.nbirth()
+    if kind == "NDATA":
+        return node.ndata(value / 7, value)
+    if kind == "NDEATH":
+        return node.ndeath(bdseq)
+    if kind == "DBIRTH":
+        return node.dbirth("dev")
+    if kind == "DDATA":
+        return node.ddata("dev", value)
+    return node.topic("DDEATH", "dev"), node.message([], node.next_seq())
+
+
+def _story(pb: ModuleType, impl: tuple[Any, Any], steps: list[tuple[str, int, int, int]]) -> Any:
+    mod, bmod = impl
+    host = SparkplugHost("h", mod.Decoder())
+    batch = bmod.ReadingBatch()
+    nodes = [Node(pb, edge=f"e{k}") for k in range(3)]
+    told = []
+    for t, (kind, k, value, bdseq) in enumerate(steps):
+        node = nodes[k]
+        recv = RECV_NS + t * 1_000_000_000
+        if kind == "skip":
+            node.next_seq()  # a message the host never hears
+            continue
+        msg = _step_message(node, kind, value, bdseq)
+        try:
+            told.append(send(host, batch, msg, recv))
+        except UnknownAlias as exc:
+            told.append(str(exc))
+        if kind == "NBIRTH":
+            node.bdseq = (node.bdseq + 1) % 4
+    return told, batch.rows(), host.counters(), host.take_outgoing()
+
+
+@pytest.mark.skipif(sparkplug_c is None, reason="Cython extension not built")
+@settings(max_examples=200, deadline=None)
+@given(steps=_STEPS)
+def test_cython_and_twin_hosts_tell_the_same_story(
+    pb: ModuleType, steps: list[tuple[str, int, int, int]]
+) -> None:
+    """Random lifecycles of three nodes: both hosts store, count and ask the same."""
+    a = _story(pb, (sparkplug_c, batch_c), steps)
+    b = _story(pb, (sparkplug_py, batch_py), steps)
+    assert a == b
