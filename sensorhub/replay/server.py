@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 MAX_PACE_GAP_S = 30.0  # a recorded silence longer than this is shortened (before speed scaling)
 MAX_HTTP_REQUEST_BYTES = 1 << 20
 MAX_LOGGED = 10_000  # bound on the client messages and request targets kept in the stats
-RECONNECT_WAIT_S = 5.0  # after a reconnect request, how long the client gets to close
+RECONNECT_WAIT_S = 5.0
+DROP_WAIT_S = 2.0  # after a dropped connection's end of stream, how long the client gets to close  # after a reconnect request, how long the client gets to close
 
 
 @dataclass
@@ -310,9 +311,7 @@ class ReplayServer:
                 self.stats.drops += 1
                 state.next_index = self._back(recs, i + 1, self.overlap, start)
                 log.info("dropping connection after %d frames; resuming at record %d", sent, state.next_index)
-                # TCP close without a WebSocket close frame: the client sees an abnormal closure (1006),
-                # after the frames already written (an abort would discard them unpredictably).
-                ws.transport.close()
+                await self._drop(ws)
                 return
         state.finished = True
         if all(s.finished for s in self._states):
@@ -321,6 +320,19 @@ class ReplayServer:
             await ws.close()
         else:
             await ws.wait_closed()
+
+    @staticmethod
+    async def _drop(ws: ServerConnection) -> None:
+        # TCP end without a WebSocket close frame: the client sees an abnormal closure (1006) after
+        # every frame already written. Half-close first: closing a socket whose receive buffer holds
+        # unread client data (subscribe requests still arriving) sends a reset, and a reset makes the
+        # client's kernel discard the frames it has not read yet.
+        transport = ws.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ws.wait_closed(), DROP_WAIT_S)
+        transport.close()
 
     @staticmethod
     def _back(recs: list[CaptureRecord], index: int, overlap: int, floor: int) -> int:
