@@ -385,46 +385,91 @@ def test_sparkplug_birth_data_and_death() -> None:
 
 # ------------------------------------------------------------------ the pipeline's decoders read the same
 
+_STEMS = {"frame": "frame", "json": "jsonpayload", "ilp": "lineproto", "sparkplug": "sparkplug"}
 
-def _pipeline_rows(fmt: str, payload: bytes, device: str) -> list[dict[str, Any]] | None:
-    from sensorhub.decoders import decode_to_rows
-    from sensorhub.errors import UnknownFormat
 
-    try:
-        return decode_to_rows(fmt, payload, device)
-    except UnknownFormat:
-        return None
+def _implementations(fmt: str) -> list[tuple[str, Any, Any]]:
+    """(name, decoder module, batch class) of each installed implementation: Cython and the twin."""
+    import importlib
+
+    out = []
+    for name, mod, batch in (
+        ("cython", f"sensorhub._ext.{_STEMS[fmt]}", "sensorhub._ext.batch"),
+        ("python", f"sensorhub.decoders.{_STEMS[fmt]}_py", "sensorhub.decoders.batch_py"),
+    ):
+        try:
+            out.append((name, importlib.import_module(mod), importlib.import_module(batch).ReadingBatch))
+        except ImportError:
+            continue
+    return out
+
+
+def _rows(batch: Any) -> list[tuple[str, str, int, float, int]]:
+    return [(r["device"], r["metric"], r["ts_us"], r["value"], r["seq"]) for r in batch.rows()]
+
+
+def _assert_rows(got: list[tuple[str, str, int, float, int]], want: list[tuple[str, str, int, float]]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(sorted(got, key=lambda r: r[:3]), sorted(want, key=lambda r: r[:3]), strict=True):
+        assert g[:3] == w[:3] and same(g[3], w[3])
 
 
 @pytest.mark.parametrize("fmt", ["frame", "json", "ilp"])
 def test_pipeline_decoders_agree(fmt: str) -> None:
-    checked = 0
-    for d in _devices(fmt):
-        for n in (1, 4, 9):
-            msg = d.next_message(n)
-            rows = _pipeline_rows(fmt, msg.payload, d.device_id)
-            if rows is None:
-                pytest.skip(f"sensorhub has no {fmt} decoder installed")
-            got = sorted((r["device"], r["metric"], r["ts_us"], r["value"]) for r in rows)
-            want = sorted((d.stored_device, d.names[m], ts, v) for m, ts, _s, v in msg.readings)
-            assert len(got) == len(want)
-            for g, w in zip(got, want, strict=True):
-                assert g[:3] == w[:3] and same(g[3], w[3])
-            if fmt != "ilp":
-                assert sorted(r["seq"] for r in rows) == sorted(s for _m, _t, s, _v in msg.readings)
-            checked += 1
-    assert checked == 9
+    impls = _implementations(fmt)
+    if not impls:
+        pytest.skip(f"sensorhub has no {fmt} decoder")
+    for _name, mod, batch_cls in impls:
+        for d in _devices(fmt):
+            dec = mod.Decoder(None)
+            for n in (1, 4, 9, 30):
+                msg = d.next_message(n)
+                batch = batch_cls(64)
+                assert dec.decode(d.device_id, msg.payload, 0, batch) == n
+                rows = _rows(batch)
+                _assert_rows(rows, [(d.stored_device, d.names[m], ts, v) for m, ts, _s, v in msg.readings])
+                if fmt != "ilp":
+                    assert sorted(r[4] for r in rows) == sorted(s for _m, _t, s, _v in msg.readings)
+
+
+def test_pipeline_sparkplug_host_agrees_births_data_and_deaths() -> None:
+    from sensorhub.decoders.sparkplug_host import SparkplugHost
+
+    impls = _implementations("sparkplug")
+    if not impls:
+        pytest.skip("sensorhub has no Sparkplug decoder")
+    for _name, mod, batch_cls in impls:
+        host = SparkplugHost("simtest", mod.Decoder(None))
+        for d in _devices("sparkplug", 2):
+            for round_ in range(2):
+                if round_:
+                    # A death by will, then a new connection: new bdSeq, new birth.
+                    host.on_message(d.sparkplug_topic("NDEATH"), d.sparkplug_death(), 0, batch_cls(8))
+                    d.bd_seq += 1
+                birth = d.sparkplug_birth()
+                batch = batch_cls(64)
+                host.on_message(birth.topic, birth.payload, 0, batch)
+                _assert_rows(_rows(batch), [(d.stored_device, d.names[m], ts, v) for m, ts, _s, v in birth.readings])
+                for _ in range(300):  # past the seq wrap at 255
+                    msg = d.next_message(3)
+                    batch = batch_cls(64)
+                    host.on_message(msg.topic, msg.payload, 0, batch)
+                    _assert_rows(_rows(batch), [(d.stored_device, d.names[m], ts, v) for m, ts, _s, v in msg.readings])
+        assert host.seq_gaps == 0 and host.data_before_birth == 0 and host.unknown_aliases == 0
+        assert host.ignored_deaths == 0 and host.deaths == 2
 
 
 def test_pipeline_frame_decoder_rejects_each_corruption() -> None:
     from sensorhub.errors import DecodeError
 
+    impls = _implementations("frame")
+    if not impls:
+        pytest.skip("sensorhub has no frame decoder")
     good = encode_frame("dev-0001", 1, 1_700_000_000_000_000, [FrameReading(1, 0, 0, 1.0)])
-    if _pipeline_rows("frame", good, "dev-0001") is None:
-        pytest.skip("sensorhub has no frame decoder installed")
-    for rule in FRAME_RULES:
-        with pytest.raises(DecodeError):
-            _pipeline_rows("frame", corrupt_frame(good, rule), "dev-0001")
+    for _name, mod, batch_cls in impls:
+        for rule in FRAME_RULES:
+            with pytest.raises(DecodeError):
+                mod.Decoder(None).decode("dev-0001", corrupt_frame(good, rule), 0, batch_cls(8))
 
 
 def test_metric_names_follow_the_dictionary() -> None:
