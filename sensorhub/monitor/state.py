@@ -334,7 +334,8 @@ class StateCollector:
                     "source": _s(f.get("src", b"")),
                     "topic": _s(f.get("topic", b"")),
                     "error": _s(f.get("error", b"")),
-                    "time": _id_ms(entry_id) / 1000,
+                    # receive time, as ClickHouse stores it: the same letter in both dedups
+                    "time": int(_s(f.get("recv_ns", b"0")) or 0) / 1e9 or _id_ms(entry_id) / 1000,
                     "where": "stream",
                 }
             )
@@ -411,7 +412,7 @@ class StateCollector:
         seen: set[tuple[str, str, float]] = set()
         uniq = []
         for d in latest:
-            k = (d["source"], d["error"], round(d["time"], 3))
+            k = (d["source"], d["error"], round(d["time"], 6))
             if k not in seen:
                 seen.add(k)
                 uniq.append(d)
