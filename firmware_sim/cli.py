@@ -151,7 +151,7 @@ def _child_argv(argv: list[str], i: int, n: int, truth: Path) -> list[str]:
     out: list[str] = []
     skip = False
     drop_with_value = {"--procs", "--truth", "--shard", "--clickhouse", "--database", "--settle",
-                       "--drain-timeout"}
+                       "--drain-timeout", "--log-level"}
     for a in argv:
         if skip:
             skip = False

@@ -171,6 +171,7 @@ class MqttConnection(asyncio.Protocol):
         will: Will | None = None,
         max_inflight: int = 64,
         connect_timeout_s: float = 5.0,
+        write_buffer_bytes: int = 16384,
     ) -> None:
         self.host = host
         self.port = port
@@ -183,6 +184,7 @@ class MqttConnection(asyncio.Protocol):
         self.will = will
         self.max_inflight = max_inflight
         self.connect_timeout_s = connect_timeout_s
+        self.write_buffer_bytes = write_buffer_bytes
         self.transport: asyncio.Transport | None = None
         self.connected = False
         self.paused = False
@@ -203,6 +205,9 @@ class MqttConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        # A small write buffer: a QoS 0 message "written" should be close to
+        # the wire, and a slow broker should push back early.
+        transport.set_write_buffer_limits(high=self.write_buffer_bytes)
         self.transport = transport
 
     def connection_lost(self, exc: Exception | None) -> None:

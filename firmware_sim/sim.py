@@ -37,6 +37,7 @@ __all__ = ["PROFILES", "FaultConfig", "RunStats", "SimConfig", "Simulator", "par
 log = logging.getLogger("firmware_sim")
 
 PROFILES = ("steady", "ramp", "burst", "overload")
+MAX_MESSAGES_PER_TICK = 5000
 
 # Fault names accepted by ``--fault NAME[=VALUE]`` and what VALUE means.
 FAULTS = {
@@ -431,7 +432,9 @@ class Simulator:
             credit += rate_at(cfg.profile, cfg.rate, el, duration) / n * (now - last)
             last = now
             credit = min(credit, max(1.0, cfg.rate / n * max_credit_s))
-            due = int(credit)
+            # Bounded work per tick keeps the loop responsive (acks, pings, the
+            # deadline) when the target is far above what can be reached.
+            due = min(int(credit), MAX_MESSAGES_PER_TICK)
             if budget is not None:
                 due = min(due, -(-(budget - queued_readings) // n))
             sent = 0
