@@ -3,9 +3,18 @@
 Prints one JSON line with the URLs to stdout once listening (give ``ws_url``
 to a source as its endpoint override), then replays until every recorded
 connection was sent (with ``--exit-when-done``) or until interrupted, and
-prints a JSON summary. ``--stack DIR`` (run the venue's ingest source against
-the replay and wait for every trade in ClickHouse) needs the ``stack``
-command of the pipeline and is refused until that command exists.
+prints a JSON summary.
+
+``--stack DIR`` runs the venue's real ingest process against the replay, into
+the stack running in ``DIR`` (``sensorhub stack up --dir DIR``): it writes a
+small configuration naming the replay as the source's endpoint, starts
+``python -m sensorhub --config TMP.toml ingest --source <venue>`` with the
+stack's Redis and ClickHouse URLs, waits (bounded) until the recording was
+sent and every trade in it is in ClickHouse ``trades``, stops the child and
+prints ``{"venue", "frames_sent", "connections", "drops", "trades": {symbol:
+{"stored", "expected"}}, "complete"}``. ``expected`` is the distinct trades of the frames that were
+sent, read by a fresh instance of the venue's parser; ``stored`` the
+distinct trade ids in ClickHouse for that venue and symbol.
 """
 
 from __future__ import annotations
@@ -14,13 +23,20 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
-from sensorhub.errors import ConfigError
-from sensorhub.replay.capture import read_capture
-from sensorhub.replay.server import ReplayServer
+from sensorhub.config import load_settings
+from sensorhub.decoders.trade_batch import TradeBatch
+from sensorhub.errors import ConfigError, DecodeError, SensorhubError
+from sensorhub.replay.capture import Capture, read_capture
+from sensorhub.replay.server import ReplayServer, ReplayThread
 from sensorhub.sources.exchanges import VENUES
 
 HELP = "serve a recorded exchange capture on a loopback WebSocket, as the venue would"
@@ -52,24 +68,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlap", type=int, default=20, help="frames resent after a drop")
     p.add_argument("--strict", action="store_true", help="close connections that subscribe to what the capture lacks")
     p.add_argument("--exit-when-done", action="store_true", help="exit once every recorded connection was sent")
-    p.add_argument("--stack", metavar="DIR", help="run the venue's ingest against the replay (needs `sensorhub stack`)")
+    p.add_argument("--stack", metavar="DIR", help="run the venue's ingest into the stack in DIR; wait for every trade")
+    p.add_argument("--stack-timeout", type=float, default=60.0,
+                   help="with --stack: seconds to wait for the trades after the recording was sent")
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve the capture; see the module docstring."""
     if args.venue not in VENUES:
         raise ConfigError("--venue", "one of " + ", ".join(sorted(VENUES)), args.venue)
-    if args.stack:
-        from sensorhub.cli import COMMANDS
-
-        if "stack" not in COMMANDS:
-            raise ConfigError("--stack", "the `sensorhub stack` command, which this installation does not have yet")
-        raise ConfigError("--stack", "a pipeline whose stack mode is wired to replay (not implemented yet)")
     cap = read_capture(args.capture)
     symbols = [s for s in args.symbols.split(",") if s] or list(cap.header.get("config", {}).get("trades", []))
     if not symbols:
         raise ConfigError("--symbols", "at least one symbol (the capture header lists none)")
     venue = VENUES[args.venue](symbols)
+    if args.stack:
+        return _run_stack(args, cap, symbols)
     server = ReplayServer(
         cap, venue, host=args.host, port=args.port, http_port=args.http_port, speed=args.speed,
         drop_after=args.drop_after or None, drops=args.drops, overlap=args.overlap, strict=args.strict,
@@ -106,3 +120,146 @@ async def _serve(server: ReplayServer, exit_when_done: bool) -> int:
     }
     print(json.dumps(summary), file=sys.stdout, flush=True)
     return 0
+
+
+# --------------------------------------------------------------------------- --stack
+
+STOP_TIMEOUT_S = 15.0
+
+
+def _run_stack(args: argparse.Namespace, cap: Capture, symbols: list[str]) -> int:
+    from sensorhub.service.stack import stack_status
+
+    stack_dir = Path(args.stack).resolve()
+    info = stack_status(stack_dir)
+    if not info.get("running"):
+        raise ConfigError("--stack", f"a running stack in {stack_dir} (`sensorhub stack up --dir {stack_dir}`)")
+    venue_name = args.venue
+    if not venue_name.isidentifier():
+        raise ConfigError("--venue", "a venue driver name", venue_name)
+    database = load_settings(args.config).clickhouse.database
+    server = ReplayServer(
+        cap, VENUES[venue_name](symbols), host=args.host, port=args.port, http_port=args.http_port, speed=args.speed,
+        drop_after=args.drop_after or None, drops=args.drops, overlap=args.overlap, strict=args.strict,
+    )
+    span = _ws_span_s(cap) / (args.speed or 1e9)
+    logs = stack_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with ReplayThread(server), tempfile.TemporaryDirectory(prefix=f"replay-{venue_name}-", dir=stack_dir) as tmp:
+        cfg = Path(tmp) / "sensorhub.toml"
+        cfg.write_text(_source_toml(venue_name, symbols, server))
+        env = {**os.environ, "SENSORHUB_REDIS_URL": info["redis_url"], "SENSORHUB_CLICKHOUSE_URL": info["clickhouse_url"],
+               "PYTHONUNBUFFERED": "1"}
+        log_path = logs / f"replay-ingest-{venue_name}-{os.getpid()}.log"
+        with log_path.open("ab") as log_f:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "sensorhub", "--config", str(cfg), "ingest", "--source", venue_name],
+                env=env, stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        try:
+            _wait(lambda: server.served_done, span + 60.0, child, log_path, "the recording to be sent")
+            expected = _expected(server, venue_name, symbols)
+            stored: dict[str, int] = {}
+
+            def complete() -> bool:
+                stored.clear()
+                stored.update(_stored(info["clickhouse_url"], database, venue_name))
+                return all(stored.get(sym, 0) >= n for sym, n in expected.items())
+
+            done = _wait(complete, args.stack_timeout, child, log_path, "the trades in ClickHouse", raise_=False)
+        finally:
+            _stop(child)
+    result: dict[str, Any] = {
+        "venue": venue_name,
+        "frames_sent": server.stats.frames_sent,
+        "connections": server.stats.connections,
+        "drops": server.stats.drops,
+        "trades": {sym: {"stored": stored.get(sym, 0), "expected": expected.get(sym, 0)}
+                   for sym in sorted(set(stored) | set(expected))},
+        "complete": done,
+    }
+    print(json.dumps(result), flush=True)
+    return 0 if done else 1
+
+
+def _ws_span_s(cap: Capture) -> float:
+    ts = [r.ts for c in cap.connections for r in c.records if r.kind == "recv"]
+    return max(ts) - min(ts) if ts else 0.0
+
+
+def _toml_str(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid TOML basic string
+
+
+def _source_toml(venue_name: str, symbols: list[str], server: ReplayServer) -> str:
+    lines = [
+        f"[sources.{venue_name}]",
+        f"driver = {_toml_str(venue_name)}",
+        "symbols = [" + ", ".join(_toml_str(s) for s in symbols) + "]",
+        f"endpoint = {_toml_str(server.ws_url)}",
+    ]
+    if "rest_url" in VENUES[venue_name].options and server.http_url:
+        # the venue's pre-connect REST step (KuCoin's token) goes to the replay too
+        lines.append(f"options = {{ rest_url = {_toml_str(server.http_url)} }}")
+    return "\n".join(lines) + "\n"
+
+
+def _wait(
+    cond: Any, timeout_s: float, child: subprocess.Popen[bytes], log_path: Path, what: str, raise_: bool = True
+) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if cond():
+            return True
+        if child.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise SensorhubError(f"the ingest process ended (status {child.returncode}) before {what}:\n{tail}")
+        if time.monotonic() >= deadline:
+            if raise_:
+                raise SensorhubError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            return False
+        time.sleep(0.25)
+
+
+def _expected(server: ReplayServer, venue_name: str, symbols: list[str]) -> dict[str, int]:
+    """Distinct trades per symbol in the frames of the recorded connections that were served."""
+    venue = VENUES[venue_name](symbols, recent_trade_ids=1 << 22)
+    batch = TradeBatch()
+    now = time.time_ns()
+    for conn in server.served_connections():
+        for frame in conn.frames():
+            with contextlib.suppress(DecodeError):  # the ingest dead-letters these too
+                venue.parse(frame if isinstance(frame, bytes) else frame.encode(), now, batch)
+    counts: dict[str, int] = {}
+    for i in batch.symbol_idx:
+        sym = batch.symbols[i]
+        counts[sym] = counts.get(sym, 0) + 1
+    return counts
+
+
+def _stored(clickhouse_url: str, database: str, venue_name: str) -> dict[str, int]:
+    import clickhouse_connect
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    try:
+        client = clickhouse_connect.get_client(dsn=clickhouse_url)
+        try:
+            # venue_name is a registry key (letters only) and database a validated identifier: safe to inline
+            rows = client.query(
+                f"SELECT symbol, uniqExact(trade_id) FROM {database}.trades WHERE venue = '{venue_name}' GROUP BY symbol"
+            ).result_rows
+        finally:
+            client.close()
+    except (ClickHouseError, OSError):
+        return {}  # the table may not exist before the writer's first insert
+    return {str(sym): int(n) for sym, n in rows}
+
+
+def _stop(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)  # the ingest drains what it holds and exits
+        try:
+            child.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait(5)

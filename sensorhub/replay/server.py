@@ -171,6 +171,10 @@ class ReplayServer:
         served = [s for s in self._states if s.next_index > 0 or s.finished]
         return bool(served) and all(s.finished for s in served)
 
+    def served_connections(self) -> list[CaptureConnection]:
+        """The recorded connections given out to clients so far, in file order."""
+        return [s.conn for s in self._states if s.next_index > 0 or s.finished]
+
     @property
     def http_url(self) -> str | None:
         """``http://host:port`` of the REST replay, or None when the capture has none."""
