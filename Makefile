@@ -55,7 +55,7 @@ bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 faults: setup
-	SENSORHUB_FAULT_RATE=40000 SENSORHUB_FAULT_SECONDS=60 $(PY) -m pytest tests/fault -v $(PYTEST_ARGS)
+	SENSORHUB_FAULT_RATE=40000 SENSORHUB_FAULT_SECONDS=60 SENSORHUB_FAULT_OVERLOAD=1 $(PY) -m pytest tests/fault -v $(PYTEST_ARGS)
 
 demo: setup
 	@DEMO_RATE=$(DEMO_RATE) DEMO_SECONDS=$(DEMO_SECONDS) DEMO_DEVICES=$(DEMO_DEVICES) \

@@ -165,7 +165,7 @@ class WriterSettings(_Section):
     hop_latency_interval_s: float = Field(10.0, gt=0)
     backoff: BackoffSettings = BackoffSettings(initial_s=0.2, max_s=10.0)
     fault_crash_after_insert: int = Field(
-        0, ge=0, description="testing only: exit(70) right after the Nth INSERT, before XACK"
+        0, ge=0, description="testing only: exit(70) right after the Nth INSERT, before XACK (once per Redis keyspace)"
     )
 
 

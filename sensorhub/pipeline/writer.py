@@ -350,7 +350,12 @@ class Writer:
         intent = json.dumps({"token": token, "entries": batch.entries})
         self._retry("write insert intent", lambda: self.redis.set(intent_key, intent))
         self._insert(batch, token)
-        if self.cfg.fault_crash_after_insert and self.inserts >= self.cfg.fault_crash_after_insert:
+        if (
+            self.cfg.fault_crash_after_insert
+            and self.inserts >= self.cfg.fault_crash_after_insert
+            and self.redis.set(f"{self.layout.prefix}:fault:writer-crashed", self.consumer, nx=True)
+        ):
+            # once per keyspace, so the restarted writer shows the recovery
             log.error("fault injection: exiting between INSERT and XACK (insert %d)", self.inserts)
             os._exit(70)
         self._retry("acknowledge entries", lambda: self._ack_batch(batch))

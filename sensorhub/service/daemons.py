@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -180,10 +181,15 @@ def mosquitto_config(
     - ``max_inflight_messages 0`` leaves the in-flight bound to the client's
       MQTT v5 receive maximum (the default 20 would cap a subscriber that acks
       after its Redis write to a few thousand messages/s);
-    - persistent sessions expire after a week away.
+    - persistent sessions expire after a week away;
+    - the broker keeps running as the user that started it: started as root
+      it would otherwise switch to the ``mosquitto`` user and could not write
+      its persistence file under a run directory it does not own, losing
+      every queued message on restart.
     """
     return "\n".join(
         [
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}",
             f"listener {port} {host}",
             "allow_anonymous true",
             "persistence true",
