@@ -30,7 +30,7 @@ cdef class Decoder:
 
     cdef int _reserve_fields(self, Py_ssize_t need) except -1
     cdef str _device_name(self, const char* p, Py_ssize_t v0, Py_ssize_t v1)
-    cdef str _metric_name(self, const char* p, Py_ssize_t m0, Py_ssize_t m1,
+    cdef str _metric_name(self, bytes key, const char* p, Py_ssize_t m0, Py_ssize_t m1,
                           Py_ssize_t k0, Py_ssize_t k1)
     cdef Py_ssize_t _metric_index(self, ReadingBatch b, const char* p, Py_ssize_t m0,
                                   Py_ssize_t m1, Py_ssize_t k0, Py_ssize_t k1) except -1

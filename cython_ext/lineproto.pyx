@@ -306,18 +306,12 @@ cdef class Decoder:
             self._devices[key] = name
         return <str>name
 
-    cdef str _metric_name(self, const char* p, Py_ssize_t m0, Py_ssize_t m1,
+    cdef str _metric_name(self, bytes key, const char* p, Py_ssize_t m0, Py_ssize_t m1,
                           Py_ssize_t k0, Py_ssize_t k1):
-        cdef Py_ssize_t ml = m1 - m0, kl = k1 - k0
-        cdef bytes key = PyBytes_FromStringAndSize(NULL, ml + 1 + kl)
-        cdef char* kp = PyBytes_AS_STRING(key)
-        memcpy(kp, p + m0, <size_t>ml)
-        kp[ml] = 0
-        memcpy(kp + ml + 1, p + k0, <size_t>kl)
         name = self._metrics.get(key)
         if name is None:
-            m = _utf8(_MEAS_ESC.sub(rb"\1", PyBytes_FromStringAndSize(p + m0, ml)), m0)
-            f = _utf8(_KEY_ESC.sub(rb"\1", PyBytes_FromStringAndSize(p + k0, kl)), k0)
+            m = _utf8(_MEAS_ESC.sub(rb"\1", PyBytes_FromStringAndSize(p + m0, m1 - m0)), m0)
+            f = _utf8(_KEY_ESC.sub(rb"\1", PyBytes_FromStringAndSize(p + k0, k1 - k0)), k0)
             name = f"{m}.{f}"
             if len(self._metrics) >= CACHE_MAX:
                 self._metrics.clear()
@@ -326,21 +320,27 @@ cdef class Decoder:
 
     cdef Py_ssize_t _metric_index(self, ReadingBatch b, const char* p, Py_ssize_t m0,
                                   Py_ssize_t m1, Py_ssize_t k0, Py_ssize_t k1) except -1:
-        cdef uint64_t h = 1469598103934665603ULL  # FNV-1a over measurement, NUL, field key
-        cdef Py_ssize_t j, idx, ml = m1 - m0, kl = k1 - k0
+        # The key is the raw measurement's length, the raw measurement and the raw
+        # field key: names may hold any byte, so no separator would be unambiguous.
+        cdef uint64_t h = 1469598103934665603ULL  # FNV-1a
+        cdef Py_ssize_t j, idx, ml = m1 - m0, kl = k1 - k0, kml
         cdef int slot
         cdef const char* kp
+        cdef char* wp
         for j in range(m0, m1):
             h = (h ^ <unsigned char>p[j]) * 1099511628211ULL
-        h = h * 1099511628211ULL
+        h = (h ^ <uint64_t>ml) * 1099511628211ULL
         for j in range(k0, k1):
             h = (h ^ <unsigned char>p[j]) * 1099511628211ULL
         slot = <int>(h & 255)
         key = self._mkeys[slot]
-        if self._mhash[slot] == h and key is not None and PyBytes_GET_SIZE(key) == ml + 1 + kl:
+        if self._mhash[slot] == h and key is not None and \
+                PyBytes_GET_SIZE(key) == <Py_ssize_t>sizeof(Py_ssize_t) + ml + kl:
             kp = PyBytes_AS_STRING(key)
-            if memcmp(kp, p + m0, <size_t>ml) == 0 and kp[ml] == 0 \
-                    and memcmp(kp + ml + 1, p + k0, <size_t>kl) == 0:
+            memcpy(&kml, kp, sizeof(Py_ssize_t))
+            kp += sizeof(Py_ssize_t)
+            if kml == ml and memcmp(kp, p + m0, <size_t>ml) == 0 \
+                    and memcmp(kp + ml, p + k0, <size_t>kl) == 0:
                 name = self._mnames[slot]
                 idx = self._midx[slot]
                 if idx < len(b.metrics) and b.metrics[idx] is name:
@@ -348,11 +348,12 @@ cdef class Decoder:
                 idx = b.intern_metric(name)
                 self._midx[slot] = idx
                 return idx
-        name = self._metric_name(p, m0, m1, k0, k1)
-        key = PyBytes_FromStringAndSize(NULL, ml + 1 + kl)
-        memcpy(PyBytes_AS_STRING(key), p + m0, <size_t>ml)
-        PyBytes_AS_STRING(key)[ml] = 0
-        memcpy(PyBytes_AS_STRING(key) + ml + 1, p + k0, <size_t>kl)
+        key = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>sizeof(Py_ssize_t) + ml + kl)
+        wp = PyBytes_AS_STRING(key)
+        memcpy(wp, &ml, sizeof(Py_ssize_t))
+        memcpy(wp + sizeof(Py_ssize_t), p + m0, <size_t>ml)
+        memcpy(wp + sizeof(Py_ssize_t) + ml, p + k0, <size_t>kl)
+        name = self._metric_name(key, p, m0, m1, k0, k1)
         idx = b.intern_metric(name)
         self._mhash[slot] = h
         self._mkeys[slot] = key

@@ -155,7 +155,9 @@ class Decoder:
     def _metric_name(
         self, raw: bytes, meas: tuple[int, int], field: tuple[int, int], line_base: int
     ) -> str:
-        key = raw[meas[0] : meas[1]] + b"\x00" + raw[field[0] : field[1]]
+        # names may hold any byte: the measurement's length keeps the key unambiguous
+        m_raw = raw[meas[0] : meas[1]]
+        key = len(m_raw).to_bytes(4, "little") + m_raw + raw[field[0] : field[1]]
         name = self._metrics.get(key)
         if name is None:
             m = _utf8(_MEAS_ESC.sub(rb"\1", raw[meas[0] : meas[1]]), line_base + meas[0])

@@ -112,6 +112,21 @@ def test_no_device_anywhere_is_invalid(impl: tuple[Any, Any]) -> None:
     assert decode(impl, b"m,device=x v=1", device=None) == [("x", "m.v", RECV_US, 1.0, 0, 0)]
 
 
+def test_names_with_nul_bytes_stay_apart(impl: tuple[Any, Any]) -> None:
+    """Measurement "a" with field "\\0b" is not measurement "a\\0" with field "b" (found by fuzzing)."""
+    mod, bmod = impl
+    d = mod.Decoder()
+    batch = bmod.ReadingBatch()
+    d.decode("t", b"a \x00b=1\na\x00 b=2", RECV_NS, batch)
+    d.decode("t", b"a\x00 b=3\na \x00b=4", RECV_NS, batch)
+    assert [(r["metric"], r["value"]) for r in batch.rows()] == [
+        ("a.\x00b", 1.0),
+        ("a\x00.b", 2.0),
+        ("a\x00.b", 3.0),
+        ("a.\x00b", 4.0),
+    ]
+
+
 def test_leading_zeros(impl: tuple[Any, Any]) -> None:
     rows = decode(
         impl,
