@@ -13,7 +13,7 @@ DEMO_FORMAT ?= frame
 DEMO_PER_MESSAGE ?= 10
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-packages venv build test lint typecheck unit fuzz bench demo faults wheel clean
+.PHONY: all setup system-packages venv build test lint typecheck fuzz bench demo demo-exchanges faults wheel clean
 
 all: setup
 
@@ -61,6 +61,9 @@ demo: setup
 	@DEMO_RATE=$(DEMO_RATE) DEMO_SECONDS=$(DEMO_SECONDS) DEMO_DEVICES=$(DEMO_DEVICES) \
 	  DEMO_FORMAT=$(DEMO_FORMAT) DEMO_PER_MESSAGE=$(DEMO_PER_MESSAGE) \
 	  bash scripts/demo.sh $(RUN)/demo
+
+demo-exchanges: setup
+	bash scripts/demo-exchanges.sh $(RUN)/demo-exchanges
 
 wheel: venv
 	$(PY) -m pip wheel --no-deps -w dist .

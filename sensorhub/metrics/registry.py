@@ -37,6 +37,12 @@ HOPS = (
 )
 
 
+_PUBLISH_SCRIPT = """#!lua flags=allow-oom
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+return redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+
+
 def _hist() -> HdrHistogram:
     return HdrHistogram(_LOWEST, _HIGHEST, _DIGITS)
 
@@ -72,6 +78,7 @@ class Metrics:
         self._rates: dict[str, float] = {}
         self._last_counts: dict[str, int] = {}
         self._last_t = time.monotonic()
+        self._script: Any = None
 
     def inc(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -127,9 +134,11 @@ class Metrics:
         }
 
     def publish(self, redis: Any, key: str, ttl_s: int) -> dict[str, Any]:
+        """Write the snapshot; works when Redis is full too (same size each time), so the
+        monitor still sees a process that cannot write its data."""
         snap = self.snapshot()
-        pipe = redis.pipeline(transaction=False)
-        pipe.hset(key, mapping={"state": json.dumps(snap)})
-        pipe.expire(key, ttl_s)
-        pipe.execute()
+        script = self._script
+        if script is None or script.registered_client is not redis:
+            script = self._script = redis.register_script(_PUBLISH_SCRIPT)
+        script(keys=[key], args=[json.dumps(snap), ttl_s])
         return snap

@@ -93,6 +93,9 @@ class Ingest:
         self._seen: set[bytes] = set()
         self._window_max = max(cfg.max_inflight_frames, settings.mqtt.receive_maximum) * 4
         self._lag_alarm = LagAlarm(self.metrics, self.redis, self.layout.events, settings.writer.lag_alert_s)
+        self._wd = notify.Watchdog()
+        self._last_pub = 0.0
+        self._metrics_key = self.layout.metrics_key(self.metrics.process)
 
     @staticmethod
     def _reading_batch_factory() -> Any:
@@ -125,7 +128,7 @@ class Ingest:
         src = self.source
         backoff = self.settings.ingest.backoff
         delay = backoff.initial_s
-        wd = notify.Watchdog()
+        wd = self._wd
         while not self.stop_event.is_set():
             wd.tick()
             try:
@@ -137,10 +140,7 @@ class Ingest:
                 delay = min(delay * backoff.factor, backoff.max_s)
         src.start()
         ready_sent = False
-        last_pub = 0.0
-        metrics_key = self.layout.metrics_key(self.metrics.process)
         while not self.stop_event.is_set():
-            now = time.monotonic()
             timeout = self.flush_s if not self._first_ns else max(0.0, self.flush_s - (time.time_ns() - self._first_ns) / 1e9)
             frames = src.get(4096, timeout)
             if frames:
@@ -149,14 +149,10 @@ class Ingest:
                 age = (time.time_ns() - self._first_ns) / 1e9 if self._first_ns else 0.0
                 if self._rows >= self.flush_rows or age >= self.flush_s or not frames:
                     self._flush_with_retry()
-            wd.tick()
             if not ready_sent and src.ready():
                 notify.ready(f"{self.name} connected")
                 ready_sent = True
-            if now - last_pub >= self.settings.metrics.publish_interval_s:
-                last_pub = now
-                self._check_lag()
-                self._publish_metrics(metrics_key)
+            self._periodic()
         # drain: whatever was taken is written and acknowledged before exit
         notify.stopping()
         for f in src.get(1 << 20, 0.0):
@@ -165,6 +161,15 @@ class Ingest:
             self._flush_with_retry(give_up_after_s=10.0)
         src.stop()
         return 0
+
+    def _periodic(self) -> None:
+        """Watchdog and metrics: from the work loop and from inside write retries alike."""
+        self._wd.tick()
+        now = time.monotonic()
+        if now - self._last_pub >= self.settings.metrics.publish_interval_s:
+            self._last_pub = now
+            self._check_lag()
+            self._publish_metrics(self._metrics_key)
 
     def _take(self, frames: list[Any]) -> None:
         src = self.source
@@ -245,6 +250,7 @@ class Ingest:
                 if self._landed(txid):
                     self._after_flush()
                     return
+            self._periodic()
             if give_up_after_s is not None and time.monotonic() - started > give_up_after_s:
                 log.error("giving up on %d unwritten frames at shutdown; the broker will redeliver them", len(self._tokens))
                 return

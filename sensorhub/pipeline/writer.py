@@ -55,7 +55,9 @@ __all__ = ["Writer"]
 
 log = logging.getLogger(__name__)
 
-_ACK_SCRIPT = """
+# allow-oom: when Redis is full (noeviction) these must still run, or nothing
+# could ever be acknowledged and trimmed and the memory would never free.
+_ACK_SCRIPT = """#!lua flags=allow-oom
 local group = ARGV[1]
 local i = 2
 local acked = 0
@@ -74,6 +76,10 @@ while i <= #ARGV do
   acked = acked + n
 end
 return acked
+"""
+
+_SET_SCRIPT = """#!lua flags=allow-oom
+return redis.call('SET', KEYS[1], ARGV[1])
 """
 
 READING_COLS = ["device", "metric", "ts", "value", "quality", "seq", "recv", "source"]
@@ -118,6 +124,7 @@ class Writer:
             socket_connect_timeout=settings.redis.socket_timeout_s,
         )
         self._ack = self.redis.register_script(_ACK_SCRIPT)
+        self._set = self.redis.register_script(_SET_SCRIPT)
         self.stop_event = threading.Event()
         self.db = settings.clickhouse.database
         self.ch: Any = None
@@ -348,7 +355,7 @@ class Writer:
         token = token or batch.token()
         intent_key = self.layout.intent(self.consumer)
         intent = json.dumps({"token": token, "entries": batch.entries})
-        self._retry("write insert intent", lambda: self.redis.set(intent_key, intent))
+        self._retry("write insert intent", lambda: self._set(keys=[intent_key], args=[intent]))
         self._insert(batch, token)
         if (
             self.cfg.fault_crash_after_insert

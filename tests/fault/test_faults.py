@@ -128,7 +128,7 @@ def test_redis_killed_and_restarted_from_aof(fault_run) -> None:  # type: ignore
 
 
 def test_redis_full_refuses_then_drains(fault_run) -> None:  # type: ignore[no-untyped-def]
-    run = fault_run(redis_maxmemory="24mb", rate=max(RATE, 8000))
+    run = fault_run(redis_maxmemory="4mb", rate=max(RATE, 8000))
     run.start()
     run.sleep(1.0)
     run.stack.signal("writer", signal.SIGSTOP)  # nothing drains: Redis fills up
@@ -136,11 +136,14 @@ def test_redis_full_refuses_then_drains(fault_run) -> None:  # type: ignore[no-u
     deadline = time.monotonic() + SECONDS + 60
     refused = 0
     while time.monotonic() < deadline:
+        # the ingest process still publishes its metrics when Redis is full
         states = [json.loads(v) for k in r_.keys("sh:metrics:ingest:*") for v in [r_.hget(k, "state")] if v]
         refused = max([s["counters"].get("redis_errors", 0) for s in states] or [0])
         if refused:
             break
         run.sleep(0.5)
+    used = r_.info("memory")
+    run.notes["redis_used_memory_at_refusal"] = used.get("used_memory")
     run.notes["xadd_refusals_seen"] = refused
     run.sleep(3.0)
     run.stack.signal("writer", signal.SIGCONT)
@@ -166,13 +169,13 @@ def test_slow_clickhouse_bounded_memory_and_lag_alert(fault_run) -> None:  # typ
     run = fault_run("[writer]\nlag_alert_s = 3.0\n")
     run.start()
     pid = run.stack.pid("chdb-server")
-    end = time.monotonic() + SECONDS * 0.6
-    # ClickHouse answers, but slowly: stopped 80% of the time
+    end = time.monotonic() + SECONDS * 0.7
+    # ClickHouse answers, but only now and then: stopped 4 s, running 0.5 s
     while time.monotonic() < end:
         os.kill(pid, signal.SIGSTOP)
-        run.sleep(0.8)
+        run.sleep(4.0)
         os.kill(pid, signal.SIGCONT)
-        run.sleep(0.2)
+        run.sleep(0.5)
     r = run.finish()
     r_ = run.stack.redis()
     alerts = [f for _, f in r_.xrange("sh:events") if f[b"kind"] == b"lag_alert"]
