@@ -146,7 +146,7 @@ class UnknownAlias(DecodeError):
     reason = "unknown alias"
 
 
-class SyntaxError_(DecodeError):  # noqa: N801 - avoids shadowing the builtin
+class SyntaxError_(DecodeError):
     reason = "syntax error"
 
 
