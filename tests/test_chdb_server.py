@@ -633,3 +633,23 @@ def test_sigterm_during_a_long_insert_finishes_it_and_exits_0(spawn: Any) -> Non
         assert client.command("SELECT count() FROM slow") == 8
     finally:
         client.close()
+
+
+def test_form_encoded_query_with_bound_parameters(chdb_server) -> None:  # type: ignore[no-untyped-def]
+    """clickhouse-connect sends long queries with bound parameters as multipart form fields."""
+    import clickhouse_connect
+
+    client = clickhouse_connect.get_client(dsn=chdb_server.url, form_encode_query_params=True)
+    names = [f"dev-{i:04d}" for i in range(300)]
+    got = client.query(
+        "SELECT count() FROM system.numbers WHERE number < {n:UInt32} AND toString(number) NOT IN {names:Array(String)}",
+        parameters={"n": 10, "names": names},
+    ).result_rows
+    assert got == [(10,)]
+    with pytest.raises(clickhouse_connect.driver.exceptions.DatabaseError, match="external data"):
+        client.query(
+            "SELECT * FROM ext",
+            external_data=clickhouse_connect.driver.external.ExternalData(
+                data=b"1\n", file_name="ext.tsv", structure=["x UInt8"]
+            ),
+        )

@@ -635,3 +635,32 @@ def compress_body(body: bytes, accept_encoding: str) -> tuple[bytes, str | None]
         if enc == "br" and _brotli is not None:
             return _brotli.compress(body, quality=3), "br"
     return body, None
+
+
+def form_fields(content_type: str, body: bytes) -> list[tuple[str, str]]:
+    """Fields of a ``multipart/form-data`` body (``query``, ``param_*``, settings).
+
+    External data tables (file parts) are not served: they raise NOT_IMPLEMENTED
+    with that name, rather than being ignored.
+    """
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    msg = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    if not msg.is_multipart():
+        raise ClickHouseError.of("BAD_ARGUMENTS", "malformed multipart/form-data body")
+    out: list[tuple[str, str]] = []
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not isinstance(name, str) or not name:
+            raise ClickHouseError.of("BAD_ARGUMENTS", "multipart/form-data part without a name")
+        if part.get_filename():
+            raise ClickHouseError.of(
+                "NOT_IMPLEMENTED", f"external data table {name!r} (multipart file part) is not served here"
+            )
+        payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
+        out.append((name, data.decode("utf-8", errors="strict")))
+    return out

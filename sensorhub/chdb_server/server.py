@@ -35,6 +35,7 @@ from sensorhub.chdb_server.protocol import (
     ClickHouseError,
     RequestParams,
     compress_body,
+    form_fields,
     is_read_only,
     make_decoder,
     parse_insert_head,
@@ -305,10 +306,7 @@ class Handler(BaseHTTPRequestHandler):
                     "ClickHouse block compression (compress=1/decompress=1) is not served here; "
                     "use Content-Encoding and enable_http_compression=1",
                 )
-            if self.headers.get("Content-Type", "").startswith("multipart/form-data"):
-                raise ClickHouseError.of(
-                    "NOT_IMPLEMENTED", "multipart/form-data requests (external data, form parameters) are not served here"
-                )
+            content_type = self.headers.get("Content-Type", "")
             if method == "GET" and not rp.readonly:
                 rp.readonly = 2  # as on ClickHouse: GET requests only read
             tmp_dir = str(cfg.tmp_dir) if cfg.tmp_dir else None
@@ -316,6 +314,15 @@ class Handler(BaseHTTPRequestHandler):
                 size = self._read_body(body)
                 body_read = True
                 body.seek(0)
+                if content_type.startswith("multipart/form-data"):
+                    # clickhouse-connect sends long queries with bound parameters as form fields
+                    readonly = rp.readonly
+                    pairs = pairs + form_fields(content_type, body.read(size))
+                    rp = split_params(pairs)
+                    rp.readonly = readonly or rp.readonly
+                    body.seek(0)
+                    body.truncate()
+                    size = 0
                 outcome, fmt = self.server.runner.run(rp, body, size)
         except ClickHouseError as err:
             if not body_read:
