@@ -65,7 +65,8 @@ def stream_states(redis: Any, streams: list[str]) -> list[StreamState]:
             oldest: tuple[int, int] | None = None
             if pending:
                 p = redis.xpending(s, _s(g["name"]))
-                oldest = id_tuple(p["min"])
+                if p.get("min") is not None:  # acknowledged since XINFO: nothing pending now
+                    oldest = id_tuple(p["min"])
             nxt = redis.xrange(s, f"({last[0]}-{last[1]}", "+", count=1)
             if nxt:
                 first_new = id_tuple(nxt[0][0])
