@@ -157,7 +157,11 @@ class IngestSettings(_Section):
 class WriterSettings(_Section):
     consumer: str = Field("", description="consumer name; empty: writer-<hostname>-<pid>")
     batch_rows: int = Field(100_000, ge=1, description="rows per INSERT, at most")
-    batch_ms: float = Field(50.0, gt=0, description="a batch waits at most this long for more rows")
+    batch_ms: float = Field(100.0, gt=0, description="a batch waits at most this long for more rows")
+    min_batch_ms: float = Field(
+        10.0, ge=0, description="at least this long between INSERTs (bounds parts per second); "
+        "otherwise a batch is inserted as soon as the streams are drained"
+    )
     read_count: int = Field(256, ge=1, description="stream entries per XREADGROUP")
     claim_idle_ms: int = Field(15_000, ge=100, description="claim entries idle this long from dead writers")
     trim_interval_s: float = Field(1.0, gt=0)

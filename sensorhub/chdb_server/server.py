@@ -259,6 +259,9 @@ class Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = "sensorhub-chdb-server"
+    # Headers and body go out in two writes; with Nagle's algorithm the body
+    # waits for the client's delayed ACK of the headers: 40 ms on every query.
+    disable_nagle_algorithm = True
     server: ChdbHTTPServer
 
     # -- routing

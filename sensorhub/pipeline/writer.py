@@ -199,7 +199,13 @@ class Writer:
                 if self._claim_from_dead():
                     read_pending = True
             ids = ["0"] * len(self.streams) if read_pending else [">"] * len(self.streams)
-            block_ms = None if read_pending else max(1, int(self.cfg.batch_ms))
+            if read_pending:
+                block_ms = None
+            elif batch.entries:
+                wait = self.cfg.min_batch_ms - (time.monotonic() - batch.first) * 1000
+                block_ms = max(1, int(wait)) if wait > 0 else None
+            else:
+                block_ms = max(1, int(self.cfg.batch_ms))
             try:
                 resp = self.redis.xreadgroup(
                     self.group, self.consumer, dict(zip(self.streams, ids, strict=True)),
@@ -224,10 +230,15 @@ class Writer:
                 read_pending = False
                 if self.state == "replaying":
                     self._after_replay()
+            age_ms = (time.monotonic() - batch.first) * 1000 if batch.entries else 0.0
+            caught_up = not read_pending and got < self.cfg.read_count
+            # Insert as soon as the streams are drained (low latency at any load: while
+            # one INSERT runs the next batch grows by itself), but no more often than
+            # min_batch_ms (bounds parts per second), and at the latest after batch_ms.
             if batch.entries and (
                 batch.rows >= self.cfg.batch_rows
-                or (time.monotonic() - batch.first) * 1000 >= self.cfg.batch_ms
-                or (not read_pending and got == 0)
+                or age_ms >= self.cfg.batch_ms
+                or (caught_up and age_ms >= self.cfg.min_batch_ms)
             ):
                 self._flush(batch)
                 batch = _Batch()
