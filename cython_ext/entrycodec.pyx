@@ -64,3 +64,77 @@ def encode_block(ReadingBatch batch, int64_t decode_ns):
 def decode_block(bytes data):
     """Unpack a block; columns are ``array`` objects filled by memcpy (same checks as the twin)."""
     return _decode_block_py(data)
+
+
+from sensorhub.pipeline.entrycodec_py import NATIVE_COLUMNS
+
+cdef inline Py_ssize_t _put_varint(char* p, size_t n) noexcept:
+    cdef Py_ssize_t i = 0
+    while n >= 0x80:
+        p[i] = <char>((n & 0x7F) | 0x80)
+        n >>= 7
+        i += 1
+    p[i] = <char>n
+    return i + 1
+
+
+cdef inline Py_ssize_t _varint_len(size_t n) noexcept:
+    cdef Py_ssize_t i = 1
+    while n >= 0x80:
+        n >>= 7
+        i += 1
+    return i
+
+
+def native_block(bytes data, str source):
+    """One ClickHouse Native block of readings rows from a stream entry block (C; same bytes as the twin)."""
+    blk = _decode_block_py(data)
+    cdef Py_ssize_t n = blk.n, i, pos, size, k
+    cdef list dev_b = [(<str>d).encode() for d in blk.devices]
+    cdef list met_b = [(<str>m).encode() for m in blk.metrics]
+    cdef bytes src_b = source.encode()
+    # string column sizes
+    cdef Py_ssize_t n_dev = len(dev_b), n_met = len(met_b)
+    cdef const unsigned int[:] dev_idx = blk.dev
+    cdef const unsigned int[:] met_idx = blk.met
+    cdef list dev_len = [_varint_len(len(b)) + len(b) for b in dev_b]
+    cdef list met_len = [_varint_len(len(b)) + len(b) for b in met_b]
+    size = _varint_len(len(NATIVE_COLUMNS)) + _varint_len(n)
+    for name, typ in NATIVE_COLUMNS:
+        size += _varint_len(len(name)) + len(name) + _varint_len(len(typ)) + len(typ)
+    for i in range(n):
+        size += <Py_ssize_t>dev_len[dev_idx[i]] + <Py_ssize_t>met_len[met_idx[i]]
+    size += n * (_varint_len(len(src_b)) + len(src_b))
+    size += n * (8 + 8 + 1 + 8 + 8)
+    out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* p = PyBytes_AS_STRING(out)
+    cdef bytes b
+    pos = _put_varint(p, len(NATIVE_COLUMNS))
+    pos += _put_varint(p + pos, n)
+    cdef const char* sp
+    cdef Py_ssize_t sl
+    for name, typ in NATIVE_COLUMNS:
+        b = (<str>name).encode()
+        pos += _put_varint(p + pos, len(b))
+        memcpy(p + pos, PyBytes_AS_STRING(b), len(b)); pos += len(b)
+        b = (<str>typ).encode()
+        pos += _put_varint(p + pos, len(b))
+        memcpy(p + pos, PyBytes_AS_STRING(b), len(b)); pos += len(b)
+        if name == "device" or name == "metric":
+            for i in range(n):
+                b = dev_b[dev_idx[i]] if name == "device" else met_b[met_idx[i]]
+                sl = len(b)
+                pos += _put_varint(p + pos, sl)
+                memcpy(p + pos, PyBytes_AS_STRING(b), sl); pos += sl
+        elif name == "source":
+            sl = len(src_b)
+            for i in range(n):
+                pos += _put_varint(p + pos, sl)
+                memcpy(p + pos, PyBytes_AS_STRING(src_b), sl); pos += sl
+        else:
+            col = {"ts": blk.ts_us, "recv": blk.recv_us, "value": blk.value, "quality": blk.quality, "seq": blk.seq}[name]
+            raw = col.tobytes()
+            memcpy(p + pos, PyBytes_AS_STRING(raw), len(raw)); pos += len(raw)
+    if pos != size:
+        raise AssertionError(f"native block size {pos} != {size}")
+    return out, blk

@@ -119,3 +119,64 @@ def decode_block(data: bytes) -> Block:
     if n and ((n_dev and max(blk.dev) >= n_dev) or not n_dev or (n_met and max(blk.met) >= n_met) or not n_met):
         raise InvalidValue("name index out of range", HEADER_SIZE)
     return blk
+
+
+# ---- ClickHouse Native format, straight from a block ----
+#: Columns of ``readings`` the writer sends, with the types declared in the
+#: Native block; the server converts String to LowCardinality(String).
+NATIVE_COLUMNS = (
+    ("device", "String"),
+    ("metric", "String"),
+    ("ts", "DateTime64(6, 'UTC')"),
+    ("value", "Float64"),
+    ("quality", "UInt8"),
+    ("seq", "UInt64"),
+    ("recv", "DateTime64(6, 'UTC')"),
+    ("source", "String"),
+)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _nstr(s: bytes) -> bytes:
+    return _varint(len(s)) + s
+
+
+def native_block(data: bytes, source: str) -> tuple[bytes, Block]:
+    """One ClickHouse Native block of ``readings`` rows from a stream entry block.
+
+    Returns the Native bytes and the decoded :class:`Block` (the writer uses its
+    receive times for the audit and the latency histograms).
+    """
+    blk = decode_block(data)
+    n = blk.n
+    out = [_varint(len(NATIVE_COLUMNS)), _varint(n)]
+    dev = [_nstr(d.encode()) for d in blk.devices]
+    met = [_nstr(m.encode()) for m in blk.metrics]
+    src = _nstr(source.encode())
+    for name, typ in NATIVE_COLUMNS:
+        out.append(_nstr(name.encode()))
+        out.append(_nstr(typ.encode()))
+        if name == "device":
+            out.extend(dev[i] for i in blk.dev)
+        elif name == "metric":
+            out.extend(met[i] for i in blk.met)
+        elif name == "source":
+            out.append(src * n)
+        elif name == "ts":
+            out.append(blk.ts_us.tobytes())
+        elif name == "recv":
+            out.append(blk.recv_us.tobytes())
+        else:
+            out.append(getattr(blk, name).tobytes())
+    return b"".join(out), blk

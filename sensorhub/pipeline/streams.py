@@ -21,8 +21,9 @@ from sensorhub import _impl
 codec = _impl.load("entrycodec", "sensorhub.pipeline.entrycodec_py")
 encode_block = codec.encode_block
 decode_block = codec.decode_block
+native_block = codec.native_block
 
-__all__ = ["StreamLayout", "decode_block", "encode_block"]
+__all__ = ["StreamLayout", "decode_block", "encode_block", "native_block"]
 
 # Stream entry field names (short: they are stored with every entry).
 F_BLOCK = b"b"

@@ -37,6 +37,7 @@ import redis
 from sensorhub.config import Settings
 from sensorhub.errors import DecodeError, SinkError
 from sensorhub.metrics.registry import Metrics
+from sensorhub.pipeline.entrycodec_py import NATIVE_COLUMNS
 from sensorhub.pipeline.lag import LagAlarm, id_tuple, stream_states
 from sensorhub.pipeline.streams import (
     F_BLOCK,
@@ -44,7 +45,7 @@ from sensorhub.pipeline.streams import (
     F_SOURCE,
     KIND_TRADES,
     StreamLayout,
-    decode_block,
+    native_block,
 )
 from sensorhub.pipeline.tradecodec import decode_trades
 from sensorhub.service import notify
@@ -82,7 +83,7 @@ _SET_SCRIPT = """#!lua flags=allow-oom
 return redis.call('SET', KEYS[1], ARGV[1])
 """
 
-READING_COLS = ["device", "metric", "ts", "value", "quality", "seq", "recv", "source"]
+READING_COLS = [name for name, _ in NATIVE_COLUMNS]
 TRADE_COLS = ["venue", "symbol", "trade_id", "price", "amount", "side", "ts", "recv"]
 DLQ_COLS = ["source", "topic", "payload", "error", "recv", "entry_id"]
 
@@ -91,7 +92,8 @@ class _Batch:
     def __init__(self) -> None:
         self.entries: list[tuple[str, str]] = []
         self.audit: list[list[tuple[str, str, int]]] = []
-        self.readings: dict[str, list[Any]] = {c: [] for c in READING_COLS}
+        self.native: list[bytes] = []  # readings, one Native block per stream entry
+        self.reading_rows = 0
         self.trades: dict[str, list[Any]] = {c: [] for c in TRADE_COLS}
         self.dead: dict[str, list[Any]] = {c: [] for c in DLQ_COLS}
         self.rows = 0
@@ -323,17 +325,11 @@ class Writer:
                 recv = tb.recv_us
                 batch.device_ts.append(tb.ts_us)
             else:
-                blk = decode_block(fields[F_BLOCK])
-                r = batch.readings
-                r["device"].extend(blk.column("device"))
-                r["metric"].extend(blk.column("metric"))
-                r["ts"].extend(blk.ts_us)
-                r["value"].extend(blk.value)
-                r["quality"].extend(blk.quality)
-                r["seq"].extend(blk.seq)
-                r["recv"].extend(blk.recv_us)
+                # straight to ClickHouse's Native format: no Python object per reading
+                native, blk = native_block(fields[F_BLOCK], source)
+                batch.native.append(native)
                 n = len(blk)
-                r["source"].extend([source] * n)
+                batch.reading_rows += n
                 recv = blk.recv_us
                 batch.device_ts.append(blk.ts_us)
         except (DecodeError, KeyError) as exc:
@@ -384,10 +380,10 @@ class Writer:
         t0 = time.time_ns()
 
         def go() -> None:
-            if batch.readings["device"]:
-                self.ch.insert(
-                    f"{self.db}.readings", list(batch.readings.values()), column_names=READING_COLS,
-                    column_oriented=True, settings=settings,
+            if batch.native:
+                self.ch.raw_insert(
+                    f"{self.db}.readings", column_names=READING_COLS, insert_block=b"".join(batch.native),
+                    settings=settings, fmt="Native",
                 )
             if batch.trades["venue"]:
                 self.ch.insert(
@@ -409,7 +405,7 @@ class Writer:
         done = time.time_ns()
         m = self.metrics
         m.inc("rows", batch.rows)
-        m.inc("readings", len(batch.readings["device"]))
+        m.inc("readings", batch.reading_rows)
         m.inc("trades", len(batch.trades["venue"]))
         m.inc("dead_letters", len(batch.dead["source"]))
         m.inc("inserts")

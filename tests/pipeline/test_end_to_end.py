@@ -177,7 +177,7 @@ def test_writer_stopped_raises_lag_alert_then_recovers(stack_factory) -> None:  
                 if f[b"kind"] == b"lag_alert":
                     alert = json.loads(f[b"data"])
             time.sleep(0.3)
-        assert alert and alert["lag_s"] > 2.0
+        assert alert and alert["lag_s"] >= 2.0  # the event rounds to 0.1 s
         states = [json.loads(r.hget(k, "state")) for k in r.keys("sh:metrics:ingest:*")]
         assert any(s["gauges"].get("lag_alert") for s in states)
     finally:
