@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 from faultkit import RATE, SECONDS, check_exactly_once, record
@@ -105,6 +106,27 @@ def test_clickhouse_unreachable_then_replay(fault_run) -> None:  # type: ignore[
     run.stack.wait_restarted("chdb-server", old, timeout=90)
     run.notes["outage_s"] = round(time.monotonic() - down_at, 1)
     run.notes["backlog_entries_at_recovery"] = backlog_entries
+
+    def writer_state() -> dict[str, Any]:
+        for k in r_.keys("sh:metrics:writer:*"):
+            raw = r_.hget(k, "state")
+            if raw:
+                return dict(json.loads(raw))
+        return {}
+
+    # drain rate: rows inserted per second from recovery until the lag is gone
+    st0, t0 = writer_state(), time.monotonic()
+    rows0 = st0.get("counters", {}).get("rows", 0)
+    deadline = t0 + 120
+    while time.monotonic() < deadline:
+        st = writer_state()
+        if st and time.monotonic() - t0 > 1.0 and st["gauges"].get("lag_s", 99) < 1.0:
+            dt = time.monotonic() - t0
+            run.notes["drain_s"] = round(dt, 2)
+            run.notes["drain_rows_per_s"] = round((st["counters"].get("rows", 0) - rows0) / dt)
+            run.notes["live_rows_per_s"] = RATE
+            break
+        run.sleep(0.2)
     r = run.finish()
     # drain rate vs live rate, from the writer's inserted-rows history
     writer_states = [json.loads(r_.hget(k, "state")) for k in r_.keys("sh:metrics:writer:*")]
