@@ -84,6 +84,11 @@ DEFAULT_ROUTES = (
 
 
 class MqttSettings(_Section):
+    client: Literal["paho", "native"] = Field(
+        "paho",
+        description="driver of the mqtt source: paho (paho-mqtt) or native (Cython framing, "
+        "coalesced acks; less CPU per message)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     protocol: Literal["5", "3.1.1"] = "5"
