@@ -24,9 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from sensorhub.decoders.trade_batch import TradeBatch  # noqa: E402
 from sensorhub.replay import ReplayServer, ReplayThread, read_capture  # noqa: E402
+from sensorhub.replay.capture import default_capture_dir  # noqa: E402
 from sensorhub.sources.exchanges import VENUES  # noqa: E402
 
-CAPTURES = Path("/work/shared/captures")
+CAPTURES = default_capture_dir()
 FEEDS = {
     "binance": ("BINANCE", ["NKN-USDT", "BLZ-ETH", "LRC-BTC", "RUNE-EUR"], {"stream": "aggTrade"}),
     "okx": ("OKX", ["BTC-USDT", "BTC-USD-220527", "UNI-USD-PERP"], {}),

@@ -5,7 +5,7 @@
 set -euo pipefail
 DIR=${1:-run/demo-exchanges}
 SPEED=${DEMO_EXCHANGES_SPEED:-1}
-CAPTURES=${CAPTURES:-/work/shared/captures}
+CAPTURES=${CAPTURES:-$(.venv/bin/python -c "from sensorhub.replay.capture import default_capture_dir; print(default_capture_dir())")}
 PY=.venv/bin/python
 SH=.venv/bin/sensorhub
 

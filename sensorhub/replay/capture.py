@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,17 @@ def read_capture(path: str | Path) -> Capture:
     if header is None:
         raise InvalidValue(f"{path}: no header line")
     return Capture(str(header.get("exchange", "")), header, list(conns.values()), http)
+
+
+def default_capture_dir() -> Path:
+    """Where the recorded exchange captures are: ``SENSORHUB_CAPTURES``, else the
+    ``shared/captures`` folder beside the project checkout."""
+    env = os.environ.get("SENSORHUB_CAPTURES")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        cand = parent.parent / "shared" / "captures"
+        if (parent / "pyproject.toml").exists() and cand.is_dir():
+            return cand
+    return Path("/work/shared/captures")

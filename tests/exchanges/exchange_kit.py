@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,9 +11,10 @@ import pytest
 from sensorhub.config import SourceSettings
 from sensorhub.decoders.trade_batch import TradeBatch
 from sensorhub.replay import Capture, ReplayServer, ReplayThread, read_capture
+from sensorhub.replay.capture import default_capture_dir
 from sensorhub.sources.exchanges import VENUES, ExchangeSource
 
-CAPTURES = Path("/work/shared/captures")
+CAPTURES = default_capture_dir()
 
 #: Symbols per capture, in the normalized spelling the sources are configured with.
 SYMBOLS = {
