@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "chdb-server": "sensorhub.chdb_server.cli",
     "config": "sensorhub.cmd_config",
     "decode": "sensorhub.decoders.cmd_decode",
+    "dlq": "sensorhub.pipeline.cmd_dlq",
     "ingest": "sensorhub.pipeline.cmd_ingest",
     "metrics-exporter": "sensorhub.metrics.prometheus",
     "monitor": "sensorhub.monitor.cmd_monitor",

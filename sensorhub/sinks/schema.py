@@ -92,6 +92,17 @@ DEAD_LETTERS = Table(
     "(source, recv, entry_id)",
 )
 
+DEAD_LETTER_REPLAYS = Table(
+    "dead_letter_replays",
+    (
+        ("entry_id", "String"),
+        ("readings", "UInt32"),
+        ("replayed", "DateTime64(6, 'UTC') DEFAULT now64(6)"),
+    ),
+    "ReplacingMergeTree",
+    "entry_id",
+)
+
 INGEST_AUDIT = Table(
     "ingest_audit",
     (
@@ -128,7 +139,7 @@ HOP_LATENCY = Table(
     "(hop, interval_start, process)",
 )
 
-TABLES: tuple[Table, ...] = (READINGS, TRADES, DEAD_LETTERS, INGEST_AUDIT, HOP_LATENCY)
+TABLES: tuple[Table, ...] = (READINGS, TRADES, DEAD_LETTERS, DEAD_LETTER_REPLAYS, INGEST_AUDIT, HOP_LATENCY)
 
 
 def _engine(t: Table, cluster: str | None) -> str:
