@@ -20,6 +20,7 @@ Guarantees:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import random
 import threading
@@ -95,6 +96,7 @@ class Ingest:
         self._lag_alarm = LagAlarm(self.metrics, self.redis, self.layout.events, settings.writer.lag_alert_s)
         self._wd = notify.Watchdog()
         self._last_pub = 0.0
+        self._last_hops = time.monotonic()
         self._metrics_key = self.layout.metrics_key(self.metrics.process)
 
     @staticmethod
@@ -170,6 +172,9 @@ class Ingest:
             self._last_pub = now
             self._check_lag()
             self._publish_metrics(self._metrics_key)
+        if now - self._last_hops >= self.settings.writer.hop_latency_interval_s:
+            self._last_hops = now
+            self._post_hop_latency()
 
     def _take(self, frames: list[Any]) -> None:
         src = self.source
@@ -325,6 +330,18 @@ class Ingest:
             b.clear()
         self._rows = 0
         self._first_ns = 0
+
+    def _post_hop_latency(self) -> None:
+        """This interval's hop percentiles, for the writer to store in ``hop_latency``."""
+        start, secs, stats = self.metrics.take_interval()
+        stats = {hop: st for hop, st in stats.items() if st["count"]}
+        if not stats:
+            return
+        doc = {"process": self.metrics.process, "start": start, "seconds": secs, "hops": stats}
+        try:
+            self.redis.xadd(self.layout.hops, {"d": json.dumps(doc)}, maxlen=10_000, approximate=True)
+        except redis.RedisError:
+            pass  # latency history is best effort; the data path is not
 
     def _check_lag(self) -> None:
         """Watch the writers from this side too: a stuck or dead writer cannot raise its own alert."""

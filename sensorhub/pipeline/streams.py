@@ -79,6 +79,11 @@ class StreamLayout:
         return f"{self.prefix}:metrics:*"
 
     @property
+    def hops(self) -> str:
+        """Per-interval hop percentiles posted by ingest processes (capped)."""
+        return f"{self.prefix}:hops"
+
+    @property
     def events(self) -> str:
         """Operator-visible events (lag alerts, reconciliation results), bounded."""
         return f"{self.prefix}:events"

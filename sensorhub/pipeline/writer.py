@@ -542,32 +542,33 @@ class Writer:
         )
 
     def _store_hop_latency(self) -> None:
-        """Every process's per-interval hop percentiles from Redis, plus our own, into hop_latency."""
+        """Per-interval hop percentiles of every process into ``hop_latency``.
+
+        Ingest processes post theirs to the ``<prefix>:hops`` stream every
+        interval; this writer adds its own, inserts them, then deletes what it
+        inserted (a row per process, hop and interval: replays are harmless).
+        """
+        from datetime import UTC, datetime
+
         start, secs, stats = self.metrics.take_interval()
-        rows: list[list[Any]] = []
-        for hop, st in stats.items():
-            if st["count"]:
-                rows.append([self.metrics.process, hop, start, secs, st["count"], st["p50_ms"], st["p95_ms"], st["p99_ms"], st["max_ms"]])
+        rows: list[list[Any]] = [
+            [self.metrics.process, hop, datetime.fromtimestamp(start, UTC), secs,
+             st["count"], st["p50_ms"], st["p95_ms"], st["p99_ms"], st["max_ms"]]
+            for hop, st in stats.items() if st["count"]
+        ]
+        posted: list[bytes] = []
         try:
-            for key in self.redis.scan_iter(self.layout.metrics_pattern, count=100):
-                raw = self.redis.hget(key, "state")
-                if not raw:
-                    continue
-                snap = json.loads(raw)
-                if snap.get("role") != "ingest":
-                    continue
-                for hop, st in snap.get("latency", {}).items():
-                    if st.get("count"):
-                        rows.append([snap["process"], hop, time.time(), secs, st["count"], st["p50_ms"], st["p95_ms"], st["p99_ms"], st["max_ms"]])
-        except redis.RedisError:
-            pass
+            for entry_id, f in self.redis.xrange(self.layout.hops, count=10_000):
+                posted.append(entry_id)
+                doc = json.loads(f[b"d"])
+                for hop, st in doc["hops"].items():
+                    rows.append([doc["process"], hop, datetime.fromtimestamp(doc["start"], UTC), doc["seconds"],
+                                 st["count"], st["p50_ms"], st["p95_ms"], st["p99_ms"], st["max_ms"]])
+        except (redis.RedisError, ValueError, KeyError) as exc:
+            log.warning("reading posted hop latencies failed: %s", exc)
         if not rows:
             return
         try:
-            from datetime import UTC, datetime
-
-            for r in rows:
-                r[2] = datetime.fromtimestamp(r[2], UTC)
             self.ch.insert(
                 f"{self.db}.hop_latency", rows,
                 column_names=["process", "hop", "interval_start", "interval_s", "count", "p50_ms", "p95_ms", "p99_ms", "max_ms"],
@@ -576,6 +577,12 @@ class Writer:
             if not _is_clickhouse_error(exc):
                 raise
             log.warning("hop_latency insert failed: %s", str(exc)[:200])
+            return
+        if posted:
+            try:
+                self.redis.xdel(self.layout.hops, *posted)
+            except redis.RedisError as exc:
+                log.warning("clearing posted hop latencies failed: %s", exc)
 
     def _store_audit(self) -> None:
         from sensorhub.pipeline.audit import export_audit

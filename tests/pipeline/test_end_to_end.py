@@ -191,3 +191,24 @@ def test_writer_stopped_raises_lag_alert_then_recovers(stack_factory) -> None:  
             break
         time.sleep(0.3)
     assert not any(s["gauges"].get("lag_alert") for s in states)
+
+
+def test_hop_latency_is_stored_per_interval_for_every_hop(stack_factory) -> None:  # type: ignore[no-untyped-def]
+    stack = stack_factory("[writer]\nhop_latency_interval_s = 1.0\n")
+    c = _publisher(stack)
+    base = 1_764_072_000_000_000
+    _publish_all(c, [("sensors/l5/hop-1/frame", _frame("hop-1", i, base + i, [(1, 0, 0, 1.0)])) for i in range(200)])
+    c.loop_stop()
+    ch = stack.ch()
+    want = {"recv_to_xadd", "decode_to_xadd", "xadd_to_read", "read_to_insert", "recv_to_insert", "device_to_insert"}
+    deadline = time.monotonic() + 30
+    hops: set[str] = set()
+    while time.monotonic() < deadline and not want <= hops:
+        hops = {h for (h,) in ch.query("SELECT DISTINCT hop FROM sensorhub.hop_latency").result_rows}
+        time.sleep(0.5)
+    assert want <= hops, hops
+    rows = ch.query(
+        "SELECT process, sum(count), max(p99_ms) FROM sensorhub.hop_latency WHERE hop = 'recv_to_insert' GROUP BY process"
+    ).result_rows
+    assert sum(int(n) for _, n, _ in rows) == 200  # per interval, not cumulative: each reading counted once
+    assert all(p.startswith("writer:") for p, _, _ in rows)
