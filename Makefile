@@ -48,6 +48,7 @@ test: setup lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 fuzz: setup
+	@$(PY) -m pip install --quiet atheris || echo "atheris not installable here: the harnesses run their bounded plain random loop"
 	@for f in tests/fuzz/fuzz_*.py; do echo "== $$f"; $(PY) $$f --seconds $${FUZZ_SECONDS:-60} || exit 1; done
 
 bench: setup
