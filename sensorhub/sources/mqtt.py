@@ -15,9 +15,10 @@ clean-session connection as the specification requires (see
 ``sensorhub.decoders.sparkplug_host``). The routing and the Sparkplug
 connection live in :class:`MqttRouting`, which both MQTT drivers use.
 
-``mqtt.client`` chooses the driver behind the ``mqtt`` source: ``"paho"``
-(this module) or ``"native"`` (``sensorhub.sources.mqtt_native``, a lean
-receive path with Cython framing and coalesced acknowledgements). Both are
+``mqtt.client`` chooses the driver behind the ``mqtt`` source: ``"native"``
+(the default; ``sensorhub.sources.mqtt_native``, a lean receive path with
+Cython framing and coalesced acknowledgements) or ``"paho"`` (this module,
+the fallback). Both are
 also registered under their own names, ``mqtt-paho`` and ``mqtt-native``.
 
 paho's own network thread does the socket work; measured against asyncio
@@ -220,7 +221,7 @@ def default_client_id(name: str, cfg: MqttSettings) -> str:
 
 @register("mqtt")
 def _mqtt_source(name: str, settings: Settings, **kwargs: Any) -> Source:
-    """The ``mqtt`` source: the driver ``mqtt.client`` names (paho unless set to native)."""
+    """The ``mqtt`` source: the driver ``mqtt.client`` names (native unless set to paho)."""
     if settings.mqtt.client == "native":
         from sensorhub.sources.mqtt_native import MqttNativeSource
 
