@@ -12,6 +12,7 @@ Writes benchmarks/results/pipeline.json. Every run is bounded in time.
 
     python benchmarks/pipeline.py                 # the standard cases
     python benchmarks/pipeline.py --cases 40000x1 --seconds 20
+    python benchmarks/pipeline.py --cases 40000x1 --seconds 15 --mqtt-client paho native   # side by side
 """
 
 from __future__ import annotations
@@ -60,11 +61,14 @@ def _hops(redis_url: str) -> dict[str, Any]:
     return hops
 
 
-def run_case(rate: int, per_message: int, seconds: float, fmt: str, mode: str) -> dict[str, Any]:
+def run_case(rate: int, per_message: int, seconds: float, fmt: str, mode: str, mqtt_client: str = "native") -> dict[str, Any]:
     sh = [sys.executable, "-m", "sensorhub"]
     with tempfile.TemporaryDirectory(prefix="sh-bench-") as d:
         run_dir = Path(d) / "stack"
-        up = subprocess.run([*sh, "stack", "up", "--dir", str(run_dir), "--json"], capture_output=True, text=True, timeout=180)
+        cfg = Path(d) / "sensorhub.toml"
+        cfg.write_text(f'[mqtt]\nclient = "{mqtt_client}"\n')
+        up = subprocess.run([*sh, "--config", str(cfg), "stack", "up", "--dir", str(run_dir), "--json"],
+                            capture_output=True, text=True, timeout=180)
         if up.returncode != 0:
             raise SystemExit(f"stack up failed: {up.stderr[-2000:]}")
         info = json.loads(up.stdout)
@@ -87,6 +91,7 @@ def run_case(rate: int, per_message: int, seconds: float, fmt: str, mode: str) -
                 raise SystemExit(f"loadtest failed: {lt.stderr[-3000:]}")
             res = json.loads(lines[-1])
             res["case"] = f"{rate}x{per_message}"
+            res["mqtt_client"] = mqtt_client
             res["target_rate"] = rate
             res["per_message"] = per_message
             res["format"] = fmt
@@ -95,6 +100,8 @@ def run_case(rate: int, per_message: int, seconds: float, fmt: str, mode: str) -
             res["cpu_s"] = {k: round(cpu1[k] - cpu0[k], 2) for k in pids}
             res["cpu_cores"] = {k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in pids}
             res["hops"] = _hops(info["redis_url"])
+            if res.get("published"):
+                res["ingest_cpu_us_per_msg"] = round(res["cpu_s"].get("ingest", 0.0) / res["published"] * 1e6, 1)
             res["zero_loss"] = res["lost"] == 0 and res["duplicated"] == 0 and res["mismatched"] == 0
             return res
         finally:
@@ -107,16 +114,20 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--format", default="frame")
     p.add_argument("--mode", default="pooled", choices=("pooled", "per-device"))
+    p.add_argument("--mqtt-client", nargs="+", default=["native"], choices=("paho", "native"),
+                   help="MQTT driver(s) of the ingest; several: each case once per driver")
     p.add_argument("--out", default=str(RESULTS / "pipeline.json"))
     args = p.parse_args()
     os.chdir(ROOT)
     results = []
     for case in args.cases:
         rate_s, _, per_s = case.partition("x")
-        res = run_case(int(rate_s), int(per_s or 1), args.seconds, args.format, args.mode)
-        results.append(res)
-        print(json.dumps({k: res[k] for k in ("case", "published", "stored", "lost", "duplicated", "achieved_rate",
-                                               "p50_ms", "p95_ms", "p99_ms", "max_ms", "cpu_cores")}), flush=True)
+        for client in args.mqtt_client:
+            res = run_case(int(rate_s), int(per_s or 1), args.seconds, args.format, args.mode, client)
+            results.append(res)
+            print(json.dumps({k: res.get(k) for k in ("case", "mqtt_client", "published", "stored", "lost", "duplicated",
+                                                       "achieved_rate", "p50_ms", "p95_ms", "p99_ms", "max_ms",
+                                                       "cpu_cores", "ingest_cpu_us_per_msg")}), flush=True)
     out = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()}, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
