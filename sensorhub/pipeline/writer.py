@@ -447,6 +447,8 @@ class Writer:
                 by_stream[s].append(i)
             for s, ids in by_stream.items():
                 self._retry("claim intent entries", lambda s=s, ids=ids: self.redis.xclaim(s, self.group, self.consumer, 0, ids, justid=True))
+            self.metrics.inc("claimed", len(entries))
+            log.warning("claimed %d entries of %s with its insert intent", len(entries), consumer)
         batch = _Batch()
         read_ns = time.time_ns()
         for s, i in entries:
@@ -483,9 +485,11 @@ class Writer:
                         self._recover_intent(name)
                     start = "0-0"
                     while True:
-                        nxt, ids, *_ = self.redis.xautoclaim(
-                            s, self.group, self.consumer, self.cfg.claim_idle_ms, start_id=start, count=1000, justid=True
+                        # (redis-py drops the cursor of a JUSTID reply, so take whole entries)
+                        nxt, entries, *_ = self.redis.xautoclaim(
+                            s, self.group, self.consumer, self.cfg.claim_idle_ms, start_id=start, count=1000
                         )
+                        ids = [e[0] for e in entries if e]
                         if ids:
                             claimed = True
                             self.metrics.inc("claimed", len(ids))

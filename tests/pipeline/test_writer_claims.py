@@ -1,0 +1,78 @@
+"""A writer claims entries a dead consumer left pending, with and without an insert intent."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from sensorhub.config import load_settings
+from sensorhub.decoders import ReadingBatch
+from sensorhub.pipeline.streams import (
+    F_BLOCK,
+    F_KIND,
+    F_SOURCE,
+    KIND_READINGS,
+    StreamLayout,
+    encode_block,
+)
+from sensorhub.pipeline.writer import Writer
+
+
+def _entry(device: str, n: int, base: int) -> dict[bytes, bytes]:
+    b = ReadingBatch()
+    for i in range(n):
+        b.append(device, "temp", base + i, float(i), 0, base + i, base + i)
+    return {F_BLOCK: encode_block(b, 0), F_SOURCE: b"mqtt", F_KIND: KIND_READINGS}
+
+
+def test_idle_entries_of_a_dead_consumer_are_claimed_and_stored_once(
+    redis_client, redis_server, chdb_server, ch_client, ch_database  # type: ignore[no-untyped-def]
+) -> None:
+    settings = load_settings(
+        redis={"url": redis_server.url, "partitions": 2},
+        clickhouse={"url": chdb_server.url, "database": ch_database},
+        writer={"claim_idle_ms": 200, "consumer": "alive"},
+    )
+    layout = StreamLayout("sh", 2)
+    for s in layout.all_streams():
+        redis_client.xgroup_create(s, "writers", id="0", mkstream=True)
+    # "dead-a" read 3 entries and died before writing an intent
+    ids_a = [redis_client.xadd(layout.readings(0), _entry("dev-a", 10, 1_764_072_000_000_000 + k * 100)) for k in range(3)]
+    redis_client.xreadgroup("writers", "dead-a", {layout.readings(0): ">"})
+    # "dead-b" read 2 entries, wrote its intent, inserted, and died before XACK
+    ids_b = [redis_client.xadd(layout.readings(1), _entry("dev-b", 10, 1_764_072_100_000_000 + k * 100)) for k in range(2)]
+    redis_client.xreadgroup("writers", "dead-b", {layout.readings(1): ">"})
+    entries = [[layout.readings(1), i.decode()] for i in ids_b]
+    redis_client.set(layout.intent("dead-b"), json.dumps({"token": "tok-b", "entries": entries}))
+    from sensorhub.pipeline.entrycodec_py import NATIVE_COLUMNS
+    from sensorhub.pipeline.streams import native_block
+    from sensorhub.sinks.schema import apply_schema
+
+    apply_schema(ch_client, ch_database)
+    natives = b"".join(native_block(redis_client.xrange(layout.readings(1), i, i)[0][1][F_BLOCK], "mqtt")[0] for i in ids_b)
+    ch_client.raw_insert(
+        f"{ch_database}.readings", column_names=[c for c, _ in NATIVE_COLUMNS], insert_block=natives,
+        settings={"insert_deduplication_token": "tok-b"}, fmt="Native",
+    )
+    time.sleep(0.3)  # both dead consumers' entries are now idle past claim_idle_ms
+
+    w = Writer(settings)
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pending = sum(redis_client.xpending(s, "writers")["pending"] for s in layout.all_streams())
+            if pending == 0 and not redis_client.exists(layout.intent("dead-b")):
+                break
+            time.sleep(0.1)
+    finally:
+        w.stop_event.set()
+        t.join(30)
+    assert pending == 0
+    assert not redis_client.exists(layout.intent("dead-b"))
+    rows = ch_client.query(f"SELECT device, count() FROM {ch_database}.readings GROUP BY device ORDER BY device").result_rows
+    assert rows == [("dev-a", 30), ("dev-b", 20)]  # dev-b's repeated INSERT was dropped by its token
+    assert w.metrics.counters["claimed"] == 5
+    assert len(ids_a) == 3
