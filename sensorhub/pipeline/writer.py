@@ -190,7 +190,10 @@ class Writer:
         self.state = "replaying"
         notify.ready(f"writer {self.consumer} started")
         wd = self._wd
-        read_pending = True
+        # Own pending entries are read from a cursor per stream ("0" = from the
+        # start; XREADGROUP with an id returns pending entries after it), so each
+        # is read once; once every stream came back empty, new entries (">").
+        pending: dict[str, str] | None = dict.fromkeys(self.streams, "0")
         last: dict[str, float] = defaultdict(float)
         batch = _Batch()
         while not self.stop_event.is_set():
@@ -199,41 +202,56 @@ class Writer:
             if now - last["claim"] >= max(1.0, self.cfg.claim_idle_ms / 4000):
                 last["claim"] = now
                 if self._claim_from_dead():
-                    read_pending = True
-            ids = ["0"] * len(self.streams) if read_pending else [">"] * len(self.streams)
-            if read_pending:
-                block_ms = None
-            elif batch.entries:
-                wait = self.cfg.min_batch_ms - (time.monotonic() - batch.first) * 1000
-                block_ms = max(1, int(wait)) if wait > 0 else None
+                    if batch.entries:  # claimed entries are read as pending: flush first
+                        self._flush(batch)
+                        batch = _Batch()
+                    pending = dict.fromkeys(self.streams, "0")
+            if pending is not None:
+                streams, block_ms = pending, None
             else:
-                block_ms = max(1, int(self.cfg.batch_ms))
+                streams = dict.fromkeys(self.streams, ">")
+                if batch.entries:
+                    wait = self.cfg.min_batch_ms - (time.monotonic() - batch.first) * 1000
+                    block_ms = max(1, int(wait)) if wait > 0 else None
+                else:
+                    block_ms = max(1, int(self.cfg.batch_ms))
             try:
                 resp = self.redis.xreadgroup(
-                    self.group, self.consumer, dict(zip(self.streams, ids, strict=True)),
-                    count=self.cfg.read_count, block=block_ms,
+                    self.group, self.consumer, streams, count=self.cfg.read_count, block=block_ms
                 )
             except redis.RedisError as exc:
                 log.warning("XREADGROUP failed: %s", exc)
                 self._retry("reconnect to Redis", self.redis.ping)
-                read_pending = True
+                if batch.entries:
+                    self._flush(batch)
+                    batch = _Batch()
+                pending = dict.fromkeys(self.streams, "0")
                 continue
             got = 0
             read_ns = time.time_ns()
-            for stream, entries in resp or []:
-                for entry_id, fields in entries:
+            for stream_b, entries in resp or []:
+                stream = stream_b.decode()
+                for entry_id_b, fields in entries:
+                    entry_id = entry_id_b.decode()
+                    if pending is not None:
+                        pending[stream] = entry_id
+                    got += 1
                     if not fields:  # deleted while pending: nothing to insert, just ack
-                        batch.entries.append((stream.decode(), entry_id.decode()))
+                        if not batch.entries:
+                            batch.first = time.monotonic()
+                        batch.entries.append((stream, entry_id))
                         batch.audit.append([])
                         continue
-                    got += 1
-                    self._add(batch, stream.decode(), entry_id.decode(), fields, read_ns)
-            if read_pending and got == 0:
-                read_pending = False
+                    self._add(batch, stream, entry_id, fields, read_ns)
+            if pending is not None and got == 0:
+                pending = None
                 if self.state == "replaying":
+                    if batch.entries:
+                        self._flush(batch)
+                        batch = _Batch()
                     self._after_replay()
             age_ms = (time.monotonic() - batch.first) * 1000 if batch.entries else 0.0
-            caught_up = not read_pending and got < self.cfg.read_count
+            caught_up = pending is None and got < self.cfg.read_count
             # Insert as soon as the streams are drained (low latency at any load: while
             # one INSERT runs the next batch grows by itself), but no more often than
             # min_batch_ms (bounds parts per second), and at the latest after batch_ms.
@@ -482,6 +500,7 @@ class Writer:
                     if not idle:
                         continue
                     if self.redis.exists(self.layout.intent(name)):
+                        # (the main loop flushes its own batch before reading claimed entries)
                         self._recover_intent(name)
                     start = "0-0"
                     while True:
