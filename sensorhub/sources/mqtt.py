@@ -229,23 +229,33 @@ def _mqtt_source(name: str, settings: Settings, **kwargs: Any) -> Source:
     return MqttSource(name=name, settings=settings, **kwargs)
 
 
-@register("mqtt-paho")
-class MqttSource(Source):
-    """Readings from line devices over MQTT, through paho-mqtt."""
+class MqttSourceBase(Source):
+    """What both MQTT drivers share: settings, the fixed client id, routing, the Sparkplug host."""
 
     kind = "reading"
 
-    def __init__(self, name: str, settings: Settings, **_: Any) -> None:
+    def __init__(self, name: str, settings: Settings) -> None:
         super().__init__(name)
         self.settings = settings
         self.cfg: MqttSettings = settings.mqtt
-        self.queue = FrameQueue(settings.ingest.max_inflight_frames)
         # stable across restarts: the broker keeps the persistent session under this id
         self.client_id = default_client_id(name, self.cfg)
         self.routing = MqttRouting(settings, self.client_id)
         self.sparkplug: Any = self.routing.sparkplug
-        self._client = make_paho_client(settings, self.client_id, persistent=True)
         self._stopping = threading.Event()
+
+    def decoder_for(self, topic: str) -> tuple[Decoder, str | None] | None:
+        return self.routing.decoder_for(topic)
+
+
+@register("mqtt-paho")
+class MqttSource(MqttSourceBase):
+    """Readings from line devices over MQTT, through paho-mqtt."""
+
+    def __init__(self, name: str, settings: Settings, **_: Any) -> None:
+        super().__init__(name, settings)
+        self.queue = FrameQueue(settings.ingest.max_inflight_frames)
+        self._client = make_paho_client(settings, self.client_id, persistent=True)
 
     def start(self) -> None:
         c = self._client
@@ -301,12 +311,6 @@ class MqttSource(Source):
             if mid is not None:
                 c.ack(mid, 1)
         self.routing.flush_sparkplug()
-
-    def decoder_for(self, topic: str) -> tuple[Decoder, str | None] | None:
-        return self.routing.decoder_for(topic)
-
-    def partition_key(self, topic: str, device: str | None) -> str:
-        return device or topic
 
     def stop(self) -> None:
         self._stopping.set()

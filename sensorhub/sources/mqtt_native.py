@@ -46,8 +46,8 @@ from typing import Any
 from sensorhub._impl import load
 from sensorhub.config import MqttSettings, Settings
 from sensorhub.errors import DecodeError, SourceError
-from sensorhub.sources.base import Decoder, Frame, Source, register
-from sensorhub.sources.mqtt import MqttRouting, default_client_id
+from sensorhub.sources.base import Frame, register
+from sensorhub.sources.mqtt import MqttSourceBase
 
 __all__ = ["FrameBatchQueue", "MqttNativeSource"]
 
@@ -133,23 +133,14 @@ def max_packet_for(cfg: MqttSettings) -> int:
 
 
 @register("mqtt-native")
-class MqttNativeSource(Source):
+class MqttNativeSource(MqttSourceBase):
     """Readings from line devices over MQTT, through the native client."""
 
-    kind = "reading"
-
     def __init__(self, name: str, settings: Settings, **_: Any) -> None:
-        super().__init__(name)
-        self.settings = settings
-        self.cfg: MqttSettings = settings.mqtt
+        super().__init__(name, settings)
         self.queue = FrameBatchQueue(settings.ingest.max_inflight_frames)
-        # stable across restarts: the broker keeps the persistent session under this id
-        self.client_id = default_client_id(name, self.cfg)
-        self.routing = MqttRouting(settings, self.client_id)
-        self.sparkplug: Any = self.routing.sparkplug
         self.protocol = 5 if self.cfg.protocol == "5" else 4
         self.max_packet = max_packet_for(self.cfg)
-        self._stopping = threading.Event()
         self._send_lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._generation = 0
@@ -360,12 +351,6 @@ class MqttNativeSource(Source):
                         except OSError:
                             pass
         self.routing.flush_sparkplug()
-
-    def decoder_for(self, topic: str) -> tuple[Decoder, str | None] | None:
-        return self.routing.decoder_for(topic)
-
-    def partition_key(self, topic: str, device: str | None) -> str:
-        return device or topic
 
     def stop(self) -> None:
         """Disconnect normally (the session stays with the broker) and end the thread."""
