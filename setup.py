@@ -19,15 +19,21 @@ SRC = Path("cython_ext")
 INCLUDE = Path("build") / "cython_include"
 
 
+def _copy_if_changed(src: Path, dst: Path) -> None:
+    if not dst.exists() or dst.read_bytes() != src.read_bytes():
+        shutil.copyfile(src, dst)
+
+
 def _extensions(cythonized: bool = True) -> list[Extension]:
     pkg_inc = HERE / INCLUDE / "sensorhub" / "_ext"
     pkg_inc.mkdir(parents=True, exist_ok=True)
     for d in (pkg_inc.parent, pkg_inc):
         (d / "__init__.pxd").touch()
+    # copied only when changed: a fresh mtime would make Cython rebuild everything
     for pxd in (HERE / SRC).glob("*.pxd"):
-        shutil.copyfile(pxd, pkg_inc / pxd.name)
+        _copy_if_changed(pxd, pkg_inc / pxd.name)
     for pyi in (HERE / SRC).glob("*.pyi"):
-        shutil.copyfile(pyi, HERE / "sensorhub" / "_ext" / pyi.name)
+        _copy_if_changed(pyi, HERE / "sensorhub" / "_ext" / pyi.name)
     extra = ["-O3"] if os.name == "posix" else []
     exts = []
     only = {n for n in os.environ.get("SENSORHUB_BUILD_ONLY", "").split(",") if n}

@@ -55,7 +55,9 @@ for k in ("published", "stored", "lost", "duplicated", "mismatched", "achieved_r
 ok = r.get("lost") == 0 and r.get("duplicated") == 0 and r.get("mismatched") == 0
 print("  verdict        " + ("every published reading stored exactly once" if ok else "MISMATCH: see run/demo/"))
 print()
-print("query the data while the stack runs, e.g.:")
-print(f"  .venv/bin/python -c \"import clickhouse_connect as c; print(c.get_client(dsn='{sys.argv[2]}').query('SELECT device, count() FROM sensorhub.readings GROUP BY device ORDER BY device LIMIT 5').result_rows)\"")
+print("the data stays in run/demo/chdb/data; query it, e.g.:")
+print('  .venv/bin/sensorhub query --data run/demo/chdb/data "SELECT device, count(), avg(value) FROM sensorhub.readings GROUP BY device ORDER BY device LIMIT 5"')
+print("or run the stack again (.venv/bin/sensorhub stack up --dir run/demo) and use clickhouse-connect or")
+print('  .venv/bin/sensorhub query --stack run/demo "SELECT count() FROM sensorhub.readings"')
 PY
 echo "stopping the stack"

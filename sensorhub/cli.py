@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "monitor": "sensorhub.monitor.cmd_monitor",
     "writer": "sensorhub.pipeline.cmd_writer",
     "replay": "sensorhub.replay.cmd_replay",
+    "query": "sensorhub.sinks.cmd_query",
     "schema": "sensorhub.sinks.cmd_schema",
     "stack": "sensorhub.service.stack",
 }

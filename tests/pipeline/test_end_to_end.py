@@ -156,6 +156,13 @@ def test_mosquitto_pub_json_and_audit_reconciles(stack_factory) -> None:  # type
     assert out.returncode == 0, out.stdout + out.stderr
     audit = json.loads(out.stdout)
     row = next(r for r in audit["rows"] if r["source"] == "mqtt")
+    q = subprocess.run(
+        [sys.executable, "-m", "sensorhub", "query", "--stack", str(stack.dir), "--format", "TSV",
+         "SELECT metric, count() FROM sensorhub.readings WHERE device = 'hvac-1' GROUP BY metric ORDER BY metric"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert q.returncode == 0, q.stderr
+    assert q.stdout == "rh\t20\ntemp_c\t20\n"
     # received also counts the Sparkplug host's own STATE message on spBv1.0/#
     assert row["received"] >= 20 and row["xadded"] == 40 and row["stored"] == 40 and row["ok"]
 
