@@ -27,8 +27,10 @@ def run(args: argparse.Namespace) -> int:
 
         if not Path(args.data).is_dir():
             raise SinkError(f"{args.data}: no such data directory")
-        from chdb import session
+        import importlib
+        from typing import Any
 
+        session: Any = importlib.import_module("chdb.session")
         s = session.Session(args.data)
         try:
             out = s.query(args.sql, args.format).bytes()
