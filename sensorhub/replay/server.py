@@ -278,6 +278,9 @@ class ReplayServer:
                     first.set()
                 elif current:
                     await self._check(ws, self._keys([msg], ""), current[0])
+                else:
+                    # arrived before the recording was picked: checked with the first ones
+                    first_msg.append(msg)
         except ConnectionClosed:
             return
 
