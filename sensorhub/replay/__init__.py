@@ -1,6 +1,6 @@
 """Recorded exchange traffic: the capture reader and a loopback replay server.
 
-:func:`read_capture` reads the capture format of ``/work/shared/captures``
+:func:`read_capture` reads the recorded-traffic capture format (``shared/captures`` beside the checkout)
 (``*.jsonl.zst``); :class:`ReplayServer` serves one capture over a local
 WebSocket (and HTTP for recorded REST exchanges) so that an exchange source
 runs unmodified against it through its endpoint override.
