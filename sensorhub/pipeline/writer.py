@@ -21,7 +21,6 @@ needs; nothing unacknowledged is ever trimmed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -79,6 +78,29 @@ end
 return acked
 """
 
+# Before an INSERT: keep only the entries this consumer still owns (a writer
+# that was stopped may find some claimed by another meanwhile), reset their
+# idle time so nobody claims them while we insert, and write the intent, all
+# at once. From then on a claimer goes through the intent and its token.
+_TAKE_SCRIPT = """#!lua flags=allow-oom
+local group, me = ARGV[1], ARGV[2]
+local owned, parts = {}, {}
+for i = 3, #ARGV, 2 do
+  local s, id = ARGV[i], ARGV[i + 1]
+  local p = redis.call('XPENDING', s, group, id, id, 1)
+  if p[1] and p[1][2] == me then
+    redis.call('XCLAIM', s, group, me, 0, id, 'JUSTID')
+    owned[#owned + 1] = {s, id}
+    parts[#parts + 1] = s .. '\0' .. id .. '\1'
+  end
+end
+local token = redis.sha1hex(table.concat(parts))
+if #owned > 0 then
+  redis.call('SET', KEYS[1], cjson.encode({token = token, entries = owned}))
+end
+return {token, #owned, #owned > 0 and cjson.encode(owned) or '[]'}
+"""
+
 _SET_SCRIPT = """#!lua flags=allow-oom
 return redis.call('SET', KEYS[1], ARGV[1])
 """
@@ -103,11 +125,6 @@ class _Batch:
         self.device_ts: list[Any] = []
         self.read_ns = 0
 
-    def token(self) -> str:
-        h = hashlib.sha256()
-        for s, i in self.entries:
-            h.update(f"{s}\x00{i}\x01".encode())
-        return h.hexdigest()[:40]
 
 
 class Writer:
@@ -127,6 +144,7 @@ class Writer:
         )
         self._ack = self.redis.register_script(_ACK_SCRIPT)
         self._set = self.redis.register_script(_SET_SCRIPT)
+        self._take = self.redis.register_script(_TAKE_SCRIPT)
         self.stop_event = threading.Event()
         self.db = settings.clickhouse.database
         self.ch: Any = None
@@ -377,10 +395,15 @@ class Writer:
 
     # ---- flush: intent, insert, ack ----
     def _flush(self, batch: _Batch, token: str | None = None) -> None:
-        token = token or batch.token()
+        """Intent, INSERT, acknowledge, clear. ``token`` is given when replaying an intent."""
         intent_key = self.layout.intent(self.consumer)
-        intent = json.dumps({"token": token, "entries": batch.entries})
-        self._retry("write insert intent", lambda: self._set(keys=[intent_key], args=[intent]))
+        if token is None:
+            token, batch = self._take_ownership(batch, intent_key)
+            if not batch.entries:
+                return
+        else:
+            intent = json.dumps({"token": token, "entries": batch.entries})
+            self._retry("write insert intent", lambda: self._set(keys=[intent_key], args=[intent]))
         self._insert(batch, token)
         if (
             self.cfg.fault_crash_after_insert
@@ -392,6 +415,38 @@ class Writer:
             os._exit(70)
         self._retry("acknowledge entries", lambda: self._ack_batch(batch))
         self._retry("clear insert intent", lambda: self.redis.delete(intent_key))
+
+    def _take_ownership(self, batch: _Batch, intent_key: str) -> tuple[str, _Batch]:
+        args: list[Any] = [self.group, self.consumer]
+        for stream, entry_id in batch.entries:
+            args += [stream, entry_id]
+        token_b, n_owned, owned_json = self._retry(
+            "write insert intent", lambda: self._take(keys=[intent_key], args=args)
+        )
+        token = token_b.decode() if isinstance(token_b, bytes) else str(token_b)
+        if int(n_owned) == len(batch.entries):
+            return token, batch
+        owned = [(str(s_), str(i_)) for s_, i_ in json.loads(owned_json)]
+        lost = len(batch.entries) - len(owned)
+        self.metrics.inc("entries_lost_to_claims", lost)
+        log.warning("%d entries of this batch were claimed by another writer meanwhile; inserting the other %d",
+                    lost, len(owned))
+        return token, self._batch_from_entries(owned)
+
+    def _batch_from_entries(self, entries: list[tuple[str, str]]) -> _Batch:
+        """A batch of exactly these entries, in this order, read back from the streams."""
+        batch = _Batch()
+        read_ns = time.time_ns()
+        for s, i in entries:
+            rows = self._retry("read entry", lambda s=s, i=i: self.redis.xrange(s, i, i))
+            if rows and rows[0][1]:
+                self._add(batch, s, i, rows[0][1], read_ns)
+            else:  # acknowledged and trimmed, or deleted: nothing to insert, the ack is a no-op
+                if not batch.entries:
+                    batch.first = time.monotonic()
+                batch.entries.append((s, i))
+                batch.audit.append([])
+        return batch
 
     def _insert(self, batch: _Batch, token: str) -> None:
         settings = {"insert_deduplication_token": token, "insert_deduplicate": 1}
@@ -467,15 +522,7 @@ class Writer:
                 self._retry("claim intent entries", lambda s=s, ids=ids: self.redis.xclaim(s, self.group, self.consumer, 0, ids, justid=True))
             self.metrics.inc("claimed", len(entries))
             log.warning("claimed %d entries of %s with its insert intent", len(entries), consumer)
-        batch = _Batch()
-        read_ns = time.time_ns()
-        for s, i in entries:
-            rows = self._retry("read intent entry", lambda s=s, i=i: self.redis.xrange(s, i, i))
-            if rows:
-                self._add(batch, s, i, rows[0][1], read_ns)
-            else:  # acknowledged and trimmed: it was inserted; ack is a no-op
-                batch.entries.append((s, i))
-                batch.audit.append([])
+        batch = self._batch_from_entries(entries)
         # Same entries, same token: a no-op in ClickHouse if the INSERT had landed.
         self._flush(batch, token=intent["token"])
         if consumer != self.consumer:

@@ -76,3 +76,41 @@ def test_idle_entries_of_a_dead_consumer_are_claimed_and_stored_once(
     assert rows == [("dev-a", 30), ("dev-b", 20)]  # dev-b's repeated INSERT was dropped by its token
     assert w.metrics.counters["claimed"] == 5
     assert len(ids_a) == 3
+
+
+def test_a_writer_that_woke_up_inserts_only_entries_it_still_owns(
+    redis_client, redis_server, chdb_server, ch_client, ch_database  # type: ignore[no-untyped-def]
+) -> None:
+    """A writer stopped with a batch in memory; meanwhile another claimed part of it.
+
+    On waking the first writer must not insert the claimed entries again
+    (they would be duplicates under another token).
+    """
+    from sensorhub.pipeline.writer import _Batch
+    from sensorhub.sinks.schema import apply_schema
+
+    settings = load_settings(
+        redis={"url": redis_server.url, "partitions": 1},
+        clickhouse={"url": chdb_server.url, "database": ch_database},
+        writer={"consumer": "sleepy"},
+    )
+    layout = StreamLayout("sh", 1)
+    for s in layout.all_streams():
+        redis_client.xgroup_create(s, "writers", id="0", mkstream=True)
+    stream = layout.readings(0)
+    ids = [redis_client.xadd(stream, _entry(f"dev-{k}", 5, 1_764_072_000_000_000 + k * 10)) for k in range(4)]
+    apply_schema(ch_client, ch_database)
+    w = Writer(settings)
+    w.ch = ch_client
+    batch = _Batch()
+    for entry_id, fields in redis_client.xreadgroup("writers", "sleepy", {stream: ">"})[0][1]:
+        w._add(batch, stream, entry_id.decode(), fields, time.time_ns())
+    assert len(batch.entries) == 4
+    # while "sleepy" was stopped, another writer claimed the first two
+    redis_client.xclaim(stream, "writers", "other", 0, ids[:2], justid=True)
+    w._flush(batch)
+    rows = ch_client.query(f"SELECT device FROM {ch_database}.readings GROUP BY device ORDER BY device").result_rows
+    assert rows == [("dev-2",), ("dev-3",)]
+    pend = redis_client.xpending_range(stream, "writers", min="-", max="+", count=10)
+    assert [p["consumer"] for p in pend] == [b"other", b"other"]  # still theirs, untouched
+    assert w.metrics.counters["entries_lost_to_claims"] == 2
