@@ -50,6 +50,8 @@ class Run:
             "--rate", str(self.rate), "--duration", str(self.seconds),
             "--devices", "200", "--format", self.fmt, "--per-message", str(self.per_message),
             "--qos", "1", "--truth", str(self.truth), "--json", "--ack-timeout", "120",
+            # every reading kept in the truth file, so values are compared one by one
+            "--full-limit", str(int(self.rate * self.seconds * 1.2) + 1000),
         ]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
