@@ -241,6 +241,7 @@ class Ingest:
         delay = backoff.initial_s
         started = time.monotonic()
         txid = uuid.uuid4().bytes
+        full = False
         while True:
             try:
                 self._flush(txid)
@@ -255,6 +256,9 @@ class Ingest:
                 if self._landed(txid):
                     self._after_flush()
                     return
+                # A full Redis frees memory as writers trim (every writer.trim_interval_s),
+                # not after a long outage: keep retrying at about that pace.
+                full = "OOM" in str(exc) or isinstance(exc, redis.exceptions.OutOfMemoryError)
             self._periodic()
             if give_up_after_s is not None and time.monotonic() - started > give_up_after_s:
                 log.error("giving up on %d unwritten frames at shutdown; the broker will redeliver them", len(self._tokens))
@@ -262,7 +266,8 @@ class Ingest:
             if self.stop_event.wait(delay * (0.5 + random.random() / 2)) and give_up_after_s is None:
                 # stopping: leave the frames unacknowledged; the broker redelivers
                 return
-            delay = min(delay * backoff.factor, backoff.max_s)
+            cap = min(backoff.max_s, self.settings.writer.trim_interval_s / 2) if full else backoff.max_s
+            delay = min(delay * backoff.factor, cap)
 
     def _landed(self, txid: bytes) -> bool:
         """After an error: did the transaction execute anyway (reply lost)?"""

@@ -150,7 +150,8 @@ def test_redis_killed_and_restarted_from_aof(fault_run) -> None:  # type: ignore
 
 
 def test_redis_full_refuses_then_drains(fault_run) -> None:  # type: ignore[no-untyped-def]
-    run = fault_run(redis_maxmemory="4mb", rate=max(RATE, 8000))
+    # small enough to fill within seconds, large enough for a second of entries in flight
+    run = fault_run(redis_maxmemory=f"{max(4, int(RATE // 2000))}mb", rate=max(RATE, 8000))
     run.start()
     run.sleep(1.0)
     run.stack.signal("writer", signal.SIGSTOP)  # nothing drains: Redis fills up
