@@ -3,10 +3,7 @@ the protobuf runtime from the official schema, and against each other."""
 
 from __future__ import annotations
 
-import importlib.util
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -14,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sparkplug_schema import load_schema
 
 from sensorhub.decoders import batch_py, sparkplug_py
 from sensorhub.errors import DecodeError, InvalidValue, Truncated, UnknownAlias
@@ -24,30 +22,9 @@ try:
 except ImportError:  # pragma: no cover - the build is part of the test command
     batch_c = sparkplug_c = None  # type: ignore[assignment]
 
-PROTO = Path(sparkplug_py.__file__).with_name("sparkplug_b.proto")
 RECV_NS = 1_764_072_000_123_456_789
 RECV_US = RECV_NS // 1000
 TS = 1_764_072_000_500
-
-
-def load_schema(out: Path) -> ModuleType:
-    """Compile the official sparkplug_b.proto with protoc and import the generated module."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{PROTO.parent}",
-            f"--python_out={out}",
-            str(PROTO),
-        ],
-        check=True,
-    )
-    spec = importlib.util.spec_from_file_location("sparkplug_b_pb2", out / "sparkplug_b_pb2.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,14 @@ protobuf runtime from the official schema."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sparkplug_schema import load_schema
 
 from sensorhub.decoders import batch_py, sparkplug_py
 from sensorhub.decoders.sparkplug_host import REBIRTH_METRIC, SparkplugHost
@@ -26,7 +23,6 @@ try:
 except ImportError:  # pragma: no cover - the build is part of the test command
     batch_c = sparkplug_c = None  # type: ignore[assignment]
 
-PROTO = Path(sparkplug_py.__file__).with_name("sparkplug_b.proto")
 TS = 1_764_072_000_000
 RECV_NS = 1_764_072_001_000_000_000
 INT32, INT64, UINT64, DOUBLE, BOOLEAN = 3, 4, 8, 10, 11
@@ -34,23 +30,7 @@ INT32, INT64, UINT64, DOUBLE, BOOLEAN = 3, 4, 8, 10, 11
 
 @pytest.fixture(scope="module")
 def pb(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
-    out = tmp_path_factory.mktemp("pb")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            f"-I{PROTO.parent}",
-            f"--python_out={out}",
-            str(PROTO),
-        ],
-        check=True,
-    )
-    spec = importlib.util.spec_from_file_location("sparkplug_b_pb2", out / "sparkplug_b_pb2.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_schema(tmp_path_factory.mktemp("pb"))
 
 
 @pytest.fixture(
