@@ -30,6 +30,7 @@ from array import array
 from typing import Any
 
 from sensorhub.errors import InvalidValue, Truncated, UnsupportedVersion
+from sensorhub.varint import uvarint
 
 VERSION = 1
 KIND_READINGS = 1
@@ -136,20 +137,8 @@ NATIVE_COLUMNS = (
 )
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _nstr(s: bytes) -> bytes:
-    return _varint(len(s)) + s
+    return uvarint(len(s)) + s
 
 
 def native_block(data: bytes, source: str) -> tuple[bytes, Block]:
@@ -160,7 +149,7 @@ def native_block(data: bytes, source: str) -> tuple[bytes, Block]:
     """
     blk = decode_block(data)
     n = blk.n
-    out = [_varint(len(NATIVE_COLUMNS)), _varint(n)]
+    out = [uvarint(len(NATIVE_COLUMNS)), uvarint(n)]
     dev = [_nstr(d.encode()) for d in blk.devices]
     met = [_nstr(m.encode()) for m in blk.metrics]
     src = _nstr(source.encode())

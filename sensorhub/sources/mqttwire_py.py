@@ -65,6 +65,7 @@ from sensorhub.errors import (
     Truncated,
     UnknownFormat,
 )
+from sensorhub.varint import uvarint
 
 __all__ = [
     "CONNACK",
@@ -390,15 +391,7 @@ class PacketReader:
 def _remaining_length(n: int) -> bytes:
     if not 0 <= n <= MAX_REMAINING_LENGTH:
         raise InvalidValue(f"packet body of {n} bytes cannot be framed")
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+    return uvarint(n)
 
 
 def _str(s: str | bytes) -> bytes:
