@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 
+import pytest
 from exchange_kit import capture, make_source, pump, run_replay, server_venue
 from test_replay_venues import expected_trades
 
@@ -103,12 +105,28 @@ def test_unreachable_endpoint_backs_off_and_keeps_trying() -> None:
     assert all(0 <= d <= 0.2 for d in delays)  # backoff_max_s in make_source
 
 
-def test_subscription_outside_capture_strict_and_lenient() -> None:
+def test_subscription_outside_capture_strict_and_lenient(caplog: pytest.LogCaptureFixture) -> None:
     # The capture holds aggTrade streams; a feed asking for plain trades is not what it recorded.
     cap = capture("BINANCE")
+    frames = len(cap.connections[0].frames())
     lenient = ReplayServer(cap, server_venue("BINANCE"))
-    _b, _n, _src = run_replay(lenient, lambda url: make_source("BINANCE", url, stream="trade"), 129)
+    _batch, decoded, lenient_src = run_replay(lenient, lambda url: make_source("BINANCE", url, stream="trade"), frames)
     assert "trade:NKN-USDT" in lenient.stats.subscribe_mismatches
+    # Lenient: the mismatch is only noted; the recording is served on the one connection.
+    assert lenient.stats.connections == 1 and lenient_src.connections == 1
+    assert lenient.stats.frames_sent == frames
+    assert lenient_src.health.frames == frames and decoded == frames
+    assert lenient_src.venue.stats.parse_errors == 0
+
+    # Strict: the server closes every connection with 1008 before sending anything; the source
+    # sees that close, counts no frame, and keeps reconnecting.
+    caplog.set_level(logging.INFO, logger="sensorhub.sources.exchanges.base")
+
+    def policy_closes() -> list[str]:
+        return [
+            r.getMessage() for r in list(caplog.records)
+            if "connection closed: received 1008 (policy violation) subscription not in capture" in r.getMessage()
+        ]
 
     strict = ReplayServer(cap, server_venue("BINANCE"), strict=True)
     with ReplayThread(strict):
@@ -116,9 +134,12 @@ def test_subscription_outside_capture_strict_and_lenient() -> None:
         src.start()
         try:
             deadline = time.monotonic() + 10
-            while strict.stats.connections < 2 and time.monotonic() < deadline:
+            while len(policy_closes()) < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
         finally:
             src.stop()
+    assert len(policy_closes()) >= 2, [r.getMessage() for r in caplog.records]
+    assert src.connections >= 2 and strict.stats.connections >= 2
     assert strict.stats.frames_sent == 0
-    assert "1008" in src.health.detail or src.health.frames == 0
+    assert src.health.frames == 0 and len(src.queue) == 0
+    assert not src.ready()
