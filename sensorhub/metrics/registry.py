@@ -4,7 +4,8 @@ Every process owns one :class:`Metrics`. Once a second it writes a JSON
 snapshot to the hash ``<prefix>:metrics:<process>`` (field ``state``) with an
 expiry, so a dead process disappears from the monitor after ``ttl_s``. The
 histograms are cumulative since start (percentiles for the monitor) and also
-kept per interval (what the writer stores in ``hop_latency``).
+kept per interval (what the writer stores in ``hop_latency``). Hop names are
+those of :mod:`sensorhub.metrics.hops`.
 """
 
 from __future__ import annotations
@@ -20,22 +21,12 @@ from typing import Any
 import psutil
 from hdrh.histogram import HdrHistogram
 
+from sensorhub.metrics.hops import HOPS
+
 __all__ = ["HOPS", "Metrics"]
 
 # Latency is recorded in microseconds, 1 µs .. 1 hour, 3 significant digits.
 _LOWEST, _HIGHEST, _DIGITS = 1, 3_600_000_000, 3
-
-#: The hops of the data path, in order, and end to end.
-HOPS = (
-    "device_to_recv",  # device clock -> MQTT receive (includes clock skew)
-    "recv_to_decode",  # MQTT receive -> block closed (batching wait included)
-    "decode_to_xadd",  # block closed -> XADD acknowledged by Redis
-    "xadd_to_read",  # XADD -> XREADGROUP by a writer
-    "read_to_insert",  # XREADGROUP -> INSERT acknowledged by ClickHouse
-    "recv_to_insert",  # MQTT receive -> INSERT done (what the pipeline adds)
-    "device_to_insert",  # device time -> INSERT done (end to end)
-)
-
 
 _PUBLISH_SCRIPT = """#!lua flags=allow-oom
 redis.call('HSET', KEYS[1], 'state', ARGV[1])

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from sensorhub.metrics.registry import HOPS
+from sensorhub.metrics.hops import HOPS, PIPELINE_HOPS
 from sensorhub.pipeline.audit import audit_rows
 from sensorhub.pipeline.streams import StreamLayout
 
@@ -38,15 +38,12 @@ __all__ = [
 ]
 
 #: Hops shown in the latency panel, in data-path order.
-ALL_HOPS: tuple[str, ...] = (*HOPS[:3], "recv_to_xadd", *HOPS[3:5], "insert", *HOPS[5:])
+ALL_HOPS: tuple[str, ...] = HOPS
 
 # Bounds: every read from Redis is limited in count.
 _MAX_PROCESSES = 500
 _MAX_DLQ_LATEST = 8
 _MAX_EVENTS = 20
-
-# Hops the pipeline itself adds (device_to_* include device clock skew).
-_PIPELINE_HOPS = frozenset({"recv_to_decode", "decode_to_xadd", "xadd_to_read", "read_to_insert", "insert"})
 
 
 def _s(v: Any) -> str:
@@ -484,7 +481,7 @@ class StateCollector:
         else:
             lost = "none"
         worst = max(
-            ((h, v["p99_ms"]) for h, v in st["latency"].items() if h in _PIPELINE_HOPS),
+            ((h, v["p99_ms"]) for h, v in st["latency"].items() if h in PIPELINE_HOPS),
             key=lambda x: x[1],
             default=None,
         )

@@ -49,7 +49,7 @@ def fleet(redis_client: Any) -> dict[str, Any]:
     ing.set("last_frame_age_s", 0.1)
     ing.set("redis_ok", True)
     ing.set("reconnects", 1)
-    ing.record_us("recv_to_decode", 1500, 100)
+    ing.record_us("recv_to_xadd", 1500, 100)
     ing.record_us("decode_to_xadd", 700, 100)
     ing2.inc("frames", 30)
     ing2.inc("trades", 30)

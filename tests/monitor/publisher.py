@@ -36,7 +36,7 @@ def main() -> int:
         ingest.set("kind", "readings")
         ingest.set("last_frame_age_s", 0.05)
         ingest.set("redis_ok", True)
-        ingest.record_us("recv_to_decode", 900, 50)
+        ingest.record_us("recv_to_xadd", 900, 50)
         ingest.record_us("decode_to_xadd", 400, 50)
         writer.inc("rows", 400)
         writer.inc("inserts")
