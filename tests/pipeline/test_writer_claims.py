@@ -55,6 +55,12 @@ def test_idle_entries_of_a_dead_consumer_are_claimed_and_stored_once(
         f"{ch_database}.readings", column_names=[c for c, _ in NATIVE_COLUMNS], insert_block=natives,
         settings={"insert_deduplication_token": "tok-b"}, fmt="Native",
     )
+    owners = {
+        p["message_id"]: p["consumer"]
+        for s in layout.all_streams()
+        for p in redis_client.xpending_range(s, "writers", min="-", max="+", count=100)
+    }
+    assert owners == {**dict.fromkeys(ids_a, b"dead-a"), **dict.fromkeys(ids_b, b"dead-b")}
     time.sleep(0.3)  # both dead consumers' entries are now idle past claim_idle_ms
 
     w = Writer(settings)
@@ -75,7 +81,15 @@ def test_idle_entries_of_a_dead_consumer_are_claimed_and_stored_once(
     rows = ch_client.query(f"SELECT device, count() FROM {ch_database}.readings GROUP BY device ORDER BY device").result_rows
     assert rows == [("dev-a", 30), ("dev-b", 20)]  # dev-b's repeated INSERT was dropped by its token
     assert w.metrics.counters["claimed"] == 5
-    assert len(ids_a) == 3
+    # every reading of each claimed entry is stored exactly once
+    stored = ch_client.query(f"SELECT device, seq FROM {ch_database}.readings ORDER BY device, seq").result_rows
+    want_a = [("dev-a", 1_764_072_000_000_000 + k * 100 + i) for k in range(3) for i in range(10)]
+    want_b = [("dev-b", 1_764_072_100_000_000 + k * 100 + i) for k in range(2) for i in range(10)]
+    assert stored == want_a + want_b
+    # the dead consumers are left owning nothing: their entries went to "alive" and were acknowledged there
+    for s in layout.all_streams():
+        held = {c["name"]: c["pending"] for c in redis_client.xinfo_consumers(s, "writers")}
+        assert held.get(b"dead-a", 0) == 0 and held.get(b"dead-b", 0) == 0, (s, held)
 
 
 def test_a_writer_that_woke_up_inserts_only_entries_it_still_owns(
