@@ -7,6 +7,7 @@ Publishers are real MQTT clients: the simulator (its own encoders), paho, and
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -83,17 +84,29 @@ def test_bad_payloads_are_dead_lettered_and_good_ones_stored(stack_factory) -> N
     good_frame = _frame("press-1", 7, base, [(1, 0, 0, 1.5), (2, 10, 1, -3.25)])
     bad_crc = bytearray(good_frame)
     bad_crc[-1] ^= 0xFF
+    bad_magic = b"XX" + good_frame[2:]
+    hot = b'{"metric": "temp_c", "value": "hot"}'
+    bad_ilp = b"spindle rpm=12x00 1764072000000000000"
     msgs = [
         ("sensors/l1/press-1/frame", good_frame),
-        ("sensors/l1/press-1/frame", bytes(bad_crc)),  # CRC mismatch
-        ("sensors/l1/press-1/frame", b"XX" + good_frame[2:]),  # bad magic
+        ("sensors/l1/press-1/frame", bytes(bad_crc)),
+        ("sensors/l1/press-1/frame", bad_magic),
         ("sensors/l1/press-2/frame", good_frame),  # topic names another device
         ("sensors/l1/oven-1/json", json.dumps({"metric": "temp_c", "value": 21.5, "ts": 1764072000.5, "seq": 1}).encode()),
-        ("sensors/l1/oven-1/json", b'{"metric": "temp_c", "value": "hot"}'),  # value not a number
+        ("sensors/l1/oven-1/json", hot),
         ("sensors/l1/oven-1/json", b"{not json"),
         ("sensors/l1/mill-1/ilp", b"spindle,line=l1 rpm=1200i,load=0.75 1764072000000000000"),
-        ("sensors/l1/mill-1/ilp", b"spindle rpm=12x00 1764072000000000000"),  # does not parse
+        ("sensors/l1/mill-1/ilp", bad_ilp),
     ]
+    # (topic, raw payload, reason, byte offset the reason names), one per bad message
+    want_dead = sorted([
+        ("sensors/l1/press-1/frame", bytes(bad_crc), "ChecksumMismatch", len(good_frame) - 4),
+        ("sensors/l1/press-1/frame", bad_magic, "BadMagic", 0),
+        ("sensors/l1/press-2/frame", good_frame, "DeviceMismatch", 5),
+        ("sensors/l1/oven-1/json", hot, "InvalidValue", hot.index(b'"hot"')),
+        ("sensors/l1/oven-1/json", b"{not json", "SyntaxError_", 1),
+        ("sensors/l1/mill-1/ilp", bad_ilp, "SyntaxError_", bad_ilp.index(b"12x00")),
+    ])
     _publish_all(c, msgs)
     c.loop_stop()
     ch = stack.ch()
@@ -101,21 +114,25 @@ def test_bad_payloads_are_dead_lettered_and_good_ones_stored(stack_factory) -> N
     assert _wait_count(ch, "SELECT count() FROM sensorhub.readings", 5) == 5
     time.sleep(1.0)  # nothing more arrives
     assert _count(ch, "SELECT count() FROM sensorhub.readings") == 5
-    rows = ch.query("SELECT topic, payload, error FROM sensorhub.dead_letters ORDER BY recv").result_rows
-    errors = [e for _, _, e in rows]
-    assert any("crc" in e.lower() for e in errors)
-    assert any("magic" in e.lower() for e in errors)
-    assert any("device" in e.lower() and "press-2" in t for t, _, e in rows)
-    assert any("syntax" in e.lower() or "json" in e.lower() for e in errors)
-    # raw payloads are kept untouched
-    payloads = {bytes(p) if not isinstance(p, str) else p.encode("latin-1") for _, p, _ in rows}
-    assert b"{not json" in payloads or "{not json" in {str(p) for _, p, _ in rows}
+    assert _count(ch, "SELECT count() FROM sensorhub.dead_letters") == 6
+    rows = ch.query("SELECT source, topic, hex(payload), error FROM sensorhub.dead_letters").result_rows
+    assert {src for src, _, _, _ in rows} == {"mqtt"}
+    got_dead = []
+    for _, topic, payload_hex, error in rows:
+        m = re.fullmatch(r"(\w+): .* \(at offset (\d+)\)", error)
+        assert m, error
+        got_dead.append((topic, bytes.fromhex(payload_hex), m[1], int(m[2])))  # the payload, raw and untouched
+    assert sorted(got_dead) == want_dead
+    mismatch = next(e for _, t, _, e in rows if t == "sensors/l1/press-2/frame")
+    assert "'press-1'" in mismatch and "'press-2'" in mismatch, mismatch
     got = ch.query("SELECT device, metric, value, quality FROM sensorhub.readings ORDER BY device, metric").result_rows
-    assert ("mill-1", "spindle.load", 0.75, 0) in got
-    assert ("mill-1", "spindle.rpm", 1200.0, 0) in got
-    assert ("oven-1", "temp_c", 21.5, 0) in got
-    assert ("press-1", "m1", 1.5, 0) in got
-    assert ("press-1", "m2", -3.25, 1) in got
+    assert got == [
+        ("mill-1", "spindle.load", 0.75, 0),
+        ("mill-1", "spindle.rpm", 1200.0, 0),
+        ("oven-1", "temp_c", 21.5, 0),
+        ("press-1", "m1", 1.5, 0),
+        ("press-1", "m2", -3.25, 1),
+    ]
 
 
 def test_order_within_a_device_is_send_order(stack_factory) -> None:  # type: ignore[no-untyped-def]
