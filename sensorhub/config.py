@@ -154,9 +154,16 @@ class IngestSettings(_Section):
     max_inflight_frames: int = Field(
         20_000, ge=16, description="raw frames queued between source and decoder (bounded queue)"
     )
-    dlq_maxlen: int = Field(1_000_000, ge=1000, description="dead-letter stream length bound")
-    audit_interval_s: float = Field(60.0, gt=0)
+    dlq_maxlen: int = Field(
+        1_000_000, ge=1000,
+        description="dead-letter stream length bound (Redis trims the oldest past it; stored ones are safe "
+        "in dead_letters, and a trimmed one not yet stored shows as a gap in the audit)",
+    )
     backoff: BackoffSettings = BackoffSettings()
+    fault_crash_after_flush: int = Field(
+        0, ge=0, description="testing only: exit(70) right after the Nth write to Redis, before the "
+        "upstream acknowledgement (once per Redis keyspace)",
+    )
 
 
 class WriterSettings(_Section):
@@ -181,7 +188,9 @@ class WriterSettings(_Section):
 class MetricsSettings(_Section):
     publish_interval_s: float = Field(1.0, gt=0)
     ttl_s: int = Field(10, ge=2, description="a process's metrics hash expires this long after its last beat")
-    prometheus_port: int = Field(0, ge=0, le=65535, description="0: no /metrics endpoint")
+    prometheus_port: int = Field(
+        9108, ge=0, le=65535, description="port of `sensorhub metrics-exporter`'s /metrics; 0: no endpoint"
+    )
     prometheus_host: str = "127.0.0.1"
 
 

@@ -9,11 +9,17 @@ XINFO at scrape time, so they are right even when no writer is alive. A dead
 process's snapshot expires after ``metrics.ttl_s``; until then
 ``sensorhub_process_up`` is 0 once its heartbeat is older than
 ``--stale-after``. ``metrics.prometheus_port`` / ``metrics.prometheus_host``
-are the exporter's default address (port 0 there means 9108).
+are the exporter's address (9108 by default; port 0: no endpoint, the
+command says so and exits).
+
+Hop latencies are histograms (``sensorhub_hop_latency_seconds_bucket{le=...}``,
+``_sum``, ``_count``), built from the bucket counts every process publishes,
+so that they add up across processes (``histogram_quantile`` over a ``sum by
+(le)``); the percentiles stay in the monitor.
 
 Names are ``sensorhub_*``; labels ``process``, ``role``, ``source`` (ingest:
-the source name), ``consumer`` (writer), ``hop``, ``quantile``, ``stream``
-and ``group``.
+the source name), ``consumer`` (writer), ``hop``, ``le``, ``stream`` and
+``group``. Snapshots are read with :mod:`sensorhub.metrics.snapshot`.
 """
 
 from __future__ import annotations
@@ -22,18 +28,26 @@ import argparse
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
+from sensorhub.metrics.snapshot import read_snapshots, stream_info
 from sensorhub.pipeline.streams import StreamLayout
 
 __all__ = ["HELP", "SnapshotCollector", "add_arguments", "run", "serve"]
 
-DEFAULT_PORT = 9108
+# how prometheus_client writes a bucket bound, so that ``le`` matches its own histograms
+_le: Callable[[float], str] = floatToGoString
 
 # counters published by each role -> exposed as sensorhub_<role>_<name>_total
 _INGEST_COUNTERS = ("frames", "readings", "trades", "acked", "dead_letters", "duplicates", "entries", "redis_errors")
@@ -63,8 +77,6 @@ class SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         import redis as redis_mod
-
-        from sensorhub.monitor.state import read_snapshots, stream_info
 
         up = GaugeMetricFamily("sensorhub_exporter_redis_up", "1 if the exporter could read Redis")
         try:
@@ -166,19 +178,23 @@ class SnapshotCollector(Collector):
 
     def _latency(self, snaps: list[dict[str, Any]]) -> Iterator[Metric]:
         labels = ["process", "role", "source", "hop"]
-        q = GaugeMetricFamily("sensorhub_hop_latency_seconds",
-                              "latency of a hop of the data path since the process started",
-                              labels=[*labels, "quantile"])
+        hist = HistogramMetricFamily("sensorhub_hop_latency_seconds",
+                                     "latency of a hop of the data path since the process started",
+                                     labels=labels)
         mx = GaugeMetricFamily("sensorhub_hop_latency_max_seconds", "largest latency of the hop", labels=labels)
-        n = CounterMetricFamily("sensorhub_hop_latency_observations", "readings measured on the hop", labels=labels)
         for s in snaps:
+            lv = [str(s.get("process")), str(s.get("role")), str(s.get("name"))]
+            les = [_le(us / 1e6) for us in s.get("histogram_le_us") or ()]
+            for hop, h in sorted((s.get("histograms") or {}).items()):
+                cum = h.get("cumulative") or []
+                if len(cum) != len(les):
+                    continue  # a snapshot this exporter cannot read: leave it out rather than lie
+                buckets = [(le, _f(n)) for le, n in zip(les, cum, strict=True)]
+                buckets.append(("+Inf", _f(h.get("count", 0))))
+                hist.add_metric([*lv, hop], buckets, _f(h.get("sum_us", 0)) / 1e6)
             for hop, st in sorted((s.get("latency") or {}).items()):
-                lv = [str(s.get("process")), str(s.get("role")), str(s.get("name")), hop]
-                for quant, key in (("0.5", "p50_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms")):
-                    q.add_metric([*lv, quant], _f(st.get(key)) / 1000.0)
-                mx.add_metric(lv, _f(st.get("max_ms")) / 1000.0)
-                n.add_metric(lv, _f(st.get("count", 0)))
-        yield from (q, mx, n)
+                mx.add_metric([*lv, hop], _f(st.get("max_ms")) / 1000.0)
+        yield from (hist, mx)
 
     def _streams(self, streams: list[dict[str, Any]]) -> Iterator[Metric]:
         length = GaugeMetricFamily("sensorhub_stream_length", "entries in the stream", labels=["stream"])
@@ -216,7 +232,7 @@ HELP = "serve Prometheus /metrics for every sensorhub process, read from Redis"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis", metavar="URL", help="Redis URL (default: redis.url)")
     p.add_argument("--host", help="listen address (default: metrics.prometheus_host)")
-    p.add_argument("--port", type=int, help=f"listen port (default: metrics.prometheus_port, or {DEFAULT_PORT})")
+    p.add_argument("--port", type=int, help="listen port (default: metrics.prometheus_port, 9108; 0: no endpoint)")
     p.add_argument("--stale-after", type=float, default=5.0, help="heartbeat age that makes a process down (s)")
     p.add_argument("--exit-after", type=float, default=0.0, help="stop after this many seconds (0: on SIGTERM)")
 
@@ -229,7 +245,10 @@ def run(args: argparse.Namespace) -> int:
     s = load_settings(args.config)
     r = redis.Redis.from_url(args.redis or s.redis.url, socket_timeout=2.0, socket_connect_timeout=2.0)
     host = args.host or s.metrics.prometheus_host
-    port = args.port if args.port is not None else (s.metrics.prometheus_port or DEFAULT_PORT)
+    port = args.port if args.port is not None else s.metrics.prometheus_port
+    if port == 0:
+        print("no /metrics endpoint: the port is 0 (set metrics.prometheus_port or pass --port)", flush=True)
+        return 0
     stop = threading.Event()
 
     def on_signal(_sig: int, _frm: Any) -> None:

@@ -6,6 +6,12 @@ expiry, so a dead process disappears from the monitor after ``ttl_s``. The
 histograms are cumulative since start (percentiles for the monitor) and also
 kept per interval (what the writer stores in ``hop_latency``). Hop names are
 those of :mod:`sensorhub.metrics.hops`.
+
+Besides the percentiles, each hop is counted in fixed buckets
+(:data:`LATENCY_BUCKETS_US`): the snapshot's ``histograms`` hold, per hop, the
+cumulative count of observations at or below each bound, the total count and
+the sum. Percentiles cannot be added up across processes; these counts can,
+and the Prometheus exporter serves them as histograms.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import socket
 import threading
 import time
+from bisect import bisect_left
 from collections import defaultdict
 from typing import Any
 
@@ -23,10 +30,18 @@ from hdrh.histogram import HdrHistogram
 
 from sensorhub.metrics.hops import HOPS
 
-__all__ = ["HOPS", "Metrics"]
+__all__ = ["HOPS", "LATENCY_BUCKETS_US", "Metrics"]
 
 # Latency is recorded in microseconds, 1 µs .. 1 hour, 3 significant digits.
 _LOWEST, _HIGHEST, _DIGITS = 1, 3_600_000_000, 3
+
+#: Upper bounds (inclusive, µs) of the latency buckets every process publishes; the same
+#: for every process, so that Prometheus can add them up. 50 µs to 1 minute.
+LATENCY_BUCKETS_US: tuple[int, ...] = (
+    50, 100, 250, 500,
+    1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
+)
 
 _PUBLISH_SCRIPT = """#!lua flags=allow-oom
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
@@ -50,6 +65,15 @@ def percentiles(h: HdrHistogram) -> dict[str, float]:
     }
 
 
+def _cumulative(counts: list[int], sum_us: int) -> dict[str, Any]:
+    """Per-bucket counts as Prometheus wants them: at or below each bound, then the total."""
+    cum, total = [], 0
+    for n in counts[:-1]:
+        total += n
+        cum.append(total)
+    return {"cumulative": cum, "count": total + counts[-1], "sum_us": sum_us}
+
+
 class Metrics:
     """Counters, gauges and histograms of one process; thread-safe."""
 
@@ -62,6 +86,9 @@ class Metrics:
         self.gauges: dict[str, Any] = {}
         self._hists: dict[str, HdrHistogram] = defaultdict(_hist)
         self._interval: dict[str, HdrHistogram] = defaultdict(_hist)
+        # per hop: observations per bucket (the last one past every bound), and their sum
+        self._buckets: dict[str, list[int]] = defaultdict(lambda: [0] * (len(LATENCY_BUCKETS_US) + 1))
+        self._sums: dict[str, int] = defaultdict(int)
         self._interval_start = time.time()
         self._lock = threading.Lock()
         self._proc = psutil.Process()
@@ -87,6 +114,8 @@ class Metrics:
         with self._lock:
             self._hists[hop].record_value(v, count)
             self._interval[hop].record_value(v, count)
+            self._buckets[hop][bisect_left(LATENCY_BUCKETS_US, v)] += count
+            self._sums[hop] += v * count
 
     def take_interval(self) -> tuple[float, float, dict[str, dict[str, float]]]:
         """Per-hop percentiles since the last call (start time, seconds, stats)."""
@@ -101,6 +130,7 @@ class Metrics:
         with self._lock:
             counters = dict(self.counters)
             lat = {hop: percentiles(h) for hop, h in self._hists.items()}
+            hists = {hop: _cumulative(b, self._sums[hop]) for hop, b in self._buckets.items()}
         dt = now - self._last_t
         if dt >= 0.5:
             self._rates = {
@@ -120,6 +150,8 @@ class Metrics:
             "rates": dict(self._rates),
             "gauges": dict(self.gauges),
             "latency": lat,
+            "histogram_le_us": list(LATENCY_BUCKETS_US),
+            "histograms": hists,
             "rss_bytes": mem.rss,
             "cpu_percent": self._proc.cpu_percent(None),
         }

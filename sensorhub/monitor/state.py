@@ -1,8 +1,8 @@
 """One consistent picture of the appliance, read from Redis (and ClickHouse for totals).
 
 The monitor and ``--json`` both render the dict :meth:`StateCollector.collect`
-returns; the Prometheus exporter reuses :func:`read_snapshots` and
-:func:`stream_info`. Nothing here writes anywhere: the monitor may run on any
+returns. The snapshots and the stream figures come from
+:mod:`sensorhub.metrics.snapshot`, which the Prometheus exporter reads too. Nothing here writes anywhere: the monitor may run on any
 number of terminals without touching the data path.
 
 Keys of the state dict (stable, scripts read ``--json``):
@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sensorhub.metrics.hops import HOPS, PIPELINE_HOPS
+from sensorhub.metrics.snapshot import entry_ms, read_snapshots, stream_info
 from sensorhub.pipeline.audit import audit_rows
 from sensorhub.pipeline.streams import StreamLayout
 
@@ -41,85 +42,12 @@ __all__ = [
 ALL_HOPS: tuple[str, ...] = HOPS
 
 # Bounds: every read from Redis is limited in count.
-_MAX_PROCESSES = 500
 _MAX_DLQ_LATEST = 8
 _MAX_EVENTS = 20
 
 
 def _s(v: Any) -> str:
     return v.decode(errors="replace") if isinstance(v, bytes) else str(v)
-
-
-def read_snapshots(redis: Any, layout: StreamLayout, now: float | None = None) -> list[dict[str, Any]]:
-    """Every process's latest metrics snapshot, each with ``age_s`` since its heartbeat.
-
-    Hashes that are not valid JSON snapshots are skipped: a process being
-    upgraded must not take the monitor down.
-    """
-    now = time.time() if now is None else now
-    out: list[dict[str, Any]] = []
-    for key in redis.scan_iter(layout.metrics_pattern, count=200):
-        if len(out) >= _MAX_PROCESSES:
-            break
-        raw = redis.hget(key, "state")
-        if raw is None:
-            continue
-        try:
-            snap = json.loads(raw)
-        except ValueError:
-            continue
-        if not isinstance(snap, dict) or "role" not in snap:
-            continue
-        snap["age_s"] = max(0.0, now - float(snap.get("heartbeat") or 0.0))
-        out.append(snap)
-    out.sort(key=lambda s: (str(s.get("role")), str(s.get("name")), str(s.get("process"))))
-    return out
-
-
-def _id_ms(entry_id: Any) -> int:
-    return int(_s(entry_id).split("-", 1)[0])
-
-
-def stream_info(redis: Any, layout: StreamLayout, now: float | None = None) -> list[dict[str, Any]]:
-    """Length and per-group pending / lag of every stream of the layout that exists."""
-    import redis as redis_mod
-
-    now_ms = int((time.time() if now is None else now) * 1000)
-    out: list[dict[str, Any]] = []
-    for name in layout.all_streams():
-        try:
-            length = int(redis.xlen(name))
-            groups_raw = redis.xinfo_groups(name) if redis.exists(name) else []
-        except redis_mod.ResponseError:
-            continue
-        if not length and not groups_raw:
-            continue
-        groups = []
-        for g in groups_raw:
-            gname = _s(g["name"])
-            pending = int(g.get("pending") or 0)
-            lag_raw = g.get("lag")
-            lag_entries = int(lag_raw) if lag_raw is not None else None
-            oldest_s = 0.0
-            if pending:
-                p = redis.xpending(name, gname)
-                if p and p.get("min"):
-                    oldest_s = max(0.0, (now_ms - _id_ms(p["min"])) / 1000)
-            last = _s(g.get("last-delivered-id") or "0-0")
-            undelivered = redis.xrange(name, f"({last}", "+", count=1) if last != "0-0" or length else []
-            if undelivered:
-                oldest_s = max(oldest_s, (now_ms - _id_ms(undelivered[0][0])) / 1000)
-            groups.append(
-                {
-                    "group": gname,
-                    "consumers": int(g.get("consumers") or 0),
-                    "pending": pending,
-                    "lag_entries": lag_entries,
-                    "lag_s": round(oldest_s, 3),
-                }
-            )
-        out.append({"stream": name, "length": length, "groups": groups})
-    return out
 
 
 def read_events(redis: Any, layout: StreamLayout, count: int = _MAX_EVENTS) -> list[dict[str, Any]]:
@@ -132,7 +60,7 @@ def read_events(redis: Any, layout: StreamLayout, count: int = _MAX_EVENTS) -> l
         except ValueError:
             data = {"raw": f.get("data")}
         out.append(
-            {"time": _id_ms(entry_id) / 1000, "kind": f.get("kind", ""), "process": f.get("process", ""), "data": data}
+            {"time": entry_ms(entry_id) / 1000, "kind": f.get("kind", ""), "process": f.get("process", ""), "data": data}
         )
     return out
 
@@ -332,7 +260,7 @@ class StateCollector:
                     "topic": _s(f.get("topic", b"")),
                     "error": _s(f.get("error", b"")),
                     # receive time, as ClickHouse stores it: the same letter in both dedups
-                    "time": int(_s(f.get("recv_ns", b"0")) or 0) / 1e9 or _id_ms(entry_id) / 1000,
+                    "time": int(_s(f.get("recv_ns", b"0")) or 0) / 1e9 or entry_ms(entry_id) / 1000,
                     "where": "stream",
                 }
             )

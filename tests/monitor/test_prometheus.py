@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sensorhub.metrics import hops
 from sensorhub.metrics.prometheus import serve
+from sensorhub.metrics.registry import LATENCY_BUCKETS_US, Metrics
 from sensorhub.service.daemons import free_port
 from tests.monitor.conftest import LAYOUT
 
@@ -73,13 +76,17 @@ def test_scrape_has_every_family(fleet: dict[str, Any], exporter: str) -> None:
     assert _one(m, "sensorhub_writer_lag_alert", consumer="writer-1") == 1
     assert _one(m, "sensorhub_writer_clickhouse_up", consumer="writer-1") == 1
     assert _one(m, "sensorhub_writer_batch_rows", consumer="writer-1") == 300
-    # latency per hop and quantile, in seconds
-    assert _one(m, "sensorhub_hop_latency_seconds", hop="read_to_insert", quantile="0.99") == pytest.approx(
-        0.004, rel=0.01)
-    assert _one(m, "sensorhub_hop_latency_seconds", hop="recv_to_decode", quantile="0.5", source="line-1") == (
-        pytest.approx(0.0015, rel=0.01))
+    # latency per hop: histograms in seconds, cumulative buckets
+    assert _one(m, "sensorhub_hop_latency_seconds_bucket", hop="read_to_insert", le="0.0025") == 0
+    assert _one(m, "sensorhub_hop_latency_seconds_bucket", hop="read_to_insert", le="0.005") == 10
+    assert _one(m, "sensorhub_hop_latency_seconds_bucket", hop="read_to_insert", le="+Inf") == 10
+    assert _one(m, "sensorhub_hop_latency_seconds_count", hop="read_to_insert") == 10
+    assert _one(m, "sensorhub_hop_latency_seconds_sum", hop="read_to_insert") == pytest.approx(0.04)
+    assert _one(m, "sensorhub_hop_latency_seconds_bucket", hop="recv_to_xadd", le="0.001", source="line-1") == 0
+    assert _one(m, "sensorhub_hop_latency_seconds_bucket", hop="recv_to_xadd", le="0.0025", source="line-1") == 100
     assert _one(m, "sensorhub_hop_latency_max_seconds", hop="insert") == pytest.approx(0.003, rel=0.01)
-    assert _one(m, "sensorhub_hop_latency_observations_total", hop="insert") == 3
+    assert _one(m, "sensorhub_hop_latency_seconds_count", hop="insert") == 3
+    assert "sensorhub_hop_latency_seconds" not in m, "no per-process quantile gauges"
     # streams, read with XINFO at scrape time
     s0 = LAYOUT.readings(0)
     assert _one(m, "sensorhub_stream_length", stream=s0) == 2
@@ -132,3 +139,81 @@ def test_metrics_exporter_command(fleet: dict[str, Any], redis_server: Any, wait
             p.wait()
         if p.stdout is not None:
             p.stdout.close()
+
+
+def _types(url: str) -> dict[str, str]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return {f.name: f.type for f in text_string_to_metric_families(resp.read().decode())}
+
+
+def test_hop_latency_histograms_match_prometheus_client_and_add_up(redis_client: Any, exporter: str) -> None:
+    """Two ingest processes observe the same hop; the scrape is what prometheus_client's own
+    Histogram gives for the same observations, and the two series sum to the whole."""
+    values_us = [1, 49, 50, 51, 999, 1_000, 1_001, 7_500, 250_000, 250_001, 61_000_000, 4_000_000_000]
+    reference = CollectorRegistry()
+    ref = Histogram("ref_seconds", "the same observations", registry=reference,
+                    buckets=[us / 1e6 for us in LATENCY_BUCKETS_US])
+    procs = [Metrics("ingest", "line-1"), Metrics("ingest", "line-2")]
+    for i, p in enumerate(procs):
+        p.process += f":{i}"
+    for i, us in enumerate(values_us):
+        procs[i % 2].record_us(hops.RECV_TO_XADD, us, 3)
+        for _ in range(3):
+            # what record_us stores: whole µs, clamped to the HDR range 1 µs .. 1 h
+            ref.observe(min(us, 3_600_000_000) / 1e6)
+    for p in procs:
+        p.publish(redis_client, LAYOUT.metrics_key(p.process), 30)
+
+    assert _types(exporter)["sensorhub_hop_latency_seconds"] == "histogram"
+    m = _scrape(exporter)
+    want = {s.labels["le"]: s.value for f in text_string_to_metric_families(generate_latest(reference).decode())
+            for s in f.samples if s.name == "ref_seconds_bucket"}
+    assert len(want) == len(LATENCY_BUCKETS_US) + 1
+    for le, n in want.items():
+        series = [v for lab, v in m["sensorhub_hop_latency_seconds_bucket"]
+                  if lab["hop"] == "recv_to_xadd" and lab["le"] == le]
+        assert len(series) == 2 and sum(series) == n, (le, series, n)
+    counts = [v for lab, v in m["sensorhub_hop_latency_seconds_count"] if lab["hop"] == "recv_to_xadd"]
+    sums = [v for lab, v in m["sensorhub_hop_latency_seconds_sum"] if lab["hop"] == "recv_to_xadd"]
+    assert sum(counts) == 3 * len(values_us)
+    assert sum(sums) == pytest.approx(3 * sum(min(us, 3_600_000_000) for us in values_us) / 1e6)
+    # each series is cumulative
+    for proc in (p.process for p in procs):
+        series = sorted(((float(lab["le"]), v) for lab, v in m["sensorhub_hop_latency_seconds_bucket"]
+                         if lab["process"] == proc), key=lambda x: x[0])
+        assert [v for _, v in series] == sorted(v for _, v in series)
+
+
+def _exporter(redis_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sensorhub", "metrics-exporter", "--redis", redis_url, "--exit-after", "30", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )
+
+
+def test_prometheus_port_zero_means_no_endpoint(redis_server: Any) -> None:
+    p = _exporter(redis_server.url, env={"SENSORHUB_METRICS_PROMETHEUS_PORT": "0"})
+    try:
+        out, err = p.communicate(timeout=20)  # returns at once rather than serving until --exit-after
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    assert "no /metrics endpoint" in out and "serving" not in out
+
+
+def test_prometheus_port_setting_is_the_listen_port(fleet: dict[str, Any], redis_server: Any) -> None:
+    port = free_port()
+    p = _exporter(redis_server.url, env={"SENSORHUB_METRICS_PROMETHEUS_PORT": str(port)})
+    try:
+        assert p.stdout is not None
+        assert p.stdout.readline().strip() == f"serving http://127.0.0.1:{port}/metrics"
+        m = _scrape(f"http://127.0.0.1:{port}/metrics")
+        assert _one(m, "sensorhub_hop_latency_seconds_count", hop="insert") == 3
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
