@@ -118,6 +118,16 @@ cdef class ReadingBatch:
         self.push(<uint32_t>self.intern_device(device), <uint32_t>self.intern_metric(metric),
                   ts_us, value, <uint8_t>quality, seq, recv_us)
 
+    def receive_stamped(self, Py_ssize_t start=0):
+        """Readings from row ``start`` on whose time is their receive time (the payload gave none)."""
+        cdef Py_ssize_t i, k = 0
+        if start < 0:
+            start = 0
+        for i in range(start, self.n):
+            if self.ts_us[i] == self.recv_us[i]:
+                k += 1
+        return k
+
     def column(self, str name):
         """One column as a Python list (strings for device and metric)."""
         cdef Py_ssize_t i

@@ -15,6 +15,10 @@ cdef class PacketReader:
     cdef public long long dups
     cdef public long long retained
     cdef public long long packets
+    # the last CONNACK said no session: retained messages are a new subscription's replays
+    cdef public bint new_session
+    # topics whose replay was handed out on this connection
+    cdef set _replayed
 
     # Parses whole packets of p[0:n]; returns the bytes consumed.
     cdef Py_ssize_t c_parse(self, const uint8_t* p, Py_ssize_t n, list frames, list controls,

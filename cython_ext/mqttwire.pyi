@@ -7,6 +7,11 @@ SUBACK: int
 PINGRESP: int
 DISCONNECT: int
 MAX_REMAINING_LENGTH: int
+FLAG_DUP: int
+FLAG_RETAIN: int
+FLAG_REPLAY: int
+PACKET_ID_SHIFT: int
+SUBSCRIBE_OPTIONS_V5: int
 
 def token_base(generation: int) -> int: ...
 
@@ -18,11 +23,12 @@ class PacketReader:
     dups: int
     retained: int
     packets: int
+    new_session: bool
     def __init__(
         self,
         protocol: int = 5,
         max_packet: int = ...,
-        frame: Callable[[str, bytes, int, int | None], Any] | None = None,
+        frame: Callable[[str, bytes, int, int | None, int], Any] | None = None,
     ) -> None: ...
     def pending(self) -> int: ...
     def feed(

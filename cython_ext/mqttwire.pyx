@@ -31,6 +31,15 @@ PINGRESP = 13
 DISCONNECT = 14
 MAX_REMAINING_LENGTH = 268_435_455
 
+DEF C_FLAG_DUP = 1
+DEF C_FLAG_RETAIN = 2
+DEF C_FLAG_REPLAY = 4
+DEF C_PACKET_ID_SHIFT = 3
+FLAG_DUP = C_FLAG_DUP
+FLAG_RETAIN = C_FLAG_RETAIN
+FLAG_REPLAY = C_FLAG_REPLAY
+PACKET_ID_SHIFT = C_PACKET_ID_SHIFT
+SUBSCRIBE_OPTIONS_V5 = 0x18  # Retain Handling 1 (0x10) and Retain As Published (0x08)
 DEF C_CONNACK = 2
 DEF C_PUBLISH = 3
 DEF C_SUBACK = 9
@@ -184,6 +193,8 @@ cdef class PacketReader:
         self.dups = 0
         self.retained = 0
         self.packets = 0
+        self.new_session = False
+        self._replayed = set()
 
     def pending(self):
         """Bytes of an incomplete packet kept for the next read."""
@@ -230,8 +241,8 @@ cdef class PacketReader:
                             object recv_ns, int64_t token_base) except -1:
         cdef Py_ssize_t pos = 0, i, total, end, tstart
         cdef uint32_t rl
-        cdef int shift, k, qos, alias, keep_alive
-        cdef uint16_t tlen, pid
+        cdef int shift, k, qos, alias, keep_alive, fl
+        cdef uint16_t tlen, pid = 0
         cdef uint8_t h, b, flags, rc
         cdef bint complete
         cdef object token, topic, payload
@@ -308,15 +319,23 @@ cdef class PacketReader:
                         raise InvalidValue(f"unknown topic alias {alias}", tstart)
                 else:
                     raise InvalidValue("empty topic without a topic alias", tstart)
+                fl = (<int>pid << C_PACKET_ID_SHIFT) if qos else 0
                 if h & 0x08:
                     self.dups += 1
+                    fl |= C_FLAG_DUP
                 if h & 0x01:
                     self.retained += 1
+                    fl |= C_FLAG_RETAIN
+                    if not v5:
+                        fl |= C_FLAG_REPLAY  # 3.1.1 flags only what a new subscription is sent
+                    elif self.new_session and topic not in self._replayed:
+                        fl |= C_FLAG_REPLAY
+                        self._replayed.add(topic)
                 payload = PyBytes_FromStringAndSize(<const char*>(q + i), end - i)
                 if self._frame is None:
-                    frames.append((topic, payload, recv_ns, token))
+                    frames.append((topic, payload, recv_ns, token, fl))
                 else:
-                    frames.append(self._frame(topic, payload, recv_ns, token))
+                    frames.append(self._frame(topic, payload, recv_ns, token, fl))
             elif h >> 4 == C_CONNACK:
                 if i + 2 > end:
                     raise Truncated("CONNACK flags and reason", i)
@@ -330,6 +349,9 @@ cdef class PacketReader:
                     i = props(q, i, end, &alias, &keep_alive)
                 if i != end:
                     raise TrailingBytes("after CONNACK", i)
+                # without a session every subscription is new: its retained messages are replays
+                self.new_session = not (flags & 1)
+                self._replayed = set()
                 controls.append((CONNACK, bool(flags & 1), rc, keep_alive))
             elif h >> 4 == C_SUBACK:
                 if i + 2 > end:
@@ -429,7 +451,7 @@ def encode_subscribe(packet_id, filters, protocol=5):
         if qos not in (0, 1):
             raise InvalidValue(f"subscription QoS {qos}; 0 or 1 only")
         body += _str(f)
-        body.append(qos)
+        body.append(qos | SUBSCRIBE_OPTIONS_V5 if protocol == 5 else qos)
     return b"\x82" + _remaining_length(len(body)) + bytes(body)
 
 

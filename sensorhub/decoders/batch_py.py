@@ -110,6 +110,11 @@ class ReadingBatch:
             del self._met_index[name]
         del self.metrics[self._mark_met :]
 
+    def receive_stamped(self, start: int = 0) -> int:
+        """Readings from row ``start`` on whose time is their receive time (the payload gave none)."""
+        ts, recv = self.ts_us, self.recv_us
+        return sum(1 for i in range(start, len(ts)) if ts[i] == recv[i])
+
     def column(self, name: str) -> list[Any]:
         """One column as a Python list (strings for device and metric)."""
         if name == "device":

@@ -6,12 +6,33 @@ Guarantees:
   readings (or its dead letter) has been executed by Redis. When Redis refuses
   (down, out of memory) the loop keeps the batch, stops acknowledging and
   retries with capped, jittered backoff; the broker keeps everything else.
-- A frame seen before (the broker redelivering after a crash of this
-  process, or a device repeating a message) is recognised by a fingerprint of
-  its topic and payload and is acknowledged without being written twice. The
-  fingerprints of every transaction are written in the same MULTI to a capped
-  log (``<prefix>:acklog:<source>``), so a restarted process knows what the
-  last one wrote but may not have acknowledged.
+- A redelivery is recognised by what the transport says, never by payload
+  content alone (two identical payloads published as two messages are two
+  readings; one without a time takes its receive time):
+
+  * MQTT redelivers a QoS 1 message it had sent and not had acknowledged
+    with the DUP flag and its original packet id. Such a frame is already
+    written when its *delivery fingerprint* (session, packet id, topic,
+    payload) is among the last frames written: a redelivered message was
+    in flight, and at most ``mqtt.receive_maximum`` are, so the window is
+    a small multiple of that (and below the 65,535 packet ids a broker
+    goes through before it can reuse one for the same content).
+  * A payload whose every reading carries the device's own time collapses
+    on the natural key (device, metric, ts, seq) anyway: its *content
+    fingerprint* (topic and payload) catches a device's or the broker's
+    resend of the same readings as a new message (a publisher
+    retransmitting after the broker restarted). Exchange frames carry the
+    venue's trade ids and times, so they are always content-checked.
+  * A topic's retained message that the broker hands to a new subscription
+    (MQTT 5 subscriptions ask for that only when new, so a restart with the
+    session present gets none) is a new reading only if it differs from
+    the last retained message stored for that topic: the content
+    fingerprint of every message published retained is kept per topic in
+    ``<prefix>:retained:<source>``.
+
+  The fingerprints of every transaction are written in the same MULTI to a
+  capped log (``<prefix>:acklog:<source>``), so a restarted process knows
+  what the last one wrote but may not have acknowledged.
 - Audit counters (received, decoded, dead-lettered, written) per source and
   minute are incremented in the same MULTI, so they are exact across crashes.
 - Undecodable payloads go raw, with the reason, to the dead-letter stream.
@@ -22,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -47,18 +69,63 @@ from sensorhub.pipeline.streams import (
 )
 from sensorhub.pipeline.tradecodec import encode_trades
 from sensorhub.service import notify
-from sensorhub.sources.base import Source
+from sensorhub.sources.base import (
+    DELIVERY_DUP,
+    DELIVERY_PACKET_ID_SHIFT,
+    DELIVERY_REPLAY,
+    DELIVERY_RETAIN,
+    Source,
+)
 
 __all__ = ["Ingest"]
 
 log = logging.getLogger(__name__)
 
 ACKLOG_ENTRIES = 4096  # transactions remembered in the capped dedup log
+FP_BYTES = 12
+# Below the 65,535 packet ids a broker goes through before one comes back: a
+# delivery fingerprint in the window is the same message, not a reused id.
+DELIVERY_WINDOW_MAX = 60_000
 
 
-def fingerprint(topic: str, payload: bytes) -> bytes:
-    h = hashlib.blake2b(payload, digest_size=12, key=topic.encode()[:64])
+def content_fingerprint(topic: str, payload: bytes) -> bytes:
+    """Topic and payload, whole (topics hold no NUL, so the separator is unambiguous)."""
+    h = hashlib.blake2b(topic.encode(), digest_size=FP_BYTES)
+    h.update(b"\x00")
+    h.update(payload)
     return h.digest()
+
+
+def delivery_fingerprint(session_key: bytes, content_fp: bytes, packet_id: int) -> bytes:
+    """One message of one session: its packet id with its content fingerprint."""
+    return hashlib.blake2b(content_fp + packet_id.to_bytes(2, "big"), digest_size=FP_BYTES, key=session_key).digest()
+
+
+class _Window:
+    """The last ``size`` fingerprints, in order, with O(1) membership."""
+
+    __slots__ = ("items", "seen", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: deque[bytes] = deque()
+        self.seen: set[bytes] = set()
+
+    def __contains__(self, fp: bytes) -> bool:
+        return fp in self.seen
+
+    def add(self, fps: list[bytes]) -> None:
+        items, seen = self.items, self.seen
+        for fp in fps:
+            if fp not in seen:
+                seen.add(fp)
+                items.append(fp)
+        while len(items) > self.size:
+            seen.discard(items.popleft())
+
+
+def _split(blob: bytes) -> list[bytes]:
+    return [blob[i : i + FP_BYTES] for i in range(0, len(blob), FP_BYTES)]
 
 
 class Ingest:
@@ -80,19 +147,28 @@ class Ingest:
         self.flush_rows = cfg.flush_rows
         self.flush_s = cfg.flush_ms / 1000.0
         self._trades = source.kind == "trade"
-        self._new_batch = TradeBatch if self._trades else self._reading_batch_factory()
+        self._new_batch: Any = TradeBatch if self._trades else self._reading_batch_factory()
         self._batches: dict[int, Any] = {}
         self._rows = 0
         self._tokens: list[Any] = []
-        self._fps: list[bytes] = []
-        self._fps_pending: set[bytes] = set()
+        # fingerprints of the frames taken since the last flush (see the module doc)
+        self._dfps: list[bytes] = []
+        self._dfps_pending: set[bytes] = set()
+        self._cfps: list[bytes] = []
+        self._cfps_pending: set[bytes] = set()
+        self._retained_pending: dict[str, bytes] = {}
         self._dead: list[dict[bytes, Any]] = []
         self._audit: dict[int, dict[str, int]] = {}
         self._first_ns = 0
+        self.flushes = 0
+        self._last_recv_us = 0
         self._frame_recv: list[int] = []
-        self._window: deque[bytes] = deque()
-        self._seen: set[bytes] = set()
-        self._window_max = max(cfg.max_inflight_frames, settings.mqtt.receive_maximum) * 4
+        inflight = source.inflight_bound or settings.mqtt.receive_maximum
+        self._delivered = _Window(min(2 * inflight + cfg.max_inflight_frames, DELIVERY_WINDOW_MAX))
+        self._contents = _Window(max(cfg.max_inflight_frames, inflight) * 4)
+        self._retained: dict[str, bytes] = {}
+        self._session_key = hashlib.blake2b(source.session_id.encode(), digest_size=32).digest()
+        self._content_always = self._trades  # exchange frames carry the venue's ids and times
         self._lag_alarm = LagAlarm(self.metrics, self.redis, self.layout.events, settings.writer.lag_alert_s)
         self._wd = notify.Watchdog()
         self._last_pub = 0.0
@@ -105,25 +181,24 @@ class Ingest:
 
         return ReadingBatch
 
-    # ---- dedup window ----
-    def _remember(self, fps: list[bytes]) -> None:
-        w, s = self._window, self._seen
-        for fp in fps:
-            if fp not in s:
-                s.add(fp)
-                w.append(fp)
-        while len(w) > self._window_max:
-            s.discard(w.popleft())
-
+    # ---- what the last run wrote ----
     def _load_acklog(self) -> None:
-        """Fingerprints of the last transactions, written by this source's earlier run."""
+        """Fingerprints of the last transactions and the retained messages stored, from earlier runs."""
         entries = self.redis.xrevrange(self.layout.acklog(self.name), count=ACKLOG_ENTRIES)
-        fps: list[bytes] = []
+        dfps: list[bytes] = []
+        cfps: list[bytes] = []
         for _id, fields in reversed(entries):
-            blob = fields.get(b"f", b"")
-            fps.extend(blob[i : i + 12] for i in range(0, len(blob), 12))
-        self._remember(fps)
-        log.info("loaded %d recent frame fingerprints of source %s", len(fps), self.name)
+            dfps.extend(_split(fields.get(b"d", b"")))
+            cfps.extend(_split(fields.get(b"c", b"")))
+        self._delivered.add(dfps[-self._delivered.size :])
+        self._contents.add(cfps[-self._contents.size :])
+        self._retained = {
+            k.decode(): v for k, v in self.redis.hgetall(self.layout.retained(self.name)).items()
+        }
+        log.info(
+            "source %s: %d delivery and %d content fingerprints of recent frames, %d retained topics",
+            self.name, len(self._delivered.items), len(self._contents.items), len(self._retained),
+        )
 
     # ---- the loop ----
     def run(self) -> int:
@@ -178,27 +253,43 @@ class Ingest:
 
     def _take(self, frames: list[Any]) -> None:
         src = self.source
-        seen = self._seen
         m = self.metrics
+        delivered, dpending = self._delivered, self._dfps_pending
+        contents, cpending = self._contents, self._cfps_pending
         for f in frames:
+            if f.recv_ns // 1000 <= self._last_recv_us:
+                # Receive times are unique to the microsecond within a source: a reading
+                # without a time of its own takes its receive time, and two such readings
+                # of one device (a burst, a backlog after an outage) are two readings.
+                f = f._replace(recv_ns=(self._last_recv_us + 1) * 1000)
+            self._last_recv_us = f.recv_ns // 1000
             minute = f.recv_ns // 60_000_000_000
             audit = self._audit.get(minute)
             if audit is None:
                 audit = self._audit[minute] = {"received": 0, "decoded": 0, "dead_lettered": 0, "xadded": 0, "duplicates": 0}
             audit["received"] += 1
-            fp = fingerprint(f.topic, f.payload)
-            if fp in seen or fp in self._fps_pending:
-                audit["duplicates"] += 1
-                m.inc("duplicates")
-                self._tokens.append(f.ack_token)
-                if not self._first_ns:
-                    self._first_ns = time.time_ns()
-                continue
             if not self._first_ns:
                 self._first_ns = time.time_ns()
-            self._fps.append(fp)
-            self._fps_pending.add(fp)
             self._tokens.append(f.ack_token)
+            cfp = content_fingerprint(f.topic, f.payload)
+            d = f.delivery
+            dfp = None
+            if d >> DELIVERY_PACKET_ID_SHIFT:
+                dfp = delivery_fingerprint(self._session_key, cfp, d >> DELIVERY_PACKET_ID_SHIFT)
+            if (
+                (d & DELIVERY_DUP and dfp is not None and (dfp in delivered or dfp in dpending))
+                or cfp in contents
+                or cfp in cpending
+                or (d & DELIVERY_REPLAY and self._retained_pending.get(f.topic, self._retained.get(f.topic)) == cfp)
+            ):
+                audit["duplicates"] += 1
+                m.inc("duplicates")
+                continue
+            if dfp is not None:
+                self._dfps.append(dfp)
+                dpending.add(dfp)
+            if d & (DELIVERY_RETAIN | DELIVERY_REPLAY):
+                self._retained_pending[f.topic] = cfp
             self._frame_recv.append(f.recv_ns)
             route = src.decoder_for(f.topic)
             if route is None:
@@ -213,11 +304,16 @@ class Ingest:
             if len(f.payload) > self.settings.mqtt.max_payload_bytes:
                 self._dead_letter(f, f"payload of {len(f.payload)} bytes over mqtt.max_payload_bytes", audit)
                 continue
+            start = len(batch)
             try:
                 n = decoder.decode(device, f.payload, f.recv_ns, batch)
             except DecodeError as exc:
                 self._dead_letter(f, f"{type(exc).__name__}: {exc}", audit)
                 continue
+            if n and (self._content_always or not batch.receive_stamped(start)):
+                # every reading has the device's time: the same payload again is the same readings
+                self._cfps.append(cfp)
+                cpending.add(cfp)
             audit["decoded"] += n
             self._rows += n
         m.inc("frames", len(frames))
@@ -293,14 +389,16 @@ class Ingest:
             pipe.xadd(stream, {F_BLOCK: block, F_SOURCE: name, F_KIND: kind})
             n_entries += 1
         for d in self._dead:
-            pipe.xadd(self.layout.dlq, d)
-        if self._fps:
+            pipe.xadd(self.layout.dlq, d, maxlen=self.settings.ingest.dlq_maxlen, approximate=True)
+        if self._dfps or self._cfps:
             pipe.xadd(
                 self.layout.acklog(self.name),
-                {b"f": b"".join(self._fps), b"tx": txid},
+                {b"d": b"".join(self._dfps), b"c": b"".join(self._cfps), b"tx": txid},
                 maxlen=ACKLOG_ENTRIES,
                 approximate=True,
             )
+        if self._retained_pending:
+            pipe.hset(self.layout.retained(self.name), mapping=self._retained_pending)
         rows = 0
         for minute, counts in self._audit.items():
             key = self.layout.audit_key(self.name, minute)
@@ -312,6 +410,17 @@ class Ingest:
         for batch in self._batches.values():
             rows += len(batch)
         pipe.execute()
+        self.flushes += 1
+        cfg = self.settings.ingest
+        if (
+            cfg.fault_crash_after_flush
+            and self.flushes >= cfg.fault_crash_after_flush
+            and self._tokens
+            and self.redis.set(f"{self.layout.prefix}:fault:ingest-crashed", self.name, nx=True)
+        ):
+            # once per keyspace, so the restarted ingest shows what the broker redelivers
+            log.error("fault injection: exiting between the write to Redis and the ack (flush %d)", self.flushes)
+            os._exit(70)
         done = time.time_ns()
         m = self.metrics
         m.record_us("decode_to_xadd", (done - decode_ns) / 1000)
@@ -324,10 +433,15 @@ class Ingest:
     def _after_flush(self) -> None:
         self.source.ack(self._tokens)
         self.metrics.inc("acked", len(self._tokens))
-        self._remember(self._fps)
+        self._delivered.add(self._dfps)
+        self._contents.add(self._cfps)
+        self._retained.update(self._retained_pending)
         self._tokens = []
-        self._fps = []
-        self._fps_pending = set()
+        self._dfps = []
+        self._dfps_pending = set()
+        self._cfps = []
+        self._cfps_pending = set()
+        self._retained_pending = {}
         self._dead = []
         self._audit = {}
         self._frame_recv = []

@@ -68,6 +68,10 @@ class StreamLayout:
     def acklog(self, source: str) -> str:
         return f"{self.prefix}:acklog:{source}"
 
+    def retained(self, source: str) -> str:
+        """Per topic, the content fingerprint of the last retained message stored."""
+        return f"{self.prefix}:retained:{source}"
+
     def intent(self, consumer: str) -> str:
         return f"{self.prefix}:intent:{consumer}"
 

@@ -25,6 +25,10 @@ from typing import Any, Literal, NamedTuple, Protocol
 from sensorhub.errors import ConfigError
 
 __all__ = [
+    "DELIVERY_DUP",
+    "DELIVERY_PACKET_ID_SHIFT",
+    "DELIVERY_REPLAY",
+    "DELIVERY_RETAIN",
     "Decoder",
     "Frame",
     "FrameQueue",
@@ -38,13 +42,30 @@ __all__ = [
 RecordKind = Literal["reading", "trade"]
 
 
+#: ``Frame.delivery`` bits: the broker sends this message again (MQTT DUP) ...
+DELIVERY_DUP = 1
+#: ... it was published with the retain flag (MQTT RETAIN, Retain As Published) ...
+DELIVERY_RETAIN = 2
+#: ... it is the topic's stored retained message, handed over because the subscription is new ...
+DELIVERY_REPLAY = 4
+#: ... and the MQTT packet id sits above these bits (0: QoS 0, or not MQTT)
+DELIVERY_PACKET_ID_SHIFT = 3
+
+
 class Frame(NamedTuple):
-    """One raw message as it arrived: nothing decoded yet."""
+    """One raw message as it arrived: nothing decoded yet.
+
+    ``delivery`` is what the transport says about this delivery, for telling a
+    redelivery from a new message: the MQTT packet id shifted by
+    :data:`DELIVERY_PACKET_ID_SHIFT` with the ``DELIVERY_*`` bits, 0 for
+    sources that never redeliver.
+    """
 
     topic: str
     payload: bytes
     recv_ns: int
     ack_token: Any
+    delivery: int = 0
 
 
 class Decoder(Protocol):
@@ -117,6 +138,12 @@ class Source(abc.ABC):
 
     #: ``"reading"`` for devices, ``"trade"`` for exchange feeds.
     kind: RecordKind = "reading"
+    #: What the packet ids in ``Frame.delivery`` belong to (the MQTT client id of
+    #: the persistent session); empty for sources that never redeliver.
+    session_id: str = ""
+    #: The most messages the peer may have sent and not had acknowledged
+    #: (MQTT's receive maximum): a redelivery is among that many last frames.
+    inflight_bound: int = 0
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -39,9 +39,20 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from sensorhub.config import MqttSettings, Settings, TopicRoute
-from sensorhub.sources.base import Decoder, Frame, FrameQueue, Source, register
+from sensorhub.sources.base import (
+    DELIVERY_DUP,
+    DELIVERY_PACKET_ID_SHIFT,
+    DELIVERY_REPLAY,
+    DELIVERY_RETAIN,
+    Decoder,
+    Frame,
+    FrameQueue,
+    Source,
+    register,
+)
 
 __all__ = ["MqttRouting", "MqttSource", "make_paho_client", "route_topic"]
 
@@ -240,6 +251,9 @@ class MqttSourceBase(Source):
         self.cfg: MqttSettings = settings.mqtt
         # stable across restarts: the broker keeps the persistent session under this id
         self.client_id = default_client_id(name, self.cfg)
+        # packet ids of redeliveries belong to this session (see Frame.delivery)
+        self.session_id = self.client_id
+        self.inflight_bound = self.cfg.receive_maximum
         self.routing = MqttRouting(settings, self.client_id)
         self.sparkplug: Any = self.routing.sparkplug
         self._stopping = threading.Event()
@@ -256,6 +270,8 @@ class MqttSource(MqttSourceBase):
         super().__init__(name, settings)
         self.queue = FrameQueue(settings.ingest.max_inflight_frames)
         self._client = make_paho_client(settings, self.client_id, persistent=True)
+        self._new_session = False
+        self._replayed: set[str] = set()
 
     def start(self) -> None:
         c = self._client
@@ -278,9 +294,21 @@ class MqttSource(MqttSourceBase):
             log.error("MQTT %s:%s refused the connection: %s", self.cfg.host, self.cfg.port, rc)
             return
         session = bool(getattr(_flags, "session_present", False))
+        self._new_session = not session
+        self._replayed = set()
         log.info("MQTT connected to %s:%s (session present: %s)", self.cfg.host, self.cfg.port, session)
-        # Subscribing again is harmless with a present session and needed without one.
-        client.subscribe(self.routing.subscriptions())
+        # Subscribing again is harmless with a present session and needed without one;
+        # in MQTT 5, retain handling 1 sends a retained message only to a new subscription,
+        # and Retain As Published shows which live messages were published retained.
+        subs = self.routing.subscriptions()
+        if self.cfg.protocol == "5":
+            client.subscribe([
+                (f, SubscribeOptions(qos=q, retainAsPublished=True,
+                                     retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
+                for f, q in subs
+            ])
+        else:
+            client.subscribe(subs)
         self.health.connected = True
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _flags: Any, rc: Any, _props: Any = None) -> None:
@@ -290,8 +318,20 @@ class MqttSource(MqttSourceBase):
         self.health.connected = False
 
     def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        token = msg.mid if msg.qos > 0 else None
-        self._deliver(Frame(msg.topic, bytes(msg.payload), time.time_ns(), token))
+        if msg.qos > 0:
+            token = msg.mid
+            delivery = msg.mid << DELIVERY_PACKET_ID_SHIFT | (DELIVERY_DUP if msg.dup else 0)
+        else:
+            token, delivery = None, 0
+        if msg.retain:
+            delivery |= DELIVERY_RETAIN
+            # the first retained message per topic after a CONNACK without a session is the
+            # replay a new subscription gets (3.1.1 marks nothing else as retained)
+            if self.cfg.protocol != "5" or (self._new_session and msg.topic not in self._replayed):
+                delivery |= DELIVERY_REPLAY
+                if self.cfg.protocol == "5":
+                    self._replayed.add(msg.topic)
+        self._deliver(Frame(msg.topic, bytes(msg.payload), time.time_ns(), token, delivery))
 
     def _deliver(self, frame: Frame) -> None:
         # Blocking here (queue full) stops reading the socket: back-pressure to the broker.

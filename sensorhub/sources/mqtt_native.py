@@ -27,8 +27,9 @@ the thread stops reading, TCP and the receive maximum push back on the broker.
 Acknowledgement tokens are ``generation << 16 | packet_id``: a packet id
 means something only on the connection it arrived on. Tokens of an earlier
 connection are not sent on the new one (they are counted as stale); the
-broker redelivers those messages with new packet ids and the ingest loop
-recognises them as already written.
+broker redelivers those messages with the DUP flag and their original packet
+ids (MQTT 3.1.1 4.4, MQTT 5 4.4), and the ingest loop recognises them as
+already written from that (``Frame.delivery``), not from their content.
 """
 
 from __future__ import annotations

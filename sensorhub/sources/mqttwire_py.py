@@ -34,8 +34,15 @@ skipped correctly; the topic alias (PUBLISH) and the server keep alive
 (CONNACK) are used. Topic aliases are resolved per connection.
 
 PUBLISH packets become frames through the ``frame`` factory given to the
-reader: ``frame(topic, payload, recv_ns, ack_token)`` (without one, plain
-tuples of those four). The ack token of a QoS 1
+reader: ``frame(topic, payload, recv_ns, ack_token, delivery)`` (without
+one, plain tuples of those five). ``delivery`` is what MQTT says about this
+delivery, packed in one int: ``packet_id << PACKET_ID_SHIFT`` (0 for QoS 0)
+with :data:`FLAG_DUP` (the broker sends this message again: a redelivery),
+:data:`FLAG_RETAIN` (published with the retain flag) and :data:`FLAG_REPLAY`
+(the topic's stored retained message, handed over because the subscription
+is new: in MQTT 5 the first retained message per topic on a connection
+whose CONNACK said "no session"; in 3.1.1, which marks only those, every
+retained one). The ack token of a QoS 1
 message is ``token_base + packet_id`` with ``token_base = generation << 16``
 (:func:`token_base`), so an acknowledgement knows which connection the packet
 id belongs to; QoS 0 messages carry ``None``. Control packets come out as
@@ -70,9 +77,14 @@ from sensorhub.varint import uvarint
 __all__ = [
     "CONNACK",
     "DISCONNECT",
+    "FLAG_DUP",
+    "FLAG_REPLAY",
+    "FLAG_RETAIN",
     "MAX_REMAINING_LENGTH",
     "PINGRESP",
     "PUBLISH",
+    "PACKET_ID_SHIFT",
+    "SUBSCRIBE_OPTIONS_V5",
     "SUBACK",
     "PacketReader",
     "encode_connect",
@@ -88,6 +100,12 @@ PUBLISH = 3
 SUBACK = 9
 PINGRESP = 13
 DISCONNECT = 14
+# Frame delivery bits (see the module doc)
+FLAG_DUP = 1  # the broker sends this message again (DUP)
+FLAG_RETAIN = 2  # published with the retain flag (RETAIN, with Retain As Published)
+FLAG_REPLAY = 4  # a topic's stored retained message, handed to a new subscription
+PACKET_ID_SHIFT = 3
+SUBSCRIBE_OPTIONS_V5 = 0x18  # Retain Handling 1 (0x10) and Retain As Published (0x08)
 
 #: the largest remaining length a 4-byte varint can express
 MAX_REMAINING_LENGTH = 268_435_455
@@ -209,7 +227,7 @@ class PacketReader:
     """
 
     def __init__(self, protocol: int = 5, max_packet: int = MAX_REMAINING_LENGTH + 5,
-                 frame: Callable[[str, bytes, int, int | None], Any] | None = None) -> None:
+                 frame: Callable[[str, bytes, int, int | None, int], Any] | None = None) -> None:
         if protocol not in (4, 5):
             raise ValueError("protocol must be 4 (MQTT 3.1.1) or 5")
         if max_packet < 2:
@@ -224,6 +242,8 @@ class PacketReader:
         self.dups = 0
         self.retained = 0
         self.packets = 0
+        self.new_session = False  # the last CONNACK said no session: retained messages are replays
+        self._replayed: set[str] = set()  # topics whose replay was handed out on this connection
 
     def pending(self) -> int:
         """Bytes of an incomplete packet kept for the next read."""
@@ -340,15 +360,23 @@ class PacketReader:
                 topic = t
             else:
                 raise InvalidValue("empty topic without a topic alias", tstart - off)
+            fl = (pid << PACKET_ID_SHIFT) if qos else 0
             if h & 0x08:
                 self.dups += 1
+                fl |= FLAG_DUP
             if h & 0x01:
                 self.retained += 1
+                fl |= FLAG_RETAIN
+                if not v5:
+                    fl |= FLAG_REPLAY  # 3.1.1 flags only what a new subscription is sent
+                elif self.new_session and topic not in self._replayed:
+                    fl |= FLAG_REPLAY
+                    self._replayed.add(topic)
             payload = bytes(p[i:end])
             if self._frame is None:
-                frames.append((topic, payload, recv_ns, token))
+                frames.append((topic, payload, recv_ns, token, fl))
             else:
-                frames.append(self._frame(topic, payload, recv_ns, token))
+                frames.append(self._frame(topic, payload, recv_ns, token, fl))
         elif ptype == CONNACK:
             if i + 2 > end:
                 raise Truncated("CONNACK flags and reason", i - off)
@@ -361,6 +389,9 @@ class PacketReader:
                 i, _alias, keep_alive = _props(p, i, end, off)
             if i != end:
                 raise TrailingBytes("after CONNACK", i - off)
+            # without a session every subscription is new: its retained messages are replays
+            self.new_session = not (flags & 1)
+            self._replayed = set()
             controls.append((CONNACK, bool(flags & 1), rc, keep_alive))
         elif ptype == SUBACK:
             if i + 2 > end:
@@ -438,8 +469,16 @@ def encode_connect(client_id: str, *, protocol: int = 5, clean: bool = False, ke
 
 
 def encode_subscribe(packet_id: int, filters: Sequence[tuple[str, int]], protocol: int = 5) -> bytes:
-    """SUBSCRIBE of ``(filter, qos)`` pairs; in MQTT 5 the options byte holds only the QoS
-    (No Local off, as shared subscriptions require; Retain As Published off; retained messages sent)."""
+    """SUBSCRIBE of ``(filter, qos)`` pairs.
+
+    In MQTT 5 the options byte is the QoS with Retain Handling 1: the broker
+    sends a topic's retained message only when the subscription is new, so
+    subscribing again on every reconnect (harmless with a present session,
+    needed without one) does not hand the same retained reading over again;
+    and Retain As Published, so a live message published with the retain
+    flag shows it and its content can be remembered for the next replay. No
+    Local stays off, as shared subscriptions require.
+    """
     if not 1 <= packet_id <= 0xFFFF:
         raise InvalidValue(f"packet id {packet_id} outside 1..65535")
     if not filters:
@@ -451,7 +490,7 @@ def encode_subscribe(packet_id: int, filters: Sequence[tuple[str, int]], protoco
         if qos not in (0, 1):
             raise InvalidValue(f"subscription QoS {qos}; 0 or 1 only")
         body += _str(f)
-        body.append(qos)
+        body.append(qos | SUBSCRIBE_OPTIONS_V5 if protocol == 5 else qos)
     return b"\x82" + _remaining_length(len(body)) + bytes(body)
 
 

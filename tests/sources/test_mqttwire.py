@@ -71,11 +71,13 @@ def stream5() -> bytes:
     )
 
 
+# the fifth item: packet_id << 3 | REPLAY << 2 | RETAIN << 1 | DUP; the CONNACK says
+# "session present", so the retained message is a live one, not a replay
 EXPECTED5_FRAMES = [
-    ("sensors/a/d1/json", b'{"v":1}', 9, (5 << 16) + 1),
-    ("sensors/a/d2/frame", bytes(range(200)), 9, (5 << 16) + 65535),
-    ("q0", b"", 9, None),
-    ("sensors/a/d3/ilp", b"x" * 300, 9, (5 << 16) + 7),
+    ("sensors/a/d1/json", b'{"v":1}', 9, (5 << 16) + 1, 1 << 3),
+    ("sensors/a/d2/frame", bytes(range(200)), 9, (5 << 16) + 65535, 65535 << 3 | 1),
+    ("q0", b"", 9, None, 2),
+    ("sensors/a/d3/ilp", b"x" * 300, 9, (5 << 16) + 7, 7 << 3),
 ]
 EXPECTED5_CONTROLS = [(2, True, 0, -1), (9, 1, (1, 0x80)), (13,), (14, 0x8B)]
 
@@ -96,7 +98,7 @@ def test_golden_packets_v311(w: ModuleType) -> None:
         + PINGRESP
     )
     r = w.PacketReader(4)
-    assert r.feed(data, 1, 0) == ([("t/1", b"abc", 1, 3)], [(2, False, 0, -1), (9, 2, (1,)), (13,)])
+    assert r.feed(data, 1, 0) == ([("t/1", b"abc", 1, 3, 3 << 3)], [(2, False, 0, -1), (9, 2, (1,)), (13,)])
     with pytest.raises(errors.UnknownFormat):  # no DISCONNECT from a 3.1.1 broker
         w.PacketReader(4).feed(b"\xe0\x00")
 
@@ -197,7 +199,9 @@ def test_encoders(w: ModuleType) -> None:
     body = _s(b"MQTT") + b"\x04\x02\x00\x3c" + _s(b"cid")
     assert c4 == b"\x10" + _rl(len(body)) + body
     sub = w.encode_subscribe(1, [("$share/g/a/#", 1), ("b/+", 0)], 5)
-    body = b"\x00\x01\x00" + _s(b"$share/g/a/#") + b"\x01" + _s(b"b/+") + b"\x00"
+    # options byte: QoS | Retain Handling 1 (0x10: retained messages for new subscriptions
+    # only) | Retain As Published (0x08)
+    body = b"\x00\x01\x00" + _s(b"$share/g/a/#") + b"\x19" + _s(b"b/+") + b"\x18"
     assert sub == b"\x82" + _rl(len(body)) + body
     assert w.encode_subscribe(2, [("x", 1)], 4) == b"\x82\x06\x00\x02\x00\x01x\x01"
     assert w.encode_pingreq() == b"\xc0\x00"
@@ -253,3 +257,29 @@ def test_cython_and_twin_agree(packets: list[bytes], cut: int, protocol: int) ->
     data = b"".join(packets)
     chunks = [data[:cut], data[cut:]]
     assert _outcome(IMPLS[0], protocol, chunks) == _outcome(IMPLS[1], protocol, chunks)
+
+
+def test_retained_replays_of_a_new_session(w: ModuleType) -> None:
+    """After a CONNACK without a session, the first retained message per topic is the replay."""
+    conn_new = b"\x20\x03\x00\x00\x00"  # no session present, success, no properties
+    data = (
+        conn_new
+        + publish(b"t/a", b"1", pid=1, retain=True, props=b"")  # replay of t/a
+        + publish(b"t/a", b"2", pid=2, retain=True, props=b"")  # published retained, live
+        + publish(b"t/b", b"3", pid=3, retain=True, dup=True, props=b"")  # replay of t/b, redelivered
+        + publish(b"t/a", b"4", pid=4, props=b"")  # not retained
+    )
+    frames, _ = w.PacketReader(5).feed(data, 1, 0)
+    assert [f[4] for f in frames] == [
+        1 << w.PACKET_ID_SHIFT | w.FLAG_RETAIN | w.FLAG_REPLAY,
+        2 << w.PACKET_ID_SHIFT | w.FLAG_RETAIN,
+        3 << w.PACKET_ID_SHIFT | w.FLAG_RETAIN | w.FLAG_REPLAY | w.FLAG_DUP,
+        4 << w.PACKET_ID_SHIFT,
+    ]
+    # with the session present, nothing is a replay (subscriptions are not new)
+    frames, _ = w.PacketReader(5).feed(CONNACK5 + publish(b"t/a", b"1", pid=1, retain=True, props=b""), 1, 0)
+    assert frames[0][4] == 1 << w.PACKET_ID_SHIFT | w.FLAG_RETAIN
+    # MQTT 3.1.1 sets RETAIN only on what a new subscription is sent
+    conn4 = b"\x20\x02\x01\x00"
+    frames, _ = w.PacketReader(4).feed(conn4 + publish(b"t/a", b"1", pid=1, retain=True), 1, 0)
+    assert frames[0][4] == 1 << w.PACKET_ID_SHIFT | w.FLAG_RETAIN | w.FLAG_REPLAY
