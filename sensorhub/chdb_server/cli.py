@@ -42,6 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="request bodies above this size are spooled to a temporary file (default %(default)s)",
     )
     p.add_argument("--tmp-dir", default=None, help="directory for spooled bodies (default: system temp)")
+    p.add_argument(
+        "--insert-spool-dir", default=None,
+        help="directory the engine reads INSERT data from (default: /dev/shm when writable, else system temp)",
+    )
     p.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections)
     p.add_argument("--max-sessions", type=int, default=_DEFAULTS.max_sessions)
     p.add_argument(
@@ -63,6 +67,9 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     for name in ("idle_timeout", "lock_timeout"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"chdb-server.{name}", "seconds > 0", getattr(args, name))
+    spool = args.insert_spool_dir
+    if spool is not None and not (os.path.isdir(spool) and os.access(spool, os.W_OK | os.X_OK)):
+        raise ConfigError("chdb-server.insert_spool_dir", "an existing writable directory", spool)
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -72,6 +79,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_body_bytes=args.max_body_bytes,
         spool_bytes=args.spool_bytes,
         tmp_dir=Path(args.tmp_dir) if args.tmp_dir else None,
+        insert_spool_dir=Path(args.insert_spool_dir) if args.insert_spool_dir else None,
         max_connections=args.max_connections,
         max_sessions=args.max_sessions,
         idle_timeout_s=args.idle_timeout,
@@ -81,7 +89,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
 
 def serve(config: ServerConfig, life: Lifecycle) -> int:
     """Serve until ``life.stop`` is set; then close the engine so everything is on disk."""
-    engine = Engine(config.data_dir, lock_timeout_s=config.lock_timeout_s)
+    engine = Engine(config.data_dir, lock_timeout_s=config.lock_timeout_s, insert_spool_dir=config.insert_spool_dir)
     runner = QueryRunner(
         engine,
         SessionStore(config.max_sessions, config.default_session_timeout_s, config.max_session_timeout_s),

@@ -7,15 +7,23 @@ differs from the previous request is sent, so a client that sends the same
 settings every time (clickhouse-connect does) costs nothing extra. A lock
 makes "apply settings, then run the statement" atomic; the lock wait is
 bounded and a busy engine answers 503 (retryable by clients).
+
+Inserts run as ``INSERT ... FROM INFILE`` over a spooled copy of the data,
+not through chdb's streaming inserter: ``StreamingInserter.finish()``
+reports success even when the engine refused the block (too many
+partitions, a violated constraint...), and the rows are then silently not
+stored. A statement run with ``query`` raises every engine error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -23,7 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sensorhub.chdb_server.protocol import ClickHouseError, error_from_engine, quote_string
+from sensorhub.chdb_server.protocol import (
+    ClickHouseError,
+    error_from_engine,
+    insert_from_file,
+    quote_string,
+)
 
 __all__ = ["Engine", "Outcome"]
 
@@ -61,10 +74,19 @@ def _quote_ident(name: str) -> str:
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
+def default_insert_spool_dir() -> Path | None:
+    """``/dev/shm`` when it is a writable directory (memory: it keeps working when the data
+    disk is full), else None: the system's temporary directory."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return None
+
+
 class Engine:
     """The chdb session over ``data_dir``; every public method is safe to call from any thread."""
 
-    def __init__(self, data_dir: Path, lock_timeout_s: float = 300.0) -> None:
+    def __init__(self, data_dir: Path, lock_timeout_s: float = 300.0, insert_spool_dir: Path | None = None) -> None:
         # The engine reads the zone once at start; UTC makes timezone() 'UTC' as
         # on the servers the rest of sensorhub talks to, whatever the host says.
         os.environ["TZ"] = "UTC"
@@ -75,6 +97,7 @@ class Engine:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
         self.lock_timeout_s = lock_timeout_s
+        self.insert_spool_dir = insert_spool_dir or default_insert_spool_dir()
         self._lock = threading.Lock()
         self._session: Any = chdb_session.Session(str(data_dir))
         self._applied: dict[str, str] = {}
@@ -179,35 +202,52 @@ class Engine:
         settings: Mapping[str, str],
         database: str | None,
     ) -> Outcome:
-        """Stream ``chunks`` (``fmt``-encoded rows) into ``statement`` (an INSERT without FORMAT)."""
+        """Insert ``chunks`` (``fmt``-encoded rows) with ``statement`` (an INSERT without FORMAT).
+
+        The data is spooled to a file in :attr:`insert_spool_dir` and read by
+        the engine with ``FROM INFILE``, so every refusal of the engine is
+        raised; the file is gone when this returns. Spooling happens under
+        the engine lock: at most one spooled copy exists at a time.
+        """
         with self._locked():
             self._apply(settings, database)
             started = time.perf_counter()
-            try:
-                ins = self._session.send_insert(statement, fmt)
-            except RuntimeError as exc:
-                raise error_from_engine(exc)
-            try:
-                for chunk in chunks:
-                    ins.append(chunk)
-                res = ins.finish()
-            except BaseException as exc:
+            with self._spooled(chunks) as path:
+                sql = insert_from_file(statement, path, fmt)
                 try:
-                    ins.cancel()
-                except RuntimeError as cancel_exc:  # the engine may have ended it already
-                    log.debug("cancel after a failed insert: %s", cancel_exc)
-                if isinstance(exc, RuntimeError):
+                    r = self._session.query(sql, "TSV")
+                except RuntimeError as exc:
                     raise error_from_engine(exc)
-                raise
             return Outcome(
                 body=b"",
-                written_rows=int(res.rows_written),
-                written_bytes=int(res.bytes_written),
-                result_rows=int(res.rows_written),
-                result_bytes=int(res.bytes_written),
-                # chdb's InsertResult.elapsed is not this insert's own time
+                written_rows=int(r.rows_written()),
+                written_bytes=int(r.bytes_written()),
+                result_rows=int(r.rows_written()),
+                result_bytes=int(r.bytes_written()),
                 elapsed_s=time.perf_counter() - started,
             )
+
+    @contextlib.contextmanager
+    def _spooled(self, chunks: Iterable[bytes]) -> Iterator[str]:
+        """A path the engine can open holding the concatenated ``chunks``; gone on exit.
+
+        The file is anonymous (unlinked from the start) and reached through
+        ``/proc/self/fd``: nothing is left behind, not even after kill -9.
+        """
+        try:
+            # unbuffered: a full spool directory fails the write here, not the close
+            f = tempfile.TemporaryFile(dir=self.insert_spool_dir, prefix="sensorhub-insert-", buffering=0)  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise _spool_error(exc, self.insert_spool_dir)
+        with f:
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[f.write(view) :]
+            except OSError as exc:
+                raise _spool_error(exc, self.insert_spool_dir)
+            yield f"/proc/self/fd/{f.fileno()}"
 
     def close(self, timeout_s: float = 20.0) -> bool:
         """Wait up to ``timeout_s`` for the running statement, then close the session.
@@ -226,3 +266,10 @@ class Engine:
         finally:
             self._lock.release()
         return True
+
+
+def _spool_error(exc: OSError, spool_dir: Path | None) -> ClickHouseError:
+    where = str(spool_dir or tempfile.gettempdir())
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ClickHouseError.of("NOT_ENOUGH_SPACE", f"Cannot spool the data of an INSERT to {where}: {exc.strerror}")
+    return ClickHouseError.of("CANNOT_OPEN_FILE", f"Cannot spool the data of an INSERT to {where}: {exc}")

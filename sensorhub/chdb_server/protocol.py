@@ -37,6 +37,8 @@ __all__ = [
     "RequestParams",
     "compress_body",
     "error_from_engine",
+    "has_infile",
+    "insert_from_file",
     "is_read_only",
     "make_decoder",
     "output_format",
@@ -78,6 +80,7 @@ CODES: dict[str, int] = {
     "UNKNOWN_DATABASE": 81,
     "UNKNOWN_COMPRESSION_METHOD": 89,
     "UNKNOWN_SETTING": 115,
+    "FILE_DOESNT_EXIST": 107,
     "INCORRECT_DATA": 117,
     "UNKNOWN_TYPE_OF_AST_NODE": 123,
     "UNKNOWN_DIRECTION_OF_SORTING": 152,
@@ -102,6 +105,9 @@ CODES: dict[str, int] = {
     "CANNOT_PARSE_DOMAIN_VALUE_FROM_STRING": 441,
     "UNKNOWN_ROLE": 511,
     "SET_NON_GRANTED_ROLE": 512,
+    "NOT_ENOUGH_SPACE": 243,
+    "TOO_MANY_PARTS": 252,
+    "VIOLATED_CONSTRAINT": 469,
     "AUTHENTICATION_FAILED": 516,
     "CANNOT_PARSE_IPV4": 675,
     "CANNOT_PARSE_IPV6": 676,
@@ -173,6 +179,10 @@ class ClickHouseError(SensorhubError):
 
 _CODE_RE = re.compile(r"Code: (\d+)\. DB::Exception")
 _NAME_RE = re.compile(r"\(([A-Z][A-Z0-9_]+)\)")
+_DOUBLE_RE = re.compile(
+    r"^(Code: (?P<code>\d+)\. DB::Exception: )Code: (?P=code)\. DB::Exception: (.*) \(version [^()]*\)\. \([A-Z][A-Z0-9_]+\)$",
+    re.DOTALL,
+)
 
 
 def error_from_engine(exc: BaseException) -> ClickHouseError:
@@ -182,6 +192,9 @@ def error_from_engine(exc: BaseException) -> ClickHouseError:
     if m is None:
         return ClickHouseError.of("STD_EXCEPTION", text or type(exc).__name__)
     text = text[m.start() :]  # drop wrappers such as "Streaming insert finish failed: "
+    # An error of a running pipeline (an INSERT's data) comes wrapped once more, with the
+    # inner version trailer: said once, as a server says it.
+    text = _DOUBLE_RE.sub(r"\1\3", text)
     names = _NAME_RE.findall(text)
     name = names[-1] if names else ""
     return ClickHouseError(int(m.group(1)), name, text)
@@ -377,6 +390,49 @@ def parse_insert_head(text: str) -> InsertHead | None:
                 return InsertHead(text[: prev.end].strip(), fmt, offset)
         prev = tok
     return None
+
+
+def _insert_clause_tokens(statement: str) -> Iterator[tuple[_Tok, _Tok | None]]:
+    """Top-level tokens of an INSERT up to its data, SELECT or FORMAT, with the token before each."""
+    prev: _Tok | None = None
+    for tok in _tokens(statement):
+        if tok.depth == 0 and tok.word in ("SELECT", "WITH", "VALUES", "FORMAT") and prev is not None and (
+            prev.word not in ("INTO", "TABLE") and prev.text != "."
+        ):
+            return
+        yield tok, prev
+        prev = tok
+
+
+def has_infile(statement: str) -> bool:
+    """Whether ``statement`` is an ``INSERT ... FROM INFILE``: a client-side clause that a
+    server refuses (it would read the server's own files)."""
+    if _first_word(statement) != "INSERT":
+        return False
+    for tok, prev in _insert_clause_tokens(statement):
+        if tok.word == "INFILE" and prev is not None and prev.word == "FROM":
+            return True
+    return False
+
+
+def insert_from_file(statement: str, path: str, fmt: str) -> str:
+    """``statement`` (an INSERT without its FORMAT clause, as :func:`parse_insert_head` gives
+    it) reading its data from the file ``path`` in ``fmt``.
+
+    ``FROM INFILE`` goes where ClickHouse's grammar has it: after the table and
+    columns, before a ``SETTINGS`` clause.
+    """
+    cut = len(statement)
+    for tok, prev in _insert_clause_tokens(statement):
+        if tok.depth == 0 and tok.word == "SETTINGS" and prev is not None and (
+            prev.word not in ("INTO", "TABLE") and prev.text != "."
+        ):
+            cut = tok.start
+            break
+    head, tail = statement[:cut].rstrip(), statement[cut:].strip()
+    name = fmt if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", fmt) else "`" + fmt.replace("`", "``") + "`"
+    clause = f"FROM INFILE {quote_string(path)} COMPRESSION 'none'"
+    return f"{head} {clause}{' ' + tail if tail else ''} FORMAT {name}"
 
 
 # A coarser tokenizer for whole statements, which may be megabytes (long IN lists):

@@ -36,6 +36,7 @@ from sensorhub.chdb_server.protocol import (
     RequestParams,
     compress_body,
     form_fields,
+    has_infile,
     is_read_only,
     make_decoder,
     parse_insert_head,
@@ -69,6 +70,7 @@ class ServerConfig:
     max_body_bytes: int = 512 * MiB  # raw and decompressed request bodies, each
     spool_bytes: int = 16 * MiB  # bodies above this go to a temporary file
     tmp_dir: Path | None = None  # None: the system's temporary directory
+    insert_spool_dir: Path | None = None  # INSERT data for the engine; None: /dev/shm if writable, else system temp
     max_connections: int = 128
     max_sessions: int = 1000
     default_session_timeout_s: float = 60.0
@@ -165,6 +167,8 @@ class QueryRunner:
 
         if not text.strip():
             raise ClickHouseError.of("SYNTAX_ERROR", "Empty query")
+        if has_infile(text):
+            raise _infile_refused()
         statements, fmt = scan_statements(text, rp.default_format)
         if statements > 1:
             raise ClickHouseError.of("SYNTAX_ERROR", "Multi-statements are not allowed")
@@ -199,6 +203,8 @@ class QueryRunner:
     ) -> tuple[Outcome, str]:
         if rp.readonly:
             raise ClickHouseError.of("READONLY", "Cannot execute query in readonly mode")
+        if has_infile(statement):
+            raise _infile_refused()
 
         def chunks() -> Iterator[bytes]:
             if first:
@@ -219,6 +225,11 @@ class QueryRunner:
         )
         if out.body.strip() != b"1":
             raise ClickHouseError.of("UNKNOWN_DATABASE", f"Database {name} does not exist")
+
+
+def _infile_refused() -> ClickHouseError:
+    # as ClickHouse words it: FROM INFILE is read by clickhouse-client, never by a server
+    return ClickHouseError.of("UNKNOWN_TYPE_OF_QUERY", "Query has infile and was send directly to server")
 
 
 def _decode(data: bytes) -> str:
