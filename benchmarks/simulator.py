@@ -7,7 +7,11 @@ port and runs ``python -m firmware_sim run`` in a child process per case:
   connections and a pool of 4, QoS 0 and 1, 1 and 10 readings per message;
 - the best single-process case again with ``--procs 2`` (overall);
 - a fixed operating point (40k readings/s as 4k messages of 10, and 20k
-  single-reading messages/s) to measure CPU per message when not saturated.
+  single-reading messages/s) to measure CPU per message when not saturated,
+  and how far the achieved rate lands from the target;
+- the rate held: 5,000 readings/s from 200 devices for 10 s, in process, with
+  the error of the whole run and of each full second against the target
+  (the publisher tests only check that the rate is a ceiling).
 
 Each case reports published messages/s and readings/s, the simulator's CPU
 seconds per 1k messages (publishing phase, connects excluded) and the broker's
@@ -57,6 +61,7 @@ def run_case(broker: Any, name: str, seconds: float, extra: list[str]) -> dict[s
         return {"case": name, "error": out.stderr.strip()[-500:]}
     r = json.loads(out.stdout.strip().splitlines()[-1])
     msgs = r["published_messages"]
+    target = float(extra[extra.index("--rate") + 1]) if "--rate" in extra else None
     res = {
         "case": name,
         "args": " ".join(extra),
@@ -67,6 +72,33 @@ def run_case(broker: Any, name: str, seconds: float, extra: list[str]) -> dict[s
         "broker_cpu_s_per_1k_messages": round((b1 - b0) / msgs * 1000, 4) if msgs else None,
         "unacked": r["unacked_messages"],
         "wall_s": round(wall, 1),
+    }
+    if target is not None and target < 1_000_000:  # an operating point, not a maximum-rate case
+        res["target_readings_per_s"] = target
+        res["rate_error_pct"] = round((r["achieved_rate"] - target) / target * 100, 2)
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def rate_held(broker: Any, rate: int = 5000, seconds: float = 10.0) -> dict[str, Any]:
+    """The simulator in process, so that its per-second counts are at hand."""
+    import asyncio
+
+    from firmware_sim.sim import SimConfig, Simulator
+
+    cfg = SimConfig(host=broker.host, port=broker.port, devices=200, rate=rate, duration_s=seconds,
+                    truth_path=None, client_prefix=f"benchrate{time.monotonic_ns()}", device_prefix="rate")
+    st = asyncio.run(Simulator(cfg).run())
+    target = rate * seconds
+    full = st.per_second[1:int(seconds)]  # the first second is cut by the start
+    res = {
+        "case": f"rate held {rate} readings/s, 200 devices, {seconds:g} s",
+        "target_readings": target,
+        "published": st.published,
+        "rate_error_pct": round((st.published - target) / target * 100, 2),
+        "per_second": st.per_second,
+        "per_second_error_pct_max": round(max((abs(c - rate) / rate * 100 for c in full), default=0.0), 2),
+        "unacked": st.unacked_messages,
     }
     print(json.dumps(res), flush=True)
     return res
@@ -104,6 +136,7 @@ def main() -> int:
         results.append(run_case(broker, "operating point 20k messages/s, x1, qos1, mixed formats, pooled", s,
                                 ["--devices", "200", "--rate", "20000", "--per-message", "1", "--qos", "1",
                                  "--format", "mixed"]))
+        results.append(rate_held(broker))
     finally:
         broker.terminate()
     OUT.parent.mkdir(parents=True, exist_ok=True)
