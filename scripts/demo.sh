@@ -58,6 +58,6 @@ print()
 print("the data stays in run/demo/chdb/data; query it, e.g.:")
 print('  .venv/bin/sensorhub query --data run/demo/chdb/data "SELECT device, count(), avg(value) FROM sensorhub.readings GROUP BY device ORDER BY device LIMIT 5"')
 print("or run the stack again (.venv/bin/sensorhub stack up --dir run/demo) and use clickhouse-connect or")
-print('  .venv/bin/sensorhub query --stack run/demo "SELECT count() FROM sensorhub.readings"')
+print('  .venv/bin/sensorhub query --stack run/demo "SELECT count() FROM readings"')
 PY
 echo "stopping the stack"

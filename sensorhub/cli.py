@@ -15,6 +15,8 @@ from types import ModuleType
 
 from sensorhub.errors import ConfigError, SensorhubError
 
+log = logging.getLogger("sensorhub")
+
 # name -> module; keep sorted. A command is listed only once it works.
 COMMANDS: dict[str, str] = {
     "audit": "sensorhub.pipeline.cmd_audit",
@@ -52,24 +54,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str, limit: int = 0) -> str:
+    """The first non-empty line of ``text`` (the rest is detail for --log-level DEBUG)."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    line = lines[0] if lines else ""
+    return line[:limit] + "..." if limit and len(line) > limit else line
+
+
+def _unexpected(exc: BaseException) -> str:
+    """One line for an exception no command turned into a :class:`SensorhubError`."""
+    mod = type(exc).__module__.split(".", 1)[0]
+    if mod == "redis":
+        return f"Redis: {_one_line(str(exc), 300)} (is Redis running? check redis.url or --redis)"
+    if mod == "clickhouse_connect":
+        detail = next((ln.strip() for ln in str(exc).splitlines() if ln.strip().startswith("Code:")), str(exc))
+        return f"ClickHouse: {_one_line(detail, 300)} (check clickhouse.url or --clickhouse)"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return (f"unexpected {type(exc).__name__}: {_one_line(str(exc), 300)} "
+            "(rerun with --log-level DEBUG for the traceback)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A failure is one line on stderr (``configuration error: ...`` with exit
+    status 78, ``error: ...`` with 1), never a traceback; ``--log-level DEBUG`` logs the traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    level = str(args.log_level).upper()
     logging.basicConfig(
-        level=str(args.log_level).upper(),
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if level != "DEBUG":
+        # their retry warnings repeat, over several lines, what the error line says
+        # (clickhouse-connect sets the level of "urllib3" itself when imported)
+        for name in ("urllib3.connectionpool", "clickhouse_connect"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         rc: int = args._run(args)
     except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 78  # EX_CONFIG: systemd will not help by restarting
+        log.debug("configuration error", exc_info=True)
+        hint = ""
+        if not str(getattr(exc, "key", "")).startswith("--"):
+            hint = " (fix it in the configuration file or the environment"
+            hint += ")" if args.command == "config" else ", then check with `sensorhub config check`)"
+        print(f"configuration error: {_one_line(str(exc))}{hint}", file=sys.stderr)
+        return exc.exit_status  # 78, EX_CONFIG: systemd will not help by restarting
     except SensorhubError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        log.debug("failed", exc_info=True)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+        return exc.exit_status
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the last line of defence: a clear line, not a traceback
+        log.debug("unexpected failure", exc_info=True)
+        print(f"error: {_unexpected(exc)}", file=sys.stderr)
+        return 1
     return rc
 
 

@@ -18,7 +18,15 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -131,9 +139,22 @@ class RedisSettings(_Section):
         return v
 
 
+_DATABASE = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+def _url_database(url: str) -> str | None:
+    """The database a ClickHouse URL names (``http://HOST:PORT/DATABASE``), if any."""
+    m = re.match(r"^https?://[^/]+/([^/?#]+)/?$", url)
+    return m.group(1) if m else None
+
+
 class ClickHouseSettings(_Section):
+    """ClickHouse over HTTP. ``url`` may name the database (``http://HOST:PORT/DATABASE``,
+    as clickhouse-connect DSNs do); it then sets ``database``, and naming two different
+    databases is an error."""
+
     url: str = "http://127.0.0.1:8123"
-    database: str = Field("sensorhub", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    database: str = Field("sensorhub", pattern=rf"^{_DATABASE}$")
     user: str = "default"
     password: SecretStr = SecretStr("")
     connect_timeout_s: float = Field(5.0, gt=0)
@@ -143,9 +164,43 @@ class ClickHouseSettings(_Section):
     @field_validator("url")
     @classmethod
     def _valid_url(cls, v: str) -> str:
-        if not re.match(r"^https?://[^/:]+(:\d+)?/?$", v):
-            raise ValueError("must look like http://HOST:PORT")
+        if not re.match(rf"^https?://[^/:]+(:\d+)?(/({_DATABASE})?)?/?$", v):
+            raise ValueError("must look like http://HOST:PORT or http://HOST:PORT/DATABASE")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _database_from_url(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+            return data
+        named = _url_database(data["url"])
+        if named is None:
+            return data
+        if "database" not in data:
+            return {**data, "database": named}
+        if data["database"] != named:
+            raise ValueError(
+                f"the same database in clickhouse.url and clickhouse.database (the url names {named!r}, "
+                f"database is {data['database']!r})"
+            )
+        return data
+
+    @property
+    def server_url(self) -> str:
+        """``url`` without the database: the HTTP endpoint alone."""
+        return re.sub(r"^(https?://[^/]+).*$", r"\1", self.url)
+
+    def at(self, url: str) -> ClickHouseSettings:
+        """These settings pointed at another server ``url`` (a ``--clickhouse`` argument);
+        a database in ``url`` replaces ``database``. Raises :class:`ConfigError` for a bad URL."""
+        data = self.model_dump()
+        data["url"] = url
+        if _url_database(url) is not None:
+            del data["database"]
+        try:
+            return ClickHouseSettings.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError("--clickhouse", "http://HOST:PORT or http://HOST:PORT/DATABASE", url) from exc
 
 
 class IngestSettings(_Section):
@@ -304,10 +359,13 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
         err = exc.errors()[0]
         loc = tuple(err.get("loc", ()))
         key = ".".join(str(p) for p in loc) or "(top level)"
-        expected = str(err.get("msg", "a valid value"))
+        expected = str(err.get("msg", "a valid value")).removeprefix("Value error, ")
         if err.get("type") == "extra_forbidden":
             expected = "no such setting (check the spelling)"
-        raise ConfigError(f"{key} (env {_env_name(loc)})", expected, err.get("input")) from None
+        got = err.get("input")
+        if isinstance(got, dict | list):
+            got = None  # a whole section: it may hold secrets, and the message names the key
+        raise ConfigError(f"{key} (env {_env_name(loc)})", expected, got) from None
     except Exception as exc:  # TOML syntax errors and the like
         if type(exc).__name__ in ("TOMLDecodeError",):
             raise ConfigError(str(config_file), f"valid TOML ({exc})") from None

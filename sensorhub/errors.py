@@ -24,7 +24,9 @@
     └── SinkError                  ClickHouse refused or is unreachable
 
 Callers catch what they can handle. Decoders raise only ``DecodeError``
-subclasses for bad input; anything else escaping a decoder is a bug.
+subclasses for bad input; anything else escaping a decoder is a bug. A
+command that ends with one exits with its ``exit_status`` (78, EX_CONFIG, for
+a configuration error; 1 otherwise).
 """
 
 from __future__ import annotations
@@ -56,12 +58,17 @@ __all__ = [
 class SensorhubError(Exception):
     """Base of every error sensorhub raises on purpose."""
 
+    #: the exit status of a command this error ends
+    exit_status: int = 1
+
 
 class ConfigError(SensorhubError):
     """A configuration value is missing or malformed.
 
     ``key`` is the dotted setting name (``redis.url``), ``expected`` the form it must have.
     """
+
+    exit_status = 78  # EX_CONFIG: restarting will not help
 
     def __init__(self, key: str, expected: str, got: object = None) -> None:
         self.key = key

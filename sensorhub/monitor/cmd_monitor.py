@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from sensorhub.config import load_settings
-from sensorhub.errors import ConfigError
 from sensorhub.monitor.state import StateCollector
 from sensorhub.monitor.view import SORTS, render
 from sensorhub.pipeline.streams import StreamLayout
@@ -58,12 +57,7 @@ def build_collector(args: argparse.Namespace) -> StateCollector:
         st = stack_status(args.stack)
         redis_url = args.redis or st["redis_url"]
         ch_url = args.clickhouse or st["clickhouse_url"]
-    try:
-        ch_cfg = s.clickhouse.model_copy(
-            update={"url": ch_url, "connect_timeout_s": 1.0, "send_receive_timeout_s": 3.0}
-        )
-    except ValueError as exc:
-        raise ConfigError("--clickhouse", "http://HOST:PORT", ch_url) from exc
+    ch_cfg = s.clickhouse.at(ch_url).model_copy(update={"connect_timeout_s": 1.0, "send_receive_timeout_s": 3.0})
     r = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
 
     def ch_factory() -> Any:
@@ -75,7 +69,7 @@ def build_collector(args: argparse.Namespace) -> StateCollector:
         r,
         StreamLayout(s.redis.prefix, s.redis.partitions),
         group=s.redis.group,
-        database=s.clickhouse.database,
+        database=ch_cfg.database,
         ch_factory=None if args.no_clickhouse else ch_factory,
         ch_url="" if args.no_clickhouse else ch_url,
         redis_url=redis_url,

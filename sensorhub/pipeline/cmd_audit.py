@@ -27,9 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     s = load_settings(args.config)
     r = redis.Redis.from_url(args.redis or s.redis.url)
-    ch_cfg = s.clickhouse.model_copy(update={"url": args.clickhouse}) if args.clickhouse else s.clickhouse
+    ch_cfg = s.clickhouse.at(args.clickhouse) if args.clickhouse else s.clickhouse
     ch = connect(ch_cfg)
-    rows = reconcile(r, ch, StreamLayout(s.redis.prefix, s.redis.partitions), s.clickhouse.database)
+    rows = reconcile(r, ch, StreamLayout(s.redis.prefix, s.redis.partitions), ch_cfg.database)
     gaps = [x for x in rows if not x["ok"]]
     if args.json:
         print(json.dumps({"rows": rows, "gaps": gaps}, indent=1))

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     s = load_settings(args.config)
     if args.clickhouse:
-        s = s.model_copy(update={"clickhouse": s.clickhouse.model_copy(update={"url": args.clickhouse})})
+        s = s.model_copy(update={"clickhouse": s.clickhouse.at(args.clickhouse)})
     ch = connect(s.clickhouse)
     db = s.clickhouse.database
     if args.action == "replay":

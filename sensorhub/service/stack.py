@@ -5,7 +5,14 @@ that runs mosquitto, redis-server, chdb-server, one MQTT ingest and one
 writer, each restarted like systemd's ``Restart=always`` when it dies. It
 returns once everything is ready and prints::
 
-    {"mqtt": {"host", "port"}, "redis_url", "clickhouse_url", "pids": {name: pid}, ...}
+    {"mqtt": {"host", "port"}, "redis_url", "clickhouse_url", "clickhouse_database", "pids": {name: pid}, ...}
+
+``clickhouse_url`` names the database (``http://HOST:PORT/sensorhub``), so a
+clickhouse-connect client of that URL (``get_client(dsn=...)``) lands in it.
+The configuration is checked before anything starts (the first bad key ends
+``stack up`` with status 78, as ``sensorhub config check`` names it); a child
+that exits with 78 all the same (a setting only it checks) is not restarted,
+and ``stack up`` stops the stack and fails with that child's error line.
 
 ``stack status --dir DIR --json`` prints the same with current pids;
 ``stack down --dir DIR`` stops everything it started, by PID. ``make demo``,
@@ -26,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sensorhub.config import load_settings
 from sensorhub.errors import SensorhubError
 from sensorhub.service import daemons
 from sensorhub.service.supervisor import ChildSpec, Supervisor
@@ -37,6 +45,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "stack.json"
 HOST = "127.0.0.1"
 CHILDREN = ("mosquitto", "redis", "chdb-server", "ingest", "writer")
+DEFAULT_DATABASE = "sensorhub"
 
 
 def _state_path(d: Path) -> Path:
@@ -82,7 +91,7 @@ def _specs(d: Path, ports: dict[str, int], opts: dict[str, Any]) -> list[ChildSp
         "SENSORHUB_MQTT_PORT": str(ports["mqtt"]),
         "SENSORHUB_MQTT_CLIENT_ID": f"sensorhub-ingest-{ports['mqtt']}",
         "SENSORHUB_REDIS_URL": f"redis://{HOST}:{ports['redis']}/0",
-        "SENSORHUB_CLICKHOUSE_URL": f"http://{HOST}:{ports['clickhouse']}",
+        "SENSORHUB_CLICKHOUSE_URL": f"http://{HOST}:{ports['clickhouse']}/{opts.get('database', DEFAULT_DATABASE)}",
         "PYTHONUNBUFFERED": "1",
     }
     env.update(opts.get("env", {}))
@@ -103,12 +112,14 @@ def _specs(d: Path, ports: dict[str, int], opts: dict[str, Any]) -> list[ChildSp
 
 def _public(state: dict[str, Any], sup: Supervisor | None = None) -> dict[str, Any]:
     pids = dict(state.get("pids", {}))
+    database = str(state.get("database") or DEFAULT_DATABASE)
     if sup is not None:
         pids = {n: s.pid for n, s in sup.states().items()}
     return {
         "mqtt": {"host": HOST, "port": state["ports"]["mqtt"]},
         "redis_url": f"redis://{HOST}:{state['ports']['redis']}/0",
-        "clickhouse_url": f"http://{HOST}:{state['ports']['clickhouse']}",
+        "clickhouse_url": f"http://{HOST}:{state['ports']['clickhouse']}/{database}",
+        "clickhouse_database": database,
         "pids": pids,
         "supervisor_pid": state.get("supervisor_pid"),
         "dir": state.get("dir"),
@@ -125,7 +136,9 @@ def supervise(d: Path, opts: dict[str, Any]) -> int:
         "redis": daemons.free_port(HOST),
         "clickhouse": daemons.free_port(HOST),
     }
-    state.update({"ports": ports, "supervisor_pid": os.getpid(), "dir": str(d), "ready": False})
+    state.update({"ports": ports, "supervisor_pid": os.getpid(), "dir": str(d), "ready": False,
+                  "database": opts.get("database", DEFAULT_DATABASE)})
+    state.pop("failed", None)
     _write_state(d, state)
     sup = Supervisor(_specs(d, ports, opts))
     stopping = False
@@ -146,6 +159,16 @@ def supervise(d: Path, opts: dict[str, Any]) -> int:
             state["pids"] = {n: s.pid for n, s in states.items()}
             state["restarts"] = {n: s.restarts for n, s in states.items()}
             state["ready"] = bool(ready)
+            failed = {n: s for n, s in states.items() if s.state == "failed"}
+            if failed:
+                # not restarted (exit 78, or the start limit): the stack cannot come up; say so and stop
+                state["failed"] = {
+                    n: {"status": s.last_exit, "log": str(d / "logs" / f"{n}.log")} for n, s in failed.items()
+                }
+                state["ready"] = False
+                _write_state(d, state)
+                log.error("stopping the stack: %s failed", ", ".join(sorted(failed)))
+                return 1
             _write_state(d, state)
             time.sleep(0.2)
     finally:
@@ -158,15 +181,58 @@ def supervise(d: Path, opts: dict[str, Any]) -> int:
     return 0
 
 
+def _error_line(log_path: Path) -> str:
+    """The error line a failed child printed last (``configuration error: ...``), if any."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if line.startswith(("configuration error:", "error:")):
+            return line.strip()
+    return ""
+
+
+def _failure(d: Path, failed: dict[str, Any]) -> SensorhubError:
+    parts = []
+    status = 1
+    for name, f in sorted(failed.items()):
+        code, path = f.get("status"), Path(f.get("log", d / "logs" / f"{name}.log"))
+        what = _error_line(path) or f"see {path}"
+        if code == 78:
+            status = 78
+            parts.append(f"{name} exited with status 78, {what}")
+        else:
+            parts.append(f"{name} failed (last exit status {code}, not restarted): {what}")
+    err = SensorhubError("; ".join(parts) + f"; the stack in {d} is stopped")
+    err.exit_status = status
+    return err
+
+
 def stack_up(d: Path, timeout_s: float = 120.0, opts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Start the stack in ``d`` and return its public state once ready.
+
+    The configuration (``opts["config"]`` and the environment) is checked first:
+    :class:`~sensorhub.errors.ConfigError` names the first bad key before anything
+    starts. A child that fails for good (exit 78) stops the stack, and this raises
+    :class:`SensorhubError` with the child's own error line and ``exit_status`` 78.
+    """
+    opts = dict(opts or {})
+    settings = load_settings(opts.get("config"))
+    opts.setdefault("database", settings.clickhouse.database)
     d = d.resolve()
     d.mkdir(parents=True, exist_ok=True)
     state = _read_state(d)
     if _alive(state.get("supervisor_pid")):
         raise SensorhubError(f"a stack already runs in {d} (supervisor pid {state['supervisor_pid']})")
-    (d / "opts.json").write_text(json.dumps(opts or {}))
+    if state.pop("failed", None) is not None:
+        _write_state(d, state)
+    (d / "opts.json").write_text(json.dumps(opts))
     log_f = open(d / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
-    subprocess.Popen(
+    sup = subprocess.Popen(
         [sys.executable, "-m", "sensorhub", "stack", "_supervise", "--dir", str(d)],
         stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
     )
@@ -174,11 +240,20 @@ def stack_up(d: Path, timeout_s: float = 120.0, opts: dict[str, Any] | None = No
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         st = _read_state(d)
+        if st.get("failed"):
+            sup.wait(timeout=120)  # it stops what it started, then exits
+            raise _failure(d, st["failed"])
         if st.get("ready"):
             return _public(st)
+        if sup.poll() is not None:
+            st = _read_state(d)
+            if st.get("failed"):
+                raise _failure(d, st["failed"])
+            raise SensorhubError(f"the stack supervisor exited with status {sup.returncode} before the stack "
+                                 f"was ready; see {d / 'supervisor.log'}")
         time.sleep(0.2)
-    tail = (d / "supervisor.log").read_text(errors="replace")[-2000:]
-    raise SensorhubError(f"stack in {d} not ready within {timeout_s:.0f} s; supervisor log:\n{tail}")
+    raise SensorhubError(f"stack in {d} not ready within {timeout_s:.0f} s; see {d / 'supervisor.log'} "
+                         f"and {d / 'logs'}")
 
 
 def stack_status(d: Path) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """``sensorhub query SQL``: run one statement against the configured ClickHouse, a running
-stack, or straight against a stopped embedded ClickHouse's data directory."""
+stack, or straight against a stopped embedded ClickHouse's data directory.
+
+Statements run in the configured database (``clickhouse.database``, or the one a
+``--clickhouse`` URL or the stack names), so ``SELECT count() FROM readings`` works.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,25 @@ import sys
 
 from sensorhub.config import load_settings
 from sensorhub.errors import SinkError
+from sensorhub.sinks.clickhouse import reason
 
 HELP = "run a SQL statement and print the result (ClickHouse URL, --stack DIR, or --data DIR)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sql", help="one statement, e.g. \"SELECT count() FROM sensorhub.readings\"")
+    p.add_argument("sql", help="one statement, e.g. \"SELECT count() FROM readings\"")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--clickhouse", metavar="URL", help="a ClickHouse HTTP endpoint (default: clickhouse.url)")
+    where.add_argument("--clickhouse", metavar="URL",
+                       help="a ClickHouse HTTP endpoint, http://HOST:PORT[/DATABASE] (default: clickhouse.url)")
     where.add_argument("--stack", metavar="DIR", help="the ClickHouse of a running `sensorhub stack`")
     where.add_argument("--data", metavar="DIR", help="open an embedded ClickHouse data directory directly (server stopped)")
+    p.add_argument("--database", help="run in this database (default: clickhouse.database)")
     p.add_argument("--format", default="PrettyCompactMonoBlock", help="ClickHouse output format")
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    database = args.database or settings.clickhouse.database
     if args.data:
         from pathlib import Path
 
@@ -33,24 +42,42 @@ def run(args: argparse.Namespace) -> int:
         session: Any = importlib.import_module("chdb.session")
         s = session.Session(args.data)
         try:
+            s.query(f"USE {_ident(database)}")
             out = s.query(args.sql, args.format).bytes()
         except RuntimeError as exc:
-            print(str(exc).strip(), file=sys.stderr)
-            return 1
+            raise SinkError(f"the query failed in database {database} of {args.data}: {reason(exc)}") from None
         sys.stdout.write(out.decode(errors="replace"))
         return 0
-    url = args.clickhouse
+    cfg = settings.clickhouse
     if args.stack:
         from pathlib import Path
 
         from sensorhub.service.stack import stack_status
 
-        url = stack_status(Path(args.stack))["clickhouse_url"]
-    settings = load_settings(args.config)
+        st = stack_status(Path(args.stack))
+        if not st["running"]:
+            raise SinkError(f"the stack in {args.stack} is not running (start it: sensorhub stack up --dir {args.stack})")
+        cfg = cfg.at(st["clickhouse_url"])
+    elif args.clickhouse:
+        cfg = cfg.at(args.clickhouse)
+    if args.database is None:
+        database = cfg.database
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
     from sensorhub.sinks.clickhouse import connect
 
-    cfg = settings.clickhouse.model_copy(update={"url": url}) if url else settings.clickhouse
-    client = connect(cfg)
-    result = client.raw_query(args.sql, fmt=args.format)
+    client = connect(cfg, database=database)
+    try:
+        result = client.raw_query(args.sql, fmt=args.format)
+    except ClickHouseError as exc:
+        raise SinkError(f"the query failed in database {database}: {reason(exc)}") from None
+    finally:
+        client.close()
     sys.stdout.write(result.decode(errors="replace"))
     return 0
+
+
+def _ident(name: str) -> str:
+    if not name.replace("_", "").isalnum():
+        raise SinkError(f"not a database name: {name!r}")
+    return name

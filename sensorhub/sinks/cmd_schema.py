@@ -13,7 +13,7 @@ HELP = "print or apply the ClickHouse schema (idempotent)"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", nargs="?", choices=["print", "apply"], default="print")
-    p.add_argument("--clickhouse", metavar="URL", help="override clickhouse.url")
+    p.add_argument("--clickhouse", metavar="URL", help="override clickhouse.url (http://HOST:PORT[/DATABASE])")
     p.add_argument("--database", help="override clickhouse.database")
     p.add_argument("--cluster", help="generate Replicated*/Distributed DDL for this cluster")
 
@@ -21,10 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     overrides = {}
     if args.clickhouse or args.database or args.cluster:
-        base = load_settings(args.config).clickhouse.model_dump()
+        ch0 = load_settings(args.config).clickhouse
         if args.clickhouse:
-            base["url"] = args.clickhouse
+            ch0 = ch0.at(args.clickhouse)
+        base = ch0.model_dump()
         if args.database:
+            base["url"] = ch0.server_url  # --database wins over a database in the URL
             base["database"] = args.database
         if args.cluster:
             base["cluster"] = args.cluster

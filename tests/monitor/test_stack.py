@@ -7,21 +7,21 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sensorhub.metrics.hops import HOPS
 from sensorhub.service.stack import stack_down
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     # through the command line, as an operator starts it (stack_up leaves its
-    # supervisor's Popen object behind in the calling process)
-    d = tmp_path / "stack"
+    # supervisor's Popen object behind in the calling process); one stack for this module
+    d = tmp_path_factory.mktemp("monitor") / "stack"
     try:
         up = subprocess.run([sys.executable, "-m", "sensorhub", "stack", "up", "--dir", str(d), "--json",
                              "--timeout", "90"], capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -67,7 +67,33 @@ def test_monitor_follows_a_running_stack(stack: dict[str, Any], wait_until: Call
     assert st["verdict"]["lost"] == "none"
     assert "ChecksumMismatch" in st["dead_letters"]["latest"][0]["error"]
     assert {"recv_to_xadd", "insert", "recv_to_insert"} <= set(st["latency"])
+    # the running pipeline records exactly the hops of the one list
+    assert set(st["latency"]) == set(HOPS)
 
     once = _monitor("--stack", stack["dir"], "--once", "--width", "80", "--height", "24")
     assert once.returncode == 0, once.stderr
     assert "clickhouse ● up" in once.stdout and "lost: none" in once.stdout
+
+
+def test_stack_json_names_the_database_and_query_runs_in_it(stack: dict[str, Any]) -> None:
+    import clickhouse_connect
+
+    assert stack["clickhouse_database"] == "sensorhub"
+    assert stack["clickhouse_url"] == f"http://127.0.0.1:{stack['clickhouse_url'].rsplit(':', 1)[1].split('/')[0]}/sensorhub"
+    assert {"mqtt", "redis_url", "clickhouse_url", "pids", "supervisor_pid", "dir", "ready", "restarts"} <= set(stack)
+    client = clickhouse_connect.get_client(dsn=stack["clickhouse_url"])
+    try:
+        assert client.command("SELECT currentDatabase()") == "sensorhub"
+        stored = int(client.command("SELECT count() FROM readings"))  # no database named
+    finally:
+        client.close()
+    q = subprocess.run([sys.executable, "-m", "sensorhub", "query", "--stack", stack["dir"], "--format", "TSV",
+                        "SELECT count(), currentDatabase() FROM readings"],
+                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert q.returncode == 0, q.stderr
+    assert q.stdout.split() == [str(stored), "sensorhub"]
+    bad = subprocess.run([sys.executable, "-m", "sensorhub", "query", "--stack", stack["dir"], "SELECT * FROM nosuch"],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().startswith("error: the query failed in database sensorhub") and "nosuch" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
