@@ -229,7 +229,9 @@ def _totals(st: dict[str, Any], wide: bool) -> RenderableType:
     x = Text()
     if not wide:
         x.append("TODAY ", style="bold")
-    x.append(f"received {_num(t['received'])}  to Redis {_num(t['xadded'])}  inserted {_num(t['inserted'])}  stored ")
+    # the audit counts messages as received, and rows (readings, trades) from decoding on
+    x.append(f"received {_num(t['received'])} msgs  rows: to Redis {_num(t['xadded'])}"
+             f"  inserted {_num(t['inserted'])}  stored ")
     x.append(_num(t["stored"]) if t["stored"] is not None else "?", style="" if t["stored"] is not None else "bold red")
     x.append(f"  pending {_num(t['pending'])}  reconciled ")
     rec = t["reconciled"]

@@ -185,3 +185,12 @@ def test_cli_once_and_json(
     down = _cli("--redis", redis_server.url, "--clickhouse", f"http://127.0.0.1:{free_port()}", "--json")
     assert down.returncode == 0, down.stderr
     assert json.loads(down.stdout)["clickhouse"]["ok"] is False
+
+
+def test_today_line_says_what_it_counts(fleet: dict[str, Any], redis_client: Any) -> None:
+    # the audit: 110 messages received, carrying 880 readings, 870 of them inserted
+    st = _collector(redis_client, None).collect()
+    text = " ".join(_text(render(st, width=160, height=45), 160).split())
+    assert "received 110 msgs rows: to Redis 880 inserted 870 stored ?" in text
+    small = " ".join(_text(render(st, width=80, height=24), 80).split())
+    assert "TODAY received 110 msgs rows: to Redis 880 inserted 870" in small
