@@ -225,7 +225,7 @@ def _publish_procs(args: argparse.Namespace, truth: Path, argv: list[str]) -> di
     tmp.rmdir()
     merged: dict[str, Any] = {}
     for key in ("published", "birth_readings", "published_messages", "sent_messages", "unacked_messages",
-                "dead_letters_sent", "duplicates_sent", "reconnects", "deaths", "cpu_s", "devices"):
+                "dead_letters_sent", "duplicates_sent", "reconnects", "deaths", "rebirths", "cpu_s", "devices"):
         merged[key] = sum(r[key] for r in results)
     merged["elapsed_s"] = max(r["elapsed_s"] for r in results)
     merged["start_unix_us"] = min(r["start_unix_us"] for r in results)

@@ -124,6 +124,7 @@ class RunStats:
     duplicates_sent: int = 0
     reconnects: int = 0
     deaths: int = 0
+    rebirths: int = 0
     elapsed_s: float = 0.0
     cpu_s: float = 0.0
     start_unix_us: int = 0
@@ -289,9 +290,34 @@ class Simulator:
                 await c.connect()
 
         await asyncio.gather(*(one(c) for c in self.all_conns))
+        if any(d.fmt == "sparkplug" for d in self.devices):
+            await self._start_control()
         for d in self.devices:
             if d.fmt == "sparkplug":
                 self._birth(d)
+
+    async def _start_control(self) -> None:
+        """Listen for the host's rebirth commands (see :mod:`firmware_sim.control`) before the births."""
+        from firmware_sim import control
+
+        nodes = {(d.line, d.device_id): d for d in self.devices if d.fmt == "sparkplug"}
+
+        def on_rebirth(group: str, edge: str) -> None:
+            d = nodes.get((group, edge))
+            if d is None or d.index in self._reconnecting or not self.conns[d.index].connected:
+                return  # not ours, or it births anyway when it is back
+            self._birth(d)
+            self.stats.rebirths += 1
+            self.truth.event("rebirths")
+
+        ready = asyncio.Event()
+        cfg = self.cfg
+        self._spawn(control.listen(cfg.host, cfg.port, f"{cfg.client_prefix}-control-{cfg.shard}", on_rebirth, ready),
+                    "sparkplug-control")
+        try:
+            await asyncio.wait_for(ready.wait(), 10.0)
+        except TimeoutError:
+            log.warning("the control connection is not subscribed yet; rebirth commands may be missed")
 
     def _birth(self, d: Device) -> None:
         conn = self.conns[d.index]
