@@ -12,24 +12,24 @@ import pytest
 from encoders import RawNumber, encode_json, json_string
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twins import IMPLEMENTATIONS, load
 
 from sensorhub import errors
-from sensorhub.decoders import batch_py, jsonpayload_py
 
-cy_json = pytest.importorskip("sensorhub._ext.jsonpayload")
-cy_batch = pytest.importorskip("sensorhub._ext.batch")
 
-IMPLS = {
-    "cython": (cy_json.Decoder, cy_batch.ReadingBatch),
-    "python": (jsonpayload_py.Decoder, batch_py.ReadingBatch),
-}
+def classes(impl: str) -> tuple[Any, Any]:
+    """``(Decoder, ReadingBatch)`` of one implementation (a missing Cython build fails the test)."""
+    decoder = load(impl, "sensorhub.decoders.jsonpayload_py", "jsonpayload").Decoder
+    return decoder, load(impl, "sensorhub.decoders.batch_py", "batch").ReadingBatch
+
+
 RECV_NS = 1_764_072_009_000_000_123
 RECV_US = RECV_NS // 1000
 TS = 1_764_072_000_123_456
 
 
 def decode(name: str, payload: bytes, topic: str | None = "dev1") -> list[dict[str, Any]]:
-    dec_cls, batch_cls = IMPLS[name]
+    dec_cls, batch_cls = classes(name)
     b = batch_cls(4)
     n = dec_cls().decode(topic, payload, RECV_NS, b)
     rows = b.rows()
@@ -48,7 +48,7 @@ def outcome(name: str, payload: bytes, topic: str | None = "dev1") -> tuple[Any,
     return ("ok", rows)
 
 
-@pytest.fixture(params=sorted(IMPLS))
+@pytest.fixture(params=IMPLEMENTATIONS)
 def impl(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -277,7 +277,7 @@ INVALID: list[tuple[str, bytes, type[errors.DecodeError]]] = [
 
 @pytest.mark.parametrize(("payload", "cls"), [v[1:] for v in INVALID], ids=[v[0] for v in INVALID])
 def test_invalid(impl: str, payload: bytes, cls: type[errors.DecodeError]) -> None:
-    dec_cls, batch_cls = IMPLS[impl]
+    dec_cls, batch_cls = classes(impl)
     b = batch_cls(4)
     b.append("keep", "me", 1, 2.0, 0, 3, 4)
     before = (b.rows(), list(b.devices), list(b.metrics))
@@ -298,18 +298,30 @@ def test_device_from_payload_without_topic(impl: str) -> None:
         decode(impl, b'{"metric": "x", "value": 1}', None)
 
 
-def test_syntax_error_names_offset() -> None:
-    for name in IMPLS:
-        with pytest.raises(errors.SyntaxError_) as ei:
-            decode(name, b'{"metric": "a", "value": 1,}')
-        assert ei.value.offset == 27 and "offset 27" in str(ei.value)
-    with pytest.raises(errors.InvalidValue) as ei2:
-        decode("cython", b'{"metric": "a", "value": null}')
-    assert ei2.value.offset == 25
+def test_syntax_error_names_offset(impl: str) -> None:
+    with pytest.raises(errors.SyntaxError_) as ei:
+        decode(impl, b'{"metric": "a", "value": 1,}')
+    assert ei.value.offset == 27 and "offset 27" in str(ei.value)
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [
+        pytest.param(
+            "python",
+            marks=pytest.mark.xfail(strict=True, reason="the twin gives a value of the wrong type no offset (-1)"),
+        ),
+        "cython",
+    ],
+)
+def test_invalid_value_names_offset(impl: str) -> None:
+    with pytest.raises(errors.InvalidValue) as ei:
+        decode(impl, b'{"metric": "a", "value": null}')
+    assert ei.value.offset == 25
 
 
 def test_batch_accumulates_and_names_are_reused(impl: str) -> None:
-    dec_cls, batch_cls = IMPLS[impl]
+    dec_cls, batch_cls = classes(impl)
     d, b = dec_cls(), batch_cls(4)
     for _ in range(3):
         d.decode("dev1", b'{"values": {"a": 1, "b": 2}}', RECV_NS, b)
@@ -320,8 +332,9 @@ def test_batch_accumulates_and_names_are_reused(impl: str) -> None:
     assert b.column("device") == ["dev2"] and b.column("metric") == ["b"]
 
 
-def test_name_cache_is_bounded_and_correct() -> None:
-    d, b = cy_json.Decoder(), cy_batch.ReadingBatch(16)
+def test_name_cache_is_bounded_and_correct(impl: str) -> None:
+    dec_cls, batch_cls = classes(impl)
+    d, b = dec_cls(), batch_cls(16)
     for i in range(5000):  # more distinct names than the cache holds
         d.decode(None, b'{"device": "d%d", "metric": "m%d", "value": 1}' % (i % 7, i), RECV_NS, b)
     assert b.column("metric") == [f"m{i}" for i in range(5000)]
@@ -375,6 +388,7 @@ def to_doc(obj: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=150, deadline=None)
 @given(
     objs=st.lists(st.one_of(reading_obj, values_obj), min_size=1, max_size=4),
@@ -382,7 +396,7 @@ def to_doc(obj: dict[str, Any]) -> dict[str, Any]:
     top=st.booleans(),
 )
 def test_property_valid_payloads_round_trip(
-    objs: list[dict[str, Any]], seed: int, top: bool
+    impl: str, objs: list[dict[str, Any]], seed: int, top: bool
 ) -> None:
     rng = random.Random(seed)
     doc: Any = to_doc(objs[0]) if top else [to_doc(o) for o in objs]
@@ -390,7 +404,7 @@ def test_property_valid_payloads_round_trip(
     want = expected(objs[0]) if top else [r for o in objs for r in expected(o)]
     for r in want:
         r["value"] = struct.pack("<d", r["value"])
-    got = outcome("cython", payload)
+    got = outcome(impl, payload)
     assert got == outcome("python", payload), payload
     # the encoder shuffles keys, so "values" entries come in any order
     assert got[0] == "ok" and sorted(got[1], key=repr) == sorted(want, key=repr), payload
@@ -427,13 +441,16 @@ json_any = st.recursive(
 )
 
 
+# For "python" these check the twin alone: any input decodes or is a DecodeError, nothing else.
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=300, deadline=None)
 @given(doc=json_any)
-def test_property_arbitrary_json_same_outcome(doc: Any) -> None:
+def test_property_arbitrary_json_same_outcome(impl: str, doc: Any) -> None:
     payload = json.dumps(doc).encode()
-    assert outcome("cython", payload) == outcome("python", payload), payload
+    assert outcome(impl, payload) == outcome("python", payload), payload
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=300, deadline=None)
 @given(
     seed=st.integers(0, 2**32),
@@ -444,7 +461,7 @@ def test_property_arbitrary_json_same_outcome(doc: Any) -> None:
         max_size=3,
     ),
 )
-def test_property_mutations_same_outcome(seed: int, edits: list[tuple[int, int]]) -> None:
+def test_property_mutations_same_outcome(impl: str, seed: int, edits: list[tuple[int, int]]) -> None:
     rng = random.Random(seed)
     doc = [
         {"metric": "a", "value": rng.random(), "ts": RawNumber("1764072000.5"), "quality": 1},
@@ -457,7 +474,7 @@ def test_property_mutations_same_outcome(seed: int, edits: list[tuple[int, int]]
             data[pos] = byte
         else:
             data[pos:pos] = bytes([byte])
-    assert outcome("cython", bytes(data)) == outcome("python", bytes(data)), bytes(data)
+    assert outcome(impl, bytes(data)) == outcome("python", bytes(data)), bytes(data)
 
 
 def test_json_string_encoder_escapes_round_trip() -> None:
