@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twins import IMPLEMENTATIONS, load
 
 from sensorhub.decoders.batch_py import ReadingBatch as PyBatch
 from sensorhub.errors import DecodeError
 from sensorhub.pipeline import entrycodec_py
 
-cy_codec = pytest.importorskip("sensorhub._ext.entrycodec")
-cy_batch = pytest.importorskip("sensorhub._ext.batch")
+
+def codec(impl: str) -> tuple[Any, Any]:
+    """``(entry codec module, ReadingBatch)`` of one implementation (a missing Cython build fails the test)."""
+    module = load(impl, "sensorhub.pipeline.entrycodec_py", "entrycodec")
+    return module, load(impl, "sensorhub.decoders.batch_py", "batch").ReadingBatch
+
 
 names = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=20)
 rows = st.lists(
@@ -33,19 +39,22 @@ def _fill(batch, data):  # type: ignore[no-untyped-def]
     return batch
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @settings(max_examples=150, deadline=None)
-@given(rows)
-def test_cython_and_twin_encode_the_same_bytes_and_round_trip(data) -> None:  # type: ignore[no-untyped-def]
-    a = cy_codec.encode_block(_fill(cy_batch.ReadingBatch(), data), 42)
-    b = entrycodec_py.encode_block(_fill(PyBatch(), data), 42)
-    assert a == b
-    blk = entrycodec_py.decode_block(a)
+@given(data=rows)
+def test_both_encode_the_same_bytes_and_round_trip(impl: str, data) -> None:  # type: ignore[no-untyped-def]
+    mod, batch_cls = codec(impl)
+    a = mod.encode_block(_fill(batch_cls(), data), 42)
+    assert a == entrycodec_py.encode_block(_fill(PyBatch(), data), 42)
+    blk = mod.decode_block(a)
     assert blk.decode_ns == 42 and len(blk) == len(data)
     assert blk.column("device") == [r[0] for r in data]
     assert blk.column("metric") == [r[1] for r in data]
+    for col, i in (("ts_us", 2), ("quality", 4), ("seq", 5), ("recv_us", 6)):
+        assert blk.column(col) == [r[i] for r in data], col
     for got, want in zip(blk.column("value"), [r[3] for r in data], strict=True):
         assert struct.pack("<d", got) == struct.pack("<d", want)
-    assert cy_codec.native_block(a, "src")[0] == entrycodec_py.native_block(a, "src")[0]
+    assert mod.native_block(a, "src")[0] == entrycodec_py.native_block(a, "src")[0]
 
 
 _COLUMNS = ("dev", "met", "ts_us", "value", "quality", "seq", "recv_us")
@@ -109,14 +118,17 @@ def test_every_truncation_of_a_block_is_a_decode_error() -> None:
         entrycodec_py.decode_block(block + b"\x00")
 
 
-def test_native_blocks_load_into_clickhouse(ch_client, ch_database) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_native_blocks_load_into_clickhouse(impl: str, ch_client, ch_database) -> None:  # type: ignore[no-untyped-def]
     from sensorhub.sinks.schema import apply_schema
+
+    mod, batch_cls = codec(impl)
 
     apply_schema(ch_client, ch_database)
     data = [("dev-1", "temp", 1_764_072_000_000_001 + i, float(i) / 3, i % 3, i, 1_764_072_000_500_000 + i) for i in range(500)]
     data.append(("dév-ü", "nan", 1_764_072_000_000_000, math.nan, 2, 2**64 - 1, 1))
-    block = cy_codec.encode_block(_fill(cy_batch.ReadingBatch(), data), 1)
-    native, _ = cy_codec.native_block(block, "mqtt")
+    block = mod.encode_block(_fill(batch_cls(), data), 1)
+    native, _ = mod.native_block(block, "mqtt")
     ch_client.raw_insert(
         f"{ch_database}.readings", column_names=[c for c, _ in entrycodec_py.NATIVE_COLUMNS],
         insert_block=native + native, settings={"insert_deduplication_token": "x"}, fmt="Native",
