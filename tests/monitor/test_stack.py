@@ -64,7 +64,7 @@ def test_monitor_follows_a_running_stack(stack: dict[str, Any], wait_until: Call
     assert not w["stale"] and w["clickhouse_ok"] and not w["lag_alert"]
     t = st["totals"]
     assert t["received"] > 0 and t["dead_lettered"] > 0 and t["missing"] == 0
-    assert st["verdict"]["lost"] == "none"
+    assert st["verdict"]["lost"] == "none", st["totals"]["reconcile_detail"]
     assert "ChecksumMismatch" in st["dead_letters"]["latest"][0]["error"]
     assert {"recv_to_xadd", "insert", "recv_to_insert"} <= set(st["latency"])
     # the running pipeline records exactly the hops of the one list
