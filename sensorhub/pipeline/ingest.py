@@ -56,6 +56,7 @@ import redis
 from sensorhub.config import Settings
 from sensorhub.decoders.trade_batch import TradeBatch
 from sensorhub.errors import DecodeError
+from sensorhub.metrics import hops
 from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.lag import LagAlarm, stream_states
 from sensorhub.pipeline.streams import (
@@ -423,9 +424,9 @@ class Ingest:
             os._exit(70)
         done = time.time_ns()
         m = self.metrics
-        m.record_us("decode_to_xadd", (done - decode_ns) / 1000)
+        m.record_us(hops.DECODE_TO_XADD, (done - decode_ns) / 1000)
         for r in self._frame_recv:
-            m.record_us("recv_to_xadd", (done - r) / 1000)
+            m.record_us(hops.RECV_TO_XADD, (done - r) / 1000)
         m.inc("readings" if not self._trades else "trades", rows)
         m.inc("entries", n_entries)
         self._after_flush()
