@@ -10,12 +10,17 @@ Two halves, kept apart so that parsing never runs on the network thread:
   symbol (so a trade re-sent in a snapshot after a reconnect is emitted once),
   counts sequence gaps where a venue numbers its trades consecutively, and
   turns malformed input into a :class:`~sensorhub.errors.DecodeError` with the
-  batch left exactly as it was.
+  batch left exactly as it was. A frame on a trade channel that yields no
+  trade is such an error too (a dead letter), and a feed whose trade frames
+  keep failing reports itself unhealthy (``FeedStats.unhealthy``).
 * :class:`ExchangeSource` is the :class:`~sensorhub.sources.base.Source`: an
   asyncio loop on its own thread with a ``websockets`` client, connect
   timeout, capped exponential backoff with full jitter that never gives up,
   resubscribe on every connection, stale-feed detection, and a bounded
-  :class:`~sensorhub.sources.base.FrameQueue` towards the ingest loop.
+  :class:`~sensorhub.sources.base.FrameQueue` towards the ingest loop. A venue
+  that serves its markets on separate connections (Bybit: spot, linear,
+  inverse) gets one connection per market its symbols need, each with its own
+  frame topic, so the parser always knows which market a frame belongs to.
 
 A venue module subclasses :class:`Venue`, fills in what is particular to the
 venue and decorates the class with :func:`register_venue`; nothing else
@@ -33,9 +38,11 @@ import random
 import threading
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from websockets.asyncio.client import ClientConnection, connect
@@ -64,6 +71,7 @@ __all__ = [
     "Venue",
     "ensure_whole",
     "http_json",
+    "instrument_kind",
     "iso_to_us",
     "loads",
     "register_venue",
@@ -87,6 +95,8 @@ SOURCE_OPTIONS: dict[str, Any] = {
     "compression": False,  # permessage-deflate costs CPU on a shared box; venues send little
     "backoff_initial_s": None,  # None: the ingest backoff settings
     "backoff_max_s": None,
+    "trade_error_window": 100,  # the last this many trade frames are looked at for the feed's health ...
+    "unhealthy_trade_errors": 3,  # ... and this many failures among them make the feed unhealthy
 }
 
 #: Registered venues by name.
@@ -130,6 +140,22 @@ def iso_to_us(text: str) -> int:
     except (ValueError, IndexError):
         raise InvalidValue(f"timestamp {text!r} is not ISO 8601 UTC") from None
     return day + secs * 1_000_000 + us
+
+
+InstrumentKind = Literal["spot", "perpetual", "future", "other"]
+
+
+def instrument_kind(symbol: str) -> InstrumentKind:
+    """What a normalized symbol names: ``BTC-USDT`` spot, ``BTC-USDT-PERP`` perpetual, ``BTC-USD-220527`` future."""
+    parts = symbol.split("-")
+    if len(parts) == 2 and all(parts):
+        return "spot"
+    if len(parts) == 3 and parts[0] and parts[1]:
+        if parts[2] == "PERP":
+            return "perpetual"
+        if len(parts[2]) == 6 and parts[2].isdigit():
+            return "future"
+    return "other"
 
 
 def split_concatenated(symbol: str, quotes: Sequence[str]) -> str | None:
@@ -193,6 +219,7 @@ def loads(payload: bytes) -> Any:
 
 
 _json_decode = msgspec.json.Decoder().decode
+_INF = float("inf")
 
 
 # --------------------------------------------------------------------------- venue
@@ -209,6 +236,9 @@ class FeedStats:
     parse_errors: int = 0  # frames that raised DecodeError
     venue_errors: int = 0  # error messages the venue sent (bad subscription...)
     last_trade_ns: int = 0  # receive time of the newest trade
+    trade_frames: int = 0  # frames on a trade channel (acks and heartbeats are not)
+    trade_frame_errors: int = 0  # of those, frames that yielded no trade: dead letters
+    unhealthy: str = ""  # why the feed is unhealthy (trade frames keep failing), or empty
 
 
 class Venue:
@@ -219,8 +249,15 @@ class Venue:
 
     Symbols are configured in the normalized spelling ``BASE-QUOTE``
     (``BTC-USDT``); derivatives carry a suffix: ``-PERP`` for perpetual swaps,
-    ``-YYMMDD`` for dated futures. :meth:`to_venue_symbol` maps one to the
-    venue's spelling; frames are mapped back through the same table.
+    ``-YYMMDD`` for dated futures (see :func:`instrument_kind`), so a spot pair
+    and a derivative never share a stored symbol. A venue serves the kinds in
+    :attr:`instrument_kinds`; any other is a configuration error.
+    :meth:`to_venue_symbol` maps a symbol to the venue's spelling; frames are
+    mapped back through the same table. Where a venue spells a spot pair and a
+    derivative alike (Bybit ``BTCUSDT``), it serves them on separate
+    connections (:meth:`connection_of_symbol`), and the table is looked up per
+    connection: two configured symbols may share a venue spelling only on
+    different connections.
     """
 
     #: Registry name (``sensorhub ingest --source NAME`` with ``driver = NAME``).
@@ -239,22 +276,44 @@ class Venue:
     honours_reconnect_requests: ClassVar[bool] = False
     #: Venue-specific options (``sources.<name>.options``) with their defaults.
     options: ClassVar[dict[str, Any]] = {}
+    #: The instrument kinds (:func:`instrument_kind`) this driver reads; a symbol of another kind is refused.
+    instrument_kinds: ClassVar[frozenset[str]] = frozenset({"spot"})
+    #: Host names of the venue's derivatives endpoints, refused as ``endpoint`` by a spot-only
+    #: driver: they spell perpetuals like spot pairs, whose names the trades would then be stored under.
+    derivative_hosts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
         symbols: Sequence[str],
         options: Mapping[str, Any] | None = None,
         recent_trade_ids: int = SOURCE_OPTIONS["recent_trade_ids"],
+        trade_error_window: int = SOURCE_OPTIONS["trade_error_window"],
+        unhealthy_trade_errors: int = SOURCE_OPTIONS["unhealthy_trade_errors"],
     ) -> None:
         if not symbols:
             raise ConfigError(f"sources.{self.name}.symbols", "at least one symbol such as BTC-USDT")
         self.opts: dict[str, Any] = {**self.options, **(options or {})}
-        self.symbols: tuple[str, ...] = tuple(s.upper() for s in symbols)
+        self.symbols: tuple[str, ...] = tuple(dict.fromkeys(s.upper() for s in symbols))
+        for s in self.symbols:
+            kind = instrument_kind(s)
+            if kind not in self.instrument_kinds:
+                raise ConfigError(
+                    f"sources.{self.name}.symbols",
+                    f"{self.name} symbols of the kinds it serves ({', '.join(sorted(self.instrument_kinds))}: "
+                    "BASE-QUOTE spot, BASE-QUOTE-PERP perpetuals, BASE-QUOTE-YYMMDD futures)",
+                    s,
+                )
         #: normalized -> venue spelling, and back
         self.venue_symbols: dict[str, str] = {}
         self.normal_symbols: dict[str, str] = {}
+        spelled: dict[tuple[str, str], str] = {}
         for s in self.symbols:
             v = self.to_venue_symbol(s)
+            other = spelled.setdefault((self.connection_of_symbol(s), v), s)
+            if other != s:
+                raise ConfigError(
+                    f"sources.{self.name}.symbols", "symbols that name distinct instruments", f"{other} and {s} are both {v}"
+                )
             self.venue_symbols[s] = v
             self.normal_symbols[v] = s
         self.stats = FeedStats()
@@ -266,6 +325,13 @@ class Venue:
         #: Heartbeat interval the venue asked for in its pre-connect step (KuCoin's ``pingInterval``);
         #: used instead of ``heartbeat_s`` unless the source's options set one.
         self.heartbeat_hint_s: float | None = None
+        #: The connection (:meth:`connections`) of the frame being parsed; set by :meth:`parse`.
+        self.connection = ""
+        #: Set by ``_parse`` once it knows the frame is on a trade channel (see :meth:`parse`).
+        self.trade_frame = False
+        self._outcomes: deque[bool] = deque(maxlen=max(1, int(trade_error_window)))  # True: a failed trade frame
+        self._window_errors = 0
+        self._unhealthy_after = max(1, int(unhealthy_trade_errors))
 
     # ---- what a venue module fills in
 
@@ -288,6 +354,32 @@ class Venue:
     def subscribe_messages(self) -> list[str | bytes]:
         """Frames to send after every connect (resubscribe on reconnect is automatic)."""
         return []
+
+    # ---- venues with one connection per market (Bybit's spot, linear, inverse)
+
+    def connection_of_symbol(self, symbol: str) -> str:
+        """The connection that serves ``symbol``: ``""`` on venues that serve every market on one."""
+        return ""
+
+    def connections(self) -> tuple[str, ...]:
+        """The connections the configured symbols need, in the order of the symbols."""
+        return tuple(dict.fromkeys(self.connection_of_symbol(s) for s in self.symbols))
+
+    def symbols_on(self, connection: str) -> tuple[str, ...]:
+        """The configured symbols served on ``connection``."""
+        return tuple(s for s in self.symbols if self.connection_of_symbol(s) == connection)
+
+    def connection_endpoint(self, endpoint: str, connection: str) -> str:
+        """The endpoint of ``connection`` given the configured (or default) one; the same one by default."""
+        return endpoint
+
+    def connection_of(self, path: str) -> str:
+        """The connection a WebSocket URL path belongs to (the replay server matches recordings by it)."""
+        return ""
+
+    def subscribe_messages_for(self, connection: str) -> list[str | bytes]:
+        """Frames to send after every connect of ``connection``; :meth:`subscribe_messages` by default."""
+        return self.subscribe_messages()
 
     def heartbeat_message(self) -> str | bytes | None:
         """The client's application-level ping, sent every ``heartbeat_s``."""
@@ -351,7 +443,12 @@ class Venue:
     def _parse(self, payload: bytes, recv_us: int, batch: TradeBatch) -> int:
         """Append the frame's trades through :meth:`emit`; return how many were appended.
 
-        Non-trade frames (books, tickers, acks, heartbeats) return 0.
+        Non-trade frames (books, tickers, acks, heartbeats) return 0. A frame
+        on a trade channel sets ``self.trade_frame = True`` as soon as it is
+        recognised, whatever its key order or spacing; such a frame that yields
+        no trade (a field of the wrong type, a missing field, a wrong shape, no
+        trade at all) raises: it is a dead letter, never a silent 0. A frame
+        whose trades were all emitted before returns 0 (duplicates).
         Malformed frames raise a ``DecodeError`` subclass; ``KeyError``,
         ``IndexError``, ``TypeError``, ``ValueError`` and msgspec errors are
         turned into one by :meth:`parse`.
@@ -360,25 +457,36 @@ class Venue:
 
     # ---- the framework around it
 
-    def parse(self, payload: bytes | str, recv_ns: int, batch: TradeBatch) -> int:
-        """Normalized trades of one raw frame appended to ``batch``; all or nothing."""
+    def parse(self, payload: bytes | str, recv_ns: int, batch: TradeBatch, connection: str = "") -> int:
+        """Normalized trades of one raw frame appended to ``batch``; all or nothing.
+
+        ``connection`` names the connection the frame came from (one of
+        :meth:`connections`); venues with one connection ignore it.
+        """
         if isinstance(payload, str):
             payload = payload.encode()
+        self.connection = connection
+        self.trade_frame = False
         batch.begin()
         try:
             n = self._parse(payload, recv_ns // 1000, batch)
-        except DecodeError:
+        except DecodeError as exc:
             self._abort(batch)
+            if self.trade_frame and "trade frame" not in exc.detail:
+                # the reason says it was a trade frame: a dead letter that stands for lost trades
+                raise type(exc)(f"{self._what()}: {exc.detail}", exc.offset) from None
             raise
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             self._abort(batch)
-            raise InvalidValue(f"{self.name}: {type(exc).__name__}: {exc}") from None
+            raise InvalidValue(f"{self._what()}: {type(exc).__name__}: {exc}") from None
         except msgspec.ValidationError as exc:
             self._abort(batch)
-            raise InvalidValue(f"{self.name}: {exc}") from None
+            raise InvalidValue(f"{self._what()}: {exc}") from None
         except msgspec.DecodeError as exc:
             self._abort(batch)
-            raise SyntaxError_(f"{self.name}: {exc}") from None
+            raise SyntaxError_(f"{self._what()}: {exc}") from None
+        if self.trade_frame:
+            self._note_trade_frame(False)
         if n:
             self.stats.trades += n
             self.stats.last_trade_ns = recv_ns
@@ -386,6 +494,29 @@ class Venue:
             if self._seqs:
                 self._check_sequence()
         return n
+
+    def _what(self) -> str:
+        return f"{self.name} trade frame" if self.trade_frame else self.name
+
+    def _note_trade_frame(self, failed: bool) -> None:
+        """One trade frame's outcome into the window that decides the feed's health."""
+        st = self.stats
+        st.trade_frames += 1
+        q = self._outcomes
+        if len(q) == q.maxlen and q[0]:
+            self._window_errors -= 1
+        q.append(failed)
+        if failed:
+            st.trade_frame_errors += 1
+            self._window_errors += 1
+        if self._window_errors >= self._unhealthy_after:
+            st.unhealthy = f"{self._window_errors} of the last {q.maxlen} trade frames yielded no trade"
+        elif st.unhealthy:
+            st.unhealthy = ""
+
+    def no_trades(self, what: str = "") -> InvalidValue:
+        """The error for a trade frame that holds no trade at all (``raise self.no_trades()``)."""
+        return InvalidValue("holds no trade" + (f": {what}" if what else ""))
 
     def emit(
         self,
@@ -402,8 +533,15 @@ class Venue:
         """Append one trade unless its id was seen recently; returns 1 if appended, else 0.
 
         ``seq`` is the trade id as an integer on venues whose ids are
-        consecutive per symbol (gap detection), -1 elsewhere.
+        consecutive per symbol (gap detection), -1 elsewhere. A trade without
+        an id, a price or amount that is not a positive finite number, or a
+        time before 1970 raises ``InvalidValue``: the frame is a dead letter.
         """
+        if not (0.0 < price < _INF and 0.0 < amount < _INF and ts_us > 0 and trade_id):
+            raise InvalidValue(
+                f"trade {trade_id!r} of {symbol}: price {price!r}, amount {amount!r} and time {ts_us!r} "
+                "must be positive (and finite), the id not empty"
+            )
         recent = self._recent.get(symbol)
         if recent is None:
             recent = self._recent[symbol] = {}
@@ -426,6 +564,8 @@ class Venue:
         self._undo.clear()
         self._seqs.clear()
         self.stats.parse_errors += 1
+        if self.trade_frame:
+            self._note_trade_frame(True)
 
     def _check_sequence(self) -> None:
         # Venues may list a message's trades newest first (Coinbase): compare sorted ids.
@@ -488,17 +628,39 @@ def register_venue(cls: type[Venue]) -> type[Venue]:
 
 
 class ExchangeDecoder:
-    """The ingest loop's decoder for an exchange feed: the venue's :meth:`Venue.parse`."""
+    """The ingest loop's decoder for one connection of an exchange feed: the venue's :meth:`Venue.parse`."""
 
-    def __init__(self, venue: Venue) -> None:
+    def __init__(self, venue: Venue, connection: str = "", source: ExchangeSource | None = None) -> None:
         self.venue = venue
+        self.connection = connection
+        self.source = source
 
     def decode(self, topic_device: str | None, payload: bytes, recv_ns: int, batch: Any) -> int:
         """Append the frame's trades to ``batch`` (a ``TradeBatch``); see :meth:`Venue.parse`."""
-        return self.venue.parse(payload, recv_ns, batch)
+        try:
+            return self.venue.parse(payload, recv_ns, batch, self.connection)
+        except DecodeError:
+            if self.source is not None:
+                self.source.note_parse_error()
+            raise
 
 
 # --------------------------------------------------------------------------- source
+
+
+@dataclass
+class _Connection:
+    """One of a feed's connections (most venues need one; Bybit one per market)."""
+
+    name: str  # the venue's connection name (Venue.connections), "" for a venue's only one
+    topic: str  # topic of the frames it hands over
+    endpoint: str
+    decoder: ExchangeDecoder
+    connected: bool = False
+    sessions: int = 0
+    frames: int = 0
+    last_msg_ns: int = 0
+    detail: str = ""
 
 
 class ExchangeSource(Source):
@@ -506,9 +668,16 @@ class ExchangeSource(Source):
 
     ``settings`` gives the symbols, an endpoint override and options (the
     keys of :data:`SOURCE_OPTIONS` plus the venue's own). Frames are handed
-    over as ``Frame(topic="ws", payload=<raw bytes>, recv_ns, ack_token=None)``;
+    over as ``Frame(topic, payload=<raw bytes>, recv_ns, ack_token=None)``;
     ``decoder_for`` returns the venue parser, so parsing happens in the
     ingest loop and this thread only receives.
+
+    The feed opens one connection per entry of :meth:`Venue.connections`
+    (one on most venues), each connecting, resubscribing and backing off on
+    its own. With one connection every frame's topic is ``"ws"``; with
+    several it is ``"ws/<connection>"`` (``ws/spot``, ``ws/linear``), and
+    the decoder of that topic tells the parser which connection a frame
+    came from. ``health.connected`` is true while every connection is up.
     """
 
     kind = "trade"
@@ -535,7 +704,10 @@ class ExchangeSource(Source):
             )
         src = {k: opts.pop(k, v) for k, v in SOURCE_OPTIONS.items()}
         try:
-            self.venue: Venue = venue_cls(settings.symbols, opts, int(src["recent_trade_ids"]))
+            self.venue: Venue = venue_cls(
+                settings.symbols, opts, int(src["recent_trade_ids"]),
+                int(src["trade_error_window"]), int(src["unhealthy_trade_errors"]),
+            )
             self.connect_timeout_s = float(src["connect_timeout_s"])
             self.stale_after_s = float(src["stale_after_s"] or venue_cls.stale_after_s)
             self._heartbeat_configured = src["heartbeat_s"] is not None
@@ -547,15 +719,33 @@ class ExchangeSource(Source):
             self.backoff_max_s = float(src["backoff_max_s"] or backoff.max_s)
             self.backoff_factor = backoff.factor
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"sources.{name}.options", "numbers for the *_s, *_ids and *_bytes keys", str(exc)) from None
+            raise ConfigError(f"sources.{name}.options", "numbers for the *_s, *_ids, *_errors, *_window and *_bytes keys", str(exc)) from None
         if self.connect_timeout_s <= 0 or self.stale_after_s <= 0 or self.backoff_initial_s <= 0:
             raise ConfigError(f"sources.{name}.options", "positive timeouts and backoff")
         self.compression: str | None = "deflate" if src["compression"] else None
         self.endpoint = settings.endpoint or self.venue.default_endpoint()
         if not self.endpoint.startswith(("ws://", "wss://")):
             raise ConfigError(f"sources.{name}.endpoint", "a ws:// or wss:// URL", self.endpoint)
+        host = (urlsplit(self.endpoint).hostname or "").lower()
+        if any(host == h or host.endswith("." + h) for h in venue_cls.derivative_hosts):
+            raise ConfigError(
+                f"sources.{name}.endpoint",
+                f"a {venue_cls.name} spot endpoint (the driver reads spot pairs; {host} serves derivatives, "
+                "spelled like spot pairs)",
+                self.endpoint,
+            )
         self.queue = FrameQueue(max_inflight_frames)
-        self.decoder = ExchangeDecoder(self.venue)
+        names = self.venue.connections()
+        self._conns = [
+            _Connection(
+                n, FRAME_TOPIC if len(names) == 1 else f"{FRAME_TOPIC}/{n}",
+                self.venue.connection_endpoint(self.endpoint, n), ExchangeDecoder(self.venue, n, self),
+            )
+            for n in names
+        ]
+        self._by_topic = {c.topic: c for c in self._conns}
+        #: The decoder of the feed's first connection (the only one on most venues).
+        self.decoder = self._conns[0].decoder
         self.connections = 0
         self.stale_reconnects = 0
         self.pings_sent = 0
@@ -566,7 +756,6 @@ class ExchangeSource(Source):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._stopping = threading.Event()
-        self._last_msg_ns = 0
 
     # ---- Source interface
 
@@ -585,7 +774,7 @@ class ExchangeSource(Source):
         """Nothing to acknowledge upstream on a market-data feed."""
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Close the connection and end the feed thread (waits up to ``timeout_s``)."""
+        """Close the connections and end the feed thread (waits up to ``timeout_s``)."""
         self._stopping.set()
         loop, ev = self._loop, self._stop_event
         if loop is not None and ev is not None:
@@ -596,8 +785,16 @@ class ExchangeSource(Source):
         self.health.connected = False
 
     def decoder_for(self, topic: str) -> tuple[Decoder, str | None] | None:
-        """The venue parser, for every frame of this feed."""
-        return self.decoder, None
+        """The venue parser for the frames of ``topic``'s connection (the only one's for any topic)."""
+        if len(self._conns) == 1:
+            return self.decoder, None
+        c = self._by_topic.get(topic)
+        return (c.decoder, None) if c is not None else None
+
+    @property
+    def topics(self) -> dict[str, str]:
+        """Frame topic -> endpoint of each connection."""
+        return {c.topic: c.endpoint for c in self._conns}
 
     def refresh_health(self) -> None:
         """Copy the feed's counters into ``health`` (also done every second by the feed thread)."""
@@ -609,6 +806,7 @@ class ExchangeSource(Source):
         extra.update(
             venue=self.venue.name,
             endpoint=self.endpoint,
+            endpoints=[c.endpoint for c in self._conns],
             connections=self.connections,
             stale_reconnects=self.stale_reconnects,
             pings_sent=self.pings_sent,
@@ -620,6 +818,14 @@ class ExchangeSource(Source):
             last_frame_age_s=(now - h.last_frame_ns) / 1e9 if h.last_frame_ns else None,
         )
         h.extra = extra
+
+    def note_parse_error(self) -> None:
+        """A frame failed to parse (ingest thread): its counts and the feed's health show at once."""
+        st = self.venue.stats
+        extra = self.health.extra
+        extra["parse_errors"] = st.parse_errors
+        extra["trade_frame_errors"] = st.trade_frame_errors
+        extra["unhealthy"] = st.unhealthy
 
     # ---- the feed thread
 
@@ -637,33 +843,51 @@ class ExchangeSource(Source):
         cap = min(self.backoff_max_s, self.backoff_initial_s * self.backoff_factor ** min(attempt, 60))
         return random.uniform(0.0, cap)
 
+    def _set_detail(self, c: _Connection, text: str) -> None:
+        c.detail = text
+        if len(self._conns) == 1:
+            self.health.detail = text
+        else:
+            self.health.detail = "; ".join(f"{x.name}: {x.detail}" for x in self._conns if x.detail)
+
+    def _set_connected(self, c: _Connection, up: bool) -> None:
+        c.connected = up
+        self.health.connected = all(x.connected for x in self._conns)
+
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
         if self._stopping.is_set():
             return
+        async with asyncio.TaskGroup() as tg:
+            for c in self._conns:
+                tg.create_task(self._connection(c), name=f"{self.name}-{c.name or 'connection'}")
+
+    async def _connection(self, c: _Connection) -> None:
+        """One connection, reconnected with backoff until the feed stops."""
+        assert self._stop_event is not None
         attempt = 0
         while not self._stop_event.is_set():
             delivered = False
             try:
-                delivered = await self._session()
+                delivered = await self._session(c)
             except (OSError, TimeoutError, WebSocketException, SourceError) as exc:
-                self.health.detail = f"{type(exc).__name__}: {exc}"
-                log.warning("%s: connection failed: %s", self.name, self.health.detail)
-            self.health.connected = False
+                self._set_detail(c, f"{type(exc).__name__}: {exc}")
+                log.warning("%s: connection failed: %s", self.name, c.detail)
+            self._set_connected(c, False)
             if self._stop_event.is_set():
                 break
             attempt = 0 if delivered else attempt + 1
             delay = self._backoff_delay(attempt)
-            self.health.detail += f"; reconnecting in {delay:.2f} s"
+            self._set_detail(c, c.detail + f"; reconnecting in {delay:.2f} s")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop_event.wait(), delay)
 
-    async def _session(self) -> bool:
+    async def _session(self, c: _Connection) -> bool:
         """One connection: connect, subscribe, receive until it ends. True if any frame arrived."""
         assert self._stop_event is not None
         async with asyncio.timeout(self.connect_timeout_s):
-            url = await self.venue.pre_connect(self.endpoint, self.connect_timeout_s)
+            url = await self.venue.pre_connect(c.endpoint, self.connect_timeout_s)
             try:
                 ws = await connect(
                     url,
@@ -680,38 +904,40 @@ class ExchangeSource(Source):
                 raise SourceError(f"{url}: not a WebSocket URL") from exc
             except InvalidHandshake as exc:
                 raise SourceError(f"{url}: handshake refused: {exc}") from exc
-        frames_before = self.health.frames
+        frames_before = c.frames
         self.connections += 1
-        if self.connections > 1:
+        c.sessions += 1
+        if c.sessions > 1:
             self.health.reconnects += 1
-        self._last_msg_ns = time.time_ns()
-        self.health.connected = True
-        self.health.detail = f"connected to {url}"
+        c.last_msg_ns = time.time_ns()
+        self._set_connected(c, True)
+        self._set_detail(c, f"connected to {url}")
         log.info("%s: connected to %s (connection %d)", self.name, url, self.connections)
         try:
-            for msg in self.venue.subscribe_messages():
+            for msg in self.venue.subscribe_messages_for(c.name):
                 await ws.send(msg)
             async with asyncio.TaskGroup() as tg:
                 hb = tg.create_task(self._heartbeat(ws), name=f"{self.name}-heartbeat")
-                wd = tg.create_task(self._watchdog(ws), name=f"{self.name}-watchdog")
+                wd = tg.create_task(self._watchdog(ws, c), name=f"{self.name}-watchdog")
                 try:
-                    await self._receive(ws)
+                    await self._receive(ws, c)
                 finally:
                     hb.cancel()
                     wd.cancel()
         except ConnectionClosed as exc:
-            self.health.detail = f"connection closed: {exc}"
+            self._set_detail(c, f"connection closed: {exc}")
         finally:
-            self.health.connected = False
+            self._set_connected(c, False)
             await ws.close()
             self.refresh_health()
-        return self.health.frames > frames_before
+        return c.frames > frames_before
 
-    async def _receive(self, ws: ClientConnection) -> None:
+    async def _receive(self, ws: ClientConnection, c: _Connection) -> None:
         recv = ws.recv
         put = self.queue.put
         health = self.health
         venue = self.venue
+        topic = c.topic
         answers = venue.answers_server_pings
         reconnects_on_request = venue.honours_reconnect_requests
         stopping = self._stopping
@@ -719,11 +945,11 @@ class ExchangeSource(Source):
             try:
                 data = await recv(decode=False)
             except ConnectionClosed as exc:
-                health.detail = f"connection closed: {exc}"
-                log.info("%s: %s", self.name, health.detail)
+                self._set_detail(c, f"connection closed: {exc}")
+                log.info("%s: %s", self.name, c.detail)
                 return
             now = time.time_ns()
-            self._last_msg_ns = now
+            c.last_msg_ns = now
             if answers:
                 reply = venue.server_ping_reply(data)
                 if reply is not None:
@@ -731,8 +957,9 @@ class ExchangeSource(Source):
                     await ws.send(reply)
                     continue
             health.frames += 1
+            c.frames += 1
             health.last_frame_ns = now
-            frame = Frame(FRAME_TOPIC, data, now, None)
+            frame = Frame(topic, data, now, None)
             if not put(frame, 0.0):
                 # The ingest loop is behind: stop reading so TCP pushes back on the venue.
                 self.queue_full_waits += 1
@@ -741,8 +968,8 @@ class ExchangeSource(Source):
                         return
             if reconnects_on_request and venue.is_reconnect_request(data):
                 self.reconnect_requests += 1
-                health.detail = "the venue asked for a reconnect"
-                log.info("%s: %s", self.name, health.detail)
+                self._set_detail(c, "the venue asked for a reconnect")
+                log.info("%s: %s", self.name, c.detail)
                 return  # the session closes the socket; the reconnect waits only the shortest backoff
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
@@ -761,7 +988,7 @@ class ExchangeSource(Source):
                 return
             self.pings_sent += 1
 
-    async def _watchdog(self, ws: ClientConnection) -> None:
+    async def _watchdog(self, ws: ClientConnection, c: _Connection) -> None:
         assert self._stop_event is not None
         tick = min(1.0, self.stale_after_s / 4)
         while True:
@@ -771,10 +998,10 @@ class ExchangeSource(Source):
                 await ws.close()
                 return
             self.refresh_health()
-            idle_s = (time.time_ns() - self._last_msg_ns) / 1e9
+            idle_s = (time.time_ns() - c.last_msg_ns) / 1e9
             if idle_s > self.stale_after_s:
                 self.stale_reconnects += 1
-                self.health.detail = f"stale: no message for {idle_s:.1f} s"
-                log.warning("%s: %s; reconnecting", self.name, self.health.detail)
+                self._set_detail(c, f"stale: no message for {idle_s:.1f} s")
+                log.warning("%s: %s; reconnecting", self.name, c.detail)
                 ws.transport.abort()  # a dead peer would stall a close handshake
                 return

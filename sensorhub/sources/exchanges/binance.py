@@ -1,5 +1,9 @@
 """Binance spot: the ``trade`` or ``aggTrade`` streams over one combined-stream connection.
 
+* Spot only. Binance's derivatives streams (``fstream``/``dstream``) spell a
+  perpetual like the spot pair (``BTCUSDT``), so reading them here would store
+  perpetual trades under the spot symbol: such an endpoint, and derivative
+  symbols (``-PERP``, ``-YYMMDD``), are configuration errors.
 * Subscription is in the URL: ``/stream?streams=btcusdt@trade/...``; messages
   arrive wrapped as ``{"stream": ..., "data": {...}}`` (raw ``{"e": ...}``
   events from a ``/ws/`` URL are accepted too).
@@ -12,6 +16,9 @@
 * Heartbeat: the server sends WebSocket pings (answered by the library); no
   application ping. Thin symbols may be silent for minutes, so the stale
   bound is long; a dead TCP peer is caught by the WebSocket keepalive.
+* A frame of a trade stream (``<sym>@trade``/``@aggTrade``, or a raw
+  ``"e":"trade"``/``"aggTrade"`` event) that yields no trade is a dead letter,
+  whatever its key order or spacing.
 """
 
 from __future__ import annotations
@@ -81,6 +88,8 @@ class Binance(Venue):
     stale_after_s = 600.0
     sequential_ids = True
     options: ClassVar[dict[str, Any]] = {"stream": "trade"}
+    derivative_hosts = ("fstream.binance.com", "dstream.binance.com", "fstream-auth.binance.com",
+                        "testnet.binancefuture.com")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -119,35 +128,49 @@ class Binance(Venue):
         head = payload[:64]
         if head.startswith(b'{"stream":"'):
             if b'@aggTrade"' in head:
-                a = _agg_msg(payload).data
-                return self.emit(
-                    batch, self.normal_symbol(a.s), f"a{a.a}", a.p, a.q,
-                    SIDE_SELL if a.m else SIDE_BUY, a.T * 1000, recv_us, a.a,
-                )
+                self.trade_frame = True
+                return self._agg(_agg_msg(payload).data, recv_us, batch)
             if b'@trade"' in head:
-                t = _trade_msg(payload).data
-                return self.emit(
-                    batch, self.normal_symbol(t.s), str(t.t), t.p, t.q,
-                    SIDE_SELL if t.m else SIDE_BUY, t.T * 1000, recv_us, t.t,
-                )
+                self.trade_frame = True
+                return self._trade(_trade_msg(payload).data, recv_us, batch)
             ensure_whole(payload)  # depth, bookTicker, kline...: nothing to store
             return 0
         if head.startswith(b'{"e":"aggTrade"'):
-            a = _agg_raw(payload)
-            return self.emit(
-                batch, self.normal_symbol(a.s), f"a{a.a}", a.p, a.q,
-                SIDE_SELL if a.m else SIDE_BUY, a.T * 1000, recv_us, a.a,
-            )
+            self.trade_frame = True
+            return self._agg(_agg_raw(payload), recv_us, batch)
         if head.startswith(b'{"e":"trade"'):
-            t = _trade_raw(payload)
-            return self.emit(
-                batch, self.normal_symbol(t.s), str(t.t), t.p, t.q,
-                SIDE_SELL if t.m else SIDE_BUY, t.T * 1000, recv_us, t.t,
-            )
-        msg = loads(payload)  # subscription results, errors, other events
-        if isinstance(msg, dict) and "error" in msg:
+            self.trade_frame = True
+            return self._trade(_trade_raw(payload), recv_us, batch)
+        msg = loads(payload)  # subscription results, errors, other events; any frame in another spelling
+        if not isinstance(msg, dict):
+            return 0
+        stream, event = msg.get("stream"), msg.get("e")
+        if isinstance(stream, str):
+            if stream.endswith("@aggTrade"):
+                self.trade_frame = True
+                return self._agg(msgspec.convert(msg, _AggMsg, strict=False).data, recv_us, batch)
+            if stream.endswith("@trade"):
+                self.trade_frame = True
+                return self._trade(msgspec.convert(msg, _TradeMsg, strict=False).data, recv_us, batch)
+        elif event == "aggTrade":
+            self.trade_frame = True
+            return self._agg(msgspec.convert(msg, _AggTrade, strict=False), recv_us, batch)
+        elif event == "trade":
+            self.trade_frame = True
+            return self._trade(msgspec.convert(msg, _Trade, strict=False), recv_us, batch)
+        if "error" in msg:
             self.log_venue_error(msg)
         return 0
+
+    def _agg(self, a: _AggTrade, recv_us: int, batch: TradeBatch) -> int:
+        return self.emit(
+            batch, self.normal_symbol(a.s), f"a{a.a}", a.p, a.q, SIDE_SELL if a.m else SIDE_BUY, a.T * 1000, recv_us, a.a,
+        )
+
+    def _trade(self, t: _Trade, recv_us: int, batch: TradeBatch) -> int:
+        return self.emit(
+            batch, self.normal_symbol(t.s), str(t.t), t.p, t.q, SIDE_SELL if t.m else SIDE_BUY, t.T * 1000, recv_us, t.t,
+        )
 
 
 VENUE = Binance

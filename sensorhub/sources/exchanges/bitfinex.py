@@ -25,6 +25,9 @@
   the stale bound is 45 s; the client also sends ``{"event":"ping"}`` every
   30 s (answered with ``{"event":"pong"}``). ``{"event":"info","code":20051}``
   asks the client to reconnect, which it does.
+* A message on a trades channel other than a heartbeat that yields no trade
+  (a field of the wrong type, a short array, an unknown kind) is a dead
+  letter; a snapshot may be empty (a quiet pair has no recent trades).
 """
 
 from __future__ import annotations
@@ -140,9 +143,10 @@ class Bitfinex(Venue):
         return 0
 
     def _trades(self, payload: bytes, symbol: str, recv_us: int, batch: TradeBatch) -> int:
+        self.trade_frame = True  # a heartbeat says otherwise below
         parts = _array(payload)
         if len(parts) < 2:
-            raise InvalidValue("bitfinex: trade message too short")
+            raise InvalidValue("too short (no trades after the channel id)")
         second = bytes(parts[1])
         n = 0
         emit = self.emit
@@ -155,7 +159,7 @@ class Bitfinex(Venue):
         kind = second.strip(b'"')
         if kind in (b"te", b"tu"):  # [chanId, "te", [ID, MTS, AMOUNT, PRICE], seq]
             if len(parts) < 3:
-                raise InvalidValue("bitfinex: trade update without a trade")
+                raise InvalidValue("a trade update without a trade")
             self._check_msg_seq(parts, 3)
             tid, mts, amount, price = _one(bytes(parts[2]))
             trade_id = str(tid)
@@ -164,9 +168,12 @@ class Bitfinex(Venue):
             return emit(batch, symbol, trade_id, price, abs(amount), SIDE_BUY if amount > 0 else SIDE_SELL,
                         mts * 1000, recv_us)
         if kind == b"hb":
+            self.trade_frame = False
             self._check_msg_seq(parts, 2)
             return 0
-        raise InvalidValue(f"bitfinex: unknown trades message kind {kind[:20]!r}")
+        raise InvalidValue(
+            f"expected a snapshot array or te/tu/hb after the channel id, got {kind[:20]!r}"
+        )
 
     def _sequence(self, payload: bytes) -> None:
         # The sequence number is the last element: read it without parsing the (large) book message.

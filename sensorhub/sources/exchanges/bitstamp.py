@@ -12,6 +12,9 @@
   server answers ``{"event":"bts:heartbeat","channel":"","data":{"status":"success"}}``.
 * ``{"event":"bts:request_reconnect"}``: the server is about to go away and
   asks the client to reconnect; the source does so at once and resubscribes.
+* A ``"event":"trade"`` message that yields no trade (a field of the wrong
+  type or missing, a channel that is not ``live_trades_<pair>``) is a dead
+  letter, whatever its key order or spacing.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import msgspec
 
 from sensorhub.decoders.trade_batch import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN, TradeBatch
+from sensorhub.errors import InvalidValue
 from sensorhub.sources.exchanges.base import (
     Venue,
     ensure_whole,
@@ -122,10 +126,11 @@ class Bitstamp(Venue):
         return 0
 
     def _trade(self, payload: bytes, recv_us: int, batch: TradeBatch) -> int:
+        self.trade_frame = True
         m = _trade_msg(payload)
         t = m.data
         if not m.channel.startswith(_TRADE_CHANNEL):
-            return 0
+            raise InvalidValue(f"a trade event on channel {m.channel[:60]!r}, not {_TRADE_CHANNEL}<pair>")
         return self.emit(
             batch, self.normal_symbol(m.channel[len(_TRADE_CHANNEL):]), str(t.id), t.price, t.amount,
             _SIDES.get(t.type, SIDE_UNKNOWN), t.microtimestamp, recv_us,

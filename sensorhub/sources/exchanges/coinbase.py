@@ -10,6 +10,9 @@
 * Amount: ``size`` in base currency. Time: ``time`` (ISO 8601, µs).
 * Heartbeat: the ``heartbeats`` channel (one message a second) keeps the
   connection open and proves the feed alive; no client ping.
+* A ``market_trades`` message without events, or with an event that has no
+  ``trades`` list, is a dead letter (whatever its key order or spacing); a
+  snapshot event with an empty list is not (a quiet product has no recent trades).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class _Trade(msgspec.Struct):
 
 
 class _Event(msgspec.Struct):
-    trades: list[_Trade] = []
+    trades: list[_Trade]
 
 
 class _TradesMsg(msgspec.Struct):
@@ -76,22 +79,32 @@ class Coinbase(Venue):
 
     def _parse(self, payload: bytes, recv_us: int, batch: TradeBatch) -> int:
         if payload.startswith(b'{"channel":"market_trades"'):
-            n = 0
-            emit = self.emit
-            for ev in _trades_msg(payload).events:
-                for t in ev.trades:
-                    n += emit(
-                        batch, self.normal_symbol(t.product_id), t.trade_id, t.price, t.size,
-                        _SIDES.get(t.side, SIDE_UNKNOWN), iso_to_us(t.time), recv_us, int(t.trade_id),
-                    )
-            return n
+            self.trade_frame = True
+            return self._trades(_trades_msg(payload), recv_us, batch)
         if payload.startswith(b'{"channel":"'):
             ensure_whole(payload)  # heartbeats, subscriptions, l2_data, ticker...: nothing to store
             return 0
-        msg = loads(payload)
-        if isinstance(msg, dict) and msg.get("type") == "error":
-            self.log_venue_error(msg)
+        msg = loads(payload)  # errors; any frame in another spelling than the usual
+        if isinstance(msg, dict):
+            if msg.get("channel") == "market_trades":
+                self.trade_frame = True
+                return self._trades(msgspec.convert(msg, _TradesMsg, strict=False), recv_us, batch)
+            if msg.get("type") == "error":
+                self.log_venue_error(msg)
         return 0
+
+    def _trades(self, m: _TradesMsg, recv_us: int, batch: TradeBatch) -> int:
+        if not m.events:
+            raise self.no_trades("no events")
+        n = 0
+        emit = self.emit
+        for ev in m.events:
+            for t in ev.trades:
+                n += emit(
+                    batch, self.normal_symbol(t.product_id), t.trade_id, t.price, t.size,
+                    _SIDES.get(t.side, SIDE_UNKNOWN), iso_to_us(t.time), recv_us, int(t.trade_id),
+                )
+        return n
 
 
 VENUE = Coinbase

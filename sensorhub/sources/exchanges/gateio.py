@@ -9,6 +9,10 @@
   (``"1619093543708.2642"``), read exactly to the µs.
 * Heartbeat: the client sends ``{"time":<s>,"channel":"spot.ping"}`` every
   15 s; the server answers on channel ``spot.pong``.
+* A ``spot.trades`` update that yields no trade is a dead letter, whatever its
+  key order or spacing; subscribe results on that channel are not. Spot only:
+  derivative symbols and Gate's futures endpoint (``fx-ws.gateio.ws``, whose
+  contracts are spelled like spot pairs) are configuration errors.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class GateIo(Venue):
     heartbeat_s = 15.0
     stale_after_s = 60.0
     sequential_ids = False
+    derivative_hosts = ("fx-ws.gateio.ws", "fx-ws-testnet.gateio.ws")
 
     def to_venue_symbol(self, symbol: str) -> str:
         """``BTC-USDT`` -> ``BTC_USDT``."""
@@ -100,20 +105,26 @@ class GateIo(Venue):
         if b'"channel":"spot.trades","event":"update"' in head or (
             b'"spot.trades"' in head and b'"event":"update"' in head
         ):
-            t = _trade_msg(payload).result
-            return self.emit(
-                batch, self.normal_symbol(t.currency_pair), str(t.id), t.price, t.amount,
-                _SIDES.get(t.side, SIDE_UNKNOWN), gate_ms_to_us(t.create_time_ms), recv_us,
-            )
-        if b'"event":"update"' in head:
+            self.trade_frame = True
+            return self._trade(_trade_msg(payload).result, recv_us, batch)
+        if b'"event":"update"' in head and b'"spot.trades"' not in payload:
             ensure_whole(payload)  # books, candles, tickers: nothing to store
             return 0
-        msg = loads(payload)  # subscribe results, pongs
+        msg = loads(payload)  # subscribe results, pongs; any update in another key order
         if isinstance(msg, dict):
+            if msg.get("channel") == "spot.trades" and msg.get("event") == "update":
+                self.trade_frame = True
+                return self._trade(msgspec.convert(msg, _TradeMsg, strict=False).result, recv_us, batch)
             result = msg.get("result")
             if msg.get("error") or (isinstance(result, dict) and result.get("status") == "fail"):
                 self.log_venue_error(msg)
         return 0
+
+    def _trade(self, t: _Trade, recv_us: int, batch: TradeBatch) -> int:
+        return self.emit(
+            batch, self.normal_symbol(t.currency_pair), str(t.id), t.price, t.amount,
+            _SIDES.get(t.side, SIDE_UNKNOWN), gate_ms_to_us(t.create_time_ms), recv_us,
+        )
 
 
 VENUE = GateIo

@@ -12,6 +12,8 @@
   base currency (contracts of one unit on perpetuals). Time: ``timestamp`` (ms).
 * Heartbeat: no application ping; book updates keep the feed busy and a dead
   peer is caught by the WebSocket keepalive.
+* A ``trade`` message, or an ``l2_updates`` message with a ``trades`` array,
+  whose trades do not decode is a dead letter, whatever its key order or spacing.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Gemini(Venue):
     heartbeat_s = None
     stale_after_s = 60.0
     sequential_ids = False
+    instrument_kinds = frozenset({"spot", "perpetual"})
 
     def to_venue_symbol(self, symbol: str) -> str:
         """``BTC-USD`` -> ``BTCUSD``, ``BTC-USDC-PERP`` -> ``BTCUSDCPERP``."""
@@ -95,30 +98,46 @@ class Gemini(Venue):
         }
 
     def _parse(self, payload: bytes, recv_us: int, batch: TradeBatch) -> int:
-        if b'"l2_updates"' in payload[-32:] or payload.startswith(b'{"type":"l2_updates"'):
-            if b'"trades":[{' not in payload:
+        if payload.startswith(b'{"type":"l2_updates"') or b'"l2_updates"' in payload[-32:]:
+            if b'"trades"' not in payload:
                 ensure_whole(payload)  # a book update: nothing to store
                 return 0
-            m = _l2_msg(payload)
-            symbol = self.normal_symbol(m.symbol)
-            n = 0
-            emit = self.emit
-            for t in m.trades:
-                n += emit(batch, symbol, str(t.tid), t.price, t.quantity, _SIDES.get(t.side, SIDE_UNKNOWN),
-                          t.timestamp * 1000, recv_us)
-            return n
-        if b'"type":"trade"' in payload:
-            t = _trade_msg(payload)
-            if not t.symbol:
-                raise InvalidValue("gemini: trade message without a symbol")
-            return self.emit(
-                batch, self.normal_symbol(t.symbol), str(t.tid), t.price, t.quantity,
-                _SIDES.get(t.side, SIDE_UNKNOWN), t.timestamp * 1000, recv_us,
-            )
-        msg = loads(payload)  # candles, auction events, heartbeats, errors
-        if isinstance(msg, dict) and (msg.get("result") == "error" or msg.get("type") == "error"):
-            self.log_venue_error(msg)
+            self.trade_frame = True
+            return self._l2(_l2_msg(payload), recv_us, batch)
+        if payload.startswith(b'{"type":"trade"'):
+            self.trade_frame = True
+            return self._trade(_trade_msg(payload), recv_us, batch)
+        msg = loads(payload)  # candles, auction events, heartbeats, errors; other spellings
+        if isinstance(msg, dict):
+            kind = msg.get("type")
+            if kind == "trade":
+                self.trade_frame = True
+                return self._trade(msgspec.convert(msg, _Trade, strict=False), recv_us, batch)
+            if kind == "l2_updates":
+                if "trades" not in msg:
+                    return 0
+                self.trade_frame = True
+                return self._l2(msgspec.convert(msg, _L2Msg, strict=False), recv_us, batch)
+            if msg.get("result") == "error" or kind == "error":
+                self.log_venue_error(msg)
         return 0
+
+    def _l2(self, m: _L2Msg, recv_us: int, batch: TradeBatch) -> int:
+        symbol = self.normal_symbol(m.symbol)
+        n = 0
+        emit = self.emit
+        for t in m.trades:
+            n += emit(batch, symbol, str(t.tid), t.price, t.quantity, _SIDES.get(t.side, SIDE_UNKNOWN),
+                      t.timestamp * 1000, recv_us)
+        return n
+
+    def _trade(self, t: _Trade, recv_us: int, batch: TradeBatch) -> int:
+        if not t.symbol:
+            raise InvalidValue("a trade message without a symbol")
+        return self.emit(
+            batch, self.normal_symbol(t.symbol), str(t.tid), t.price, t.quantity,
+            _SIDES.get(t.side, SIDE_UNKNOWN), t.timestamp * 1000, recv_us,
+        )
 
 
 VENUE = Gemini

@@ -20,6 +20,10 @@
   (msgspec skips it without converting it). Not consecutive by contract: no
   gap detection. Side: ``direction`` is the taker side. Amount: base currency.
   Time: ``ts`` (ms).
+* A ``trade.detail`` message that yields no trade (no ``tick.data`` list, an
+  empty one, a field of the wrong type) is a dead letter, whatever its key
+  order or spacing. Spot only: derivative symbols and the HTX derivatives
+  endpoints (``api.hbdm.com``) are configuration errors.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class Htx(Venue):
     sequential_ids = False
     answers_server_pings = True
     options: ClassVar[dict[str, Any]] = {"max_inflated_bytes": 16 * 1024 * 1024}
+    derivative_hosts = ("hbdm.com", "hbdm.vn", "btcgateway.pro")  # HTX futures and swaps
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -164,10 +169,13 @@ class Htx(Venue):
         return 0
 
     def _trades(self, text: bytes, recv_us: int, batch: TradeBatch) -> int:
+        self.trade_frame = True
         m = _trade_msg(text)
         if not m.ch.startswith(_CH_PREFIX) or not m.ch.endswith(_CH_SUFFIX):
-            raise InvalidValue(f"htx: trade channel {m.ch[:80]!r}")
+            raise InvalidValue(f"channel {m.ch[:80]!r} is not market.<symbol>.trade.detail")
         symbol = self.normal_symbol(m.ch[len(_CH_PREFIX) : -len(_CH_SUFFIX)])
+        if not m.tick.data:
+            raise self.no_trades(m.ch[:80])
         n = 0
         emit = self.emit
         for t in m.tick.data:

@@ -23,6 +23,10 @@ overrides that.
 * Heartbeat: v1 client ping ``{"event":"ping"}`` -> ``{"event":"pong"}``, v2
   ``{"method":"ping"}`` -> ``{"method":"pong"}``; the server also sends a
   heartbeat message every second when the feed is quiet, so the stale bound is short.
+* A trade message (v1 ``[..., "trade", pair]``, v2 ``"channel":"trade"``) that
+  yields no trade is a dead letter, whatever its spacing or key order; a v2
+  snapshot may be empty (a quiet pair), an update may not. Spot only:
+  derivative symbols and the Kraken Futures endpoint are configuration errors.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class _V2Trade(msgspec.Struct):
 
 class _V2Msg(msgspec.Struct):
     data: list[_V2Trade]
+    type: str = "update"
 
 
 _v2_trade_msg = msgspec.json.Decoder(_V2Msg).decode
@@ -85,6 +90,7 @@ class Kraken(Venue):
     stale_after_s = 30.0
     sequential_ids = True  # v2 only; v1 trades pass no sequence number
     options: ClassVar[dict[str, Any]] = {"api": None}
+    derivative_hosts = ("futures.kraken.com", "demo-futures.kraken.com")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.api = "v2"
@@ -151,39 +157,59 @@ class Kraken(Venue):
 
     def _parse(self, payload: bytes, recv_us: int, batch: TradeBatch) -> int:
         if payload[:1] == b"[":
-            tail = payload[-64:]
-            if b',"trade","' not in tail:
+            if b',"trade","' in payload[-64:]:
+                self.trade_frame = True
+                return self._v1(*_v1_trade_msg(payload), recv_us, batch)
+            if b'"trade"' not in payload[-80:]:
                 ensure_whole(payload)  # ticker, book, spread, ohlc: nothing to store
                 return 0
-            _chan, trades, _name, pair = _v1_trade_msg(payload)
-            symbol = self.normal_symbol(pair)
-            n = 0
-            emit = self.emit
-            for i, e in enumerate(trades):
-                if len(e) < 4:
-                    raise InvalidValue(f"kraken trade entry {e!r} has fewer than 4 fields")
-                n += emit(
-                    batch, symbol, v1_trade_id(e, i), float(e[0]), float(e[1]),
-                    _SIDES.get(e[3], SIDE_UNKNOWN), kraken_time_us(e[2]), recv_us,
-                )
-            return n
+            arr = loads(payload)  # in another spacing than the usual
+            if isinstance(arr, list) and "trade" in arr[2:]:
+                self.trade_frame = True
+                return self._v1(*msgspec.convert(arr, tuple[int, list[list[str]], str, str]), recv_us, batch)
+            return 0
         head = payload[:32]
-        if head.startswith(b'{"channel"') and (b':"trade"' in head or b': "trade"' in head):
-            n = 0
-            emit = self.emit
-            for t in _v2_trade_msg(payload).data:
-                n += emit(
-                    batch, self.normal_symbol(t.symbol), str(t.trade_id), t.price, t.qty,
-                    _SIDES.get(t.side, SIDE_UNKNOWN), iso_to_us(t.timestamp), recv_us, t.trade_id,
-                )
-            return n
-        if payload.startswith((b'{"event":"heartbeat"', b'{"channel"')):
+        if head.startswith(b'{"channel":"trade",'):
+            self.trade_frame = True
+            return self._v2(_v2_trade_msg(payload), recv_us, batch)
+        if payload.startswith((b'{"event":"heartbeat"', b'{"channel":"')):
             ensure_whole(payload)
             return 0
-        msg = loads(payload)  # systemStatus, subscriptionStatus, pong, method results
-        if isinstance(msg, dict) and (msg.get("status") == "error" or msg.get("success") is False):
-            self.log_venue_error(msg)
+        msg = loads(payload)  # systemStatus, subscriptionStatus, pong, method results; other spellings
+        if isinstance(msg, dict):
+            if msg.get("channel") == "trade":
+                self.trade_frame = True
+                return self._v2(msgspec.convert(msg, _V2Msg), recv_us, batch)
+            if msg.get("status") == "error" or msg.get("success") is False:
+                self.log_venue_error(msg)
         return 0
+
+    def _v1(self, _chan: int, trades: list[list[str]], _name: str, pair: str, recv_us: int, batch: TradeBatch) -> int:
+        if not trades:
+            raise self.no_trades(pair[:40])
+        symbol = self.normal_symbol(pair)
+        n = 0
+        emit = self.emit
+        for i, e in enumerate(trades):
+            if len(e) < 4:
+                raise InvalidValue(f"entry {e!r:.120} has fewer than 4 fields (price, volume, time, side)")
+            n += emit(
+                batch, symbol, v1_trade_id(e, i), float(e[0]), float(e[1]),
+                _SIDES.get(e[3], SIDE_UNKNOWN), kraken_time_us(e[2]), recv_us,
+            )
+        return n
+
+    def _v2(self, m: _V2Msg, recv_us: int, batch: TradeBatch) -> int:
+        if not m.data and m.type != "snapshot":
+            raise self.no_trades(f"an empty {m.type[:20]}")
+        n = 0
+        emit = self.emit
+        for t in m.data:
+            n += emit(
+                batch, self.normal_symbol(t.symbol), str(t.trade_id), t.price, t.qty,
+                _SIDES.get(t.side, SIDE_UNKNOWN), iso_to_us(t.timestamp), recv_us, t.trade_id,
+            )
+        return n
 
 
 VENUE = Kraken

@@ -20,6 +20,10 @@
   hex string, unique per symbol (not consecutive: no gap detection). Side:
   ``side`` is the taker side. Amount: ``size`` in base currency. Time:
   ``time`` in **nanoseconds** (a decimal string).
+* A ``/market/match`` message that yields no trade is a dead letter, whatever
+  its key order or spacing. Spot only: derivative symbols, and a ``rest_url``
+  on KuCoin Futures (``api-futures.kucoin.com``, whose token leads to the
+  futures server), are configuration errors.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from sensorhub.decoders.trade_batch import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN, TradeBatch
-from sensorhub.errors import SourceError
+from sensorhub.errors import ConfigError, SourceError
 from sensorhub.sources.exchanges.base import Venue, ensure_whole, http_json, loads, register_venue
 
 __all__ = ["VENUE", "KuCoin"]
@@ -72,6 +76,14 @@ class KuCoin(Venue):
     stale_after_s = 60.0
     sequential_ids = False
     options: ClassVar[dict[str, Any]] = {"rest_url": "https://api.kucoin.com"}
+    derivative_hosts = ("api-futures.kucoin.com", "ws-api-futures.kucoin.com")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        host = (urlsplit(str(self.opts["rest_url"])).hostname or "").lower()
+        if any(host == h or host.endswith("." + h) for h in self.derivative_hosts):
+            raise ConfigError("sources.kucoin.options.rest_url", "the KuCoin spot REST API (https://api.kucoin.com)",
+                              self.opts["rest_url"])
 
     def to_venue_symbol(self, symbol: str) -> str:
         """``BSV-USDT`` -> ``BCHSV-USDT``; others unchanged."""
@@ -142,19 +154,29 @@ class KuCoin(Venue):
             "pingInterval": round(heartbeat_s * 1000), "pingTimeout": 10000}]}})
 
     def _parse(self, payload: bytes, recv_us: int, batch: TradeBatch) -> int:
-        if _TOPIC.encode() in payload[-96:] or _TOPIC.encode() in payload[:64]:
-            t = _match_msg(payload).data
-            return self.emit(
-                batch, self.normal_symbol(t.symbol), t.tradeId, t.price, t.size,
-                _SIDES.get(t.side, SIDE_UNKNOWN), t.time // 1000, recv_us,
-            )
-        if b'"topic":"' in payload:
+        topic = _TOPIC.encode()
+        if topic in payload:
+            if b'"type":"message"' in payload:
+                self.trade_frame = True
+                return self._match(_match_msg(payload).data, recv_us, batch)
+            msg = loads(payload)  # another spelling, or an error naming the topic
+            if isinstance(msg, dict) and msg.get("type") == "message" and str(msg.get("topic", "")).startswith(_TOPIC):
+                self.trade_frame = True
+                return self._match(msgspec.convert(msg, _MatchMsg, strict=False).data, recv_us, batch)
+        elif b'"topic":"' in payload:
             ensure_whole(payload)  # level2, ticker, candles: nothing to store
             return 0
-        msg = loads(payload)  # welcome, ack, pong, errors
+        else:
+            msg = loads(payload)  # welcome, ack, pong, errors
         if isinstance(msg, dict) and msg.get("type") == "error":
             self.log_venue_error(msg)
         return 0
+
+    def _match(self, t: _Match, recv_us: int, batch: TradeBatch) -> int:
+        return self.emit(
+            batch, self.normal_symbol(t.symbol), t.tradeId, t.price, t.size,
+            _SIDES.get(t.side, SIDE_UNKNOWN), t.time // 1000, recv_us,
+        )
 
 
 VENUE = KuCoin

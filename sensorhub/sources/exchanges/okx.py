@@ -2,7 +2,9 @@
 
 * Symbols: OKX instrument ids are already ``BASE-QUOTE`` (spot) and
   ``BASE-QUOTE-YYMMDD`` (dated futures); perpetual swaps ``X-Y-SWAP`` are
-  stored as ``X-Y-PERP``.
+  stored as ``X-Y-PERP``. Every instrument id is distinct on OKX, so the spot
+  pair ``BTC-USDT`` and the swap ``BTC-USDT-SWAP`` (``BTC-USDT-PERP``) never
+  meet in one stored symbol, all on one connection.
 * Amount: ``sz`` as OKX reports it: base currency on spot, **contracts** on
   futures and swaps (see :meth:`Okx.amount_unit`).
 * Side: ``side`` is the taker side. Trade ids are consecutive per instrument:
@@ -10,6 +12,8 @@
 * Heartbeat: the client sends the text ``ping`` at least every 30 s; the
   server answers ``pong``. Subscribe acknowledgements (``{"event":"subscribe"}``)
   may repeat when a subscribe request repeats arguments; they carry no trades.
+* A push on the ``trades`` channel (``{"arg":{"channel":"trades",...},"data":[...]}``,
+  whatever its key order or spacing) that yields no trade is a dead letter.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class _TradesMsg(msgspec.Struct):
     data: list[_Trade]
 
 
+_PUSH_KEYS = ("event", "op")  # acknowledgements and errors, not pushes
+
+
 _trades_msg = msgspec.json.Decoder(_TradesMsg, strict=False).decode
 _SIDES = {"buy": SIDE_BUY, "sell": SIDE_SELL}
 
@@ -50,6 +57,7 @@ class Okx(Venue):
     heartbeat_s = 20.0
     stale_after_s = 60.0
     sequential_ids = True
+    instrument_kinds = frozenset({"spot", "perpetual", "future", "other"})  # other: options, ids passed through
 
     def to_venue_symbol(self, symbol: str) -> str:
         """``UNI-USD-PERP`` -> ``UNI-USD-SWAP``; others unchanged."""
@@ -88,24 +96,35 @@ class Okx(Venue):
         }
 
     def _parse(self, payload: bytes, recv_us: int, batch: TradeBatch) -> int:
-        if payload.startswith(b'{"arg":{"channel":"trades"'):
-            n = 0
-            emit = self.emit
-            for t in _trades_msg(payload).data:
-                n += emit(
-                    batch, self.normal_symbol(t.instId), t.tradeId, t.px, t.sz,
-                    _SIDES.get(t.side, SIDE_UNKNOWN), t.ts * 1000, recv_us, int(t.tradeId),
-                )
-            return n
-        if payload.startswith(b'{"arg":'):
+        if payload.startswith(b'{"arg":{"channel":"trades","'):
+            self.trade_frame = True
+            return self._trades(_trades_msg(payload), recv_us, batch)
+        if payload.startswith(b'{"arg":{"channel":"'):
             ensure_whole(payload)  # tickers, books...: nothing to store
             return 0
         if payload == b"pong":
             return 0
-        msg = loads(payload)  # subscribe acks, errors, notices
-        if isinstance(msg, dict) and msg.get("event") == "error":
-            self.log_venue_error(msg)
+        msg = loads(payload)  # subscribe acks, errors, notices; any push in another spelling than the usual
+        if isinstance(msg, dict):
+            arg = msg.get("arg")
+            if isinstance(arg, dict) and arg.get("channel") == "trades" and not any(k in msg for k in _PUSH_KEYS):
+                self.trade_frame = True
+                return self._trades(msgspec.convert(msg, _TradesMsg, strict=False), recv_us, batch)
+            if msg.get("event") == "error":
+                self.log_venue_error(msg)
         return 0
+
+    def _trades(self, m: _TradesMsg, recv_us: int, batch: TradeBatch) -> int:
+        if not m.data:
+            raise self.no_trades()
+        n = 0
+        emit = self.emit
+        for t in m.data:
+            n += emit(
+                batch, self.normal_symbol(t.instId), t.tradeId, t.px, t.sz,
+                _SIDES.get(t.side, SIDE_UNKNOWN), t.ts * 1000, recv_us, int(t.tradeId),
+            )
+        return n
 
 
 VENUE = Okx
