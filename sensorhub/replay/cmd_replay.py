@@ -9,12 +9,21 @@ prints a JSON summary.
 the stack running in ``DIR`` (``sensorhub stack up --dir DIR``): it writes a
 small configuration naming the replay as the source's endpoint, starts
 ``python -m sensorhub --config TMP.toml ingest --source <venue>`` with the
-stack's Redis and ClickHouse URLs, waits (bounded) until the recording was
-sent and every trade in it is in ClickHouse ``trades``, stops the child and
+stack's Redis and ClickHouse URLs, waits (bounded) until every recorded
+connection the source's symbols need was sent (Bybit: its spot and its linear
+connection) and every trade in them is in ClickHouse ``trades`` and every
+frame that does not decode is in ``dead_letters``, stops the child and
 prints ``{"venue", "frames_sent", "connections", "drops", "trades": {symbol:
-{"stored", "expected"}}, "complete"}``. ``expected`` is the distinct trades of the frames that were
-sent, read by a fresh instance of the venue's parser; ``stored`` the
-distinct trade ids in ClickHouse for that venue and symbol.
+{"stored", "expected"}}, "dead_letters": {"stored", "expected"},
+"trade_frame_errors", "unhealthy", "complete"}``. ``expected`` is what a
+fresh instance of the venue's parser reads from the frames that were sent
+(each connection's frames as its market's); ``stored`` the distinct trade
+ids in ClickHouse for that venue and symbol, and the distinct dead letters of
+the source. ``trade_frame_errors`` counts the frames on a trade channel that
+yielded no trade, ``unhealthy`` is the reason the ingest's last published
+health gave (what the monitor shows), or null. ``complete`` is true only
+when every trade is stored, every dead letter too, and no trade frame failed:
+a failed trade frame held trades that are not stored.
 """
 
 from __future__ import annotations
@@ -25,16 +34,19 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sensorhub.config import load_settings
 from sensorhub.decoders.trade_batch import TradeBatch
 from sensorhub.errors import ConfigError, DecodeError, SensorhubError
+from sensorhub.pipeline.streams import StreamLayout
 from sensorhub.replay.capture import Capture, read_capture
 from sensorhub.replay.server import ReplayServer, ReplayThread
 from sensorhub.sources.exchanges import VENUES
@@ -137,7 +149,9 @@ def _run_stack(args: argparse.Namespace, cap: Capture, symbols: list[str]) -> in
     venue_name = args.venue
     if not venue_name.isidentifier():
         raise ConfigError("--venue", "a venue driver name", venue_name)
-    database = load_settings(args.config).clickhouse.database
+    settings = load_settings(args.config)
+    database = settings.clickhouse.database
+    prefix = settings.redis.prefix
     server = ReplayServer(
         cap, VENUES[venue_name](symbols), host=args.host, port=args.port, http_port=args.http_port, speed=args.speed,
         drop_after=args.drop_after or None, drops=args.drops, overlap=args.overlap, strict=args.strict,
@@ -157,29 +171,48 @@ def _run_stack(args: argparse.Namespace, cap: Capture, symbols: list[str]) -> in
                 env=env, stdout=log_f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )
         try:
-            _wait(lambda: server.served_done, span + 60.0, child, log_path, "the recording to be sent")
+            markets = set(server.venue.connections()) if server.venue is not None else set()
+            _wait(lambda: server.served_done and server.sent_markets(markets), span + 60.0, child, log_path,
+                  "the recording to be sent")
             expected = _expected(server, venue_name, symbols)
             stored: dict[str, int] = {}
+            dead_stored = [0]
+            health: dict[str, Any] = {}
 
             def complete() -> bool:
                 stored.clear()
                 stored.update(_stored(info["clickhouse_url"], database, venue_name))
-                return all(stored.get(sym, 0) >= n for sym, n in expected.items())
+                dead_stored[0] = _stored_dead_letters(info["clickhouse_url"], database, venue_name)
+                health.clear()
+                health.update(_published(info["redis_url"], prefix, venue_name, child.pid))
+                counters = health.get("counters", {})
+                return (
+                    all(stored.get(sym, 0) >= n for sym, n in expected.trades.items())
+                    and dead_stored[0] >= expected.dead_letters
+                    # the health published after the ingest took the last frame (what the monitor shows)
+                    and int(counters.get("dead_letters", 0)) >= expected.dead_letters
+                    and int(counters.get("trades", 0)) >= sum(expected.trades.values())
+                )
 
-            done = _wait(complete, args.stack_timeout, child, log_path, "the trades in ClickHouse", raise_=False)
+            done = _wait(complete, args.stack_timeout, child, log_path, "the trades and dead letters in ClickHouse",
+                         raise_=False)
         finally:
             _stop(child)
+    unhealthy = health.get("gauges", {}).get("unhealthy") or None
     result: dict[str, Any] = {
         "venue": venue_name,
         "frames_sent": server.stats.frames_sent,
         "connections": server.stats.connections,
         "drops": server.stats.drops,
-        "trades": {sym: {"stored": stored.get(sym, 0), "expected": expected.get(sym, 0)}
-                   for sym in sorted(set(stored) | set(expected))},
-        "complete": done,
+        "trades": {sym: {"stored": stored.get(sym, 0), "expected": expected.trades.get(sym, 0)}
+                   for sym in sorted(set(stored) | set(expected.trades))},
+        "dead_letters": {"stored": dead_stored[0], "expected": expected.dead_letters},
+        "trade_frame_errors": expected.trade_frame_errors,
+        "unhealthy": unhealthy,
+        "complete": done and expected.trade_frame_errors == 0,
     }
     print(json.dumps(result), flush=True)
-    return 0 if done else 1
+    return 0 if result["complete"] else 1
 
 
 def _ws_span_s(cap: Capture) -> float:
@@ -221,20 +254,39 @@ def _wait(
         time.sleep(0.25)
 
 
-def _expected(server: ReplayServer, venue_name: str, symbols: list[str]) -> dict[str, int]:
-    """Distinct trades per symbol in the frames of the recorded connections that were served."""
+@dataclass
+class _Expected:
+    """What a fresh parser reads from the frames that were sent."""
+
+    trades: dict[str, int]  # distinct trades per symbol
+    dead_letters: int  # distinct frames that do not decode (the ingest dead-letters each once)
+    trade_frame_errors: int  # of those, frames on a trade channel
+
+
+def _expected(server: ReplayServer, venue_name: str, symbols: list[str]) -> _Expected:
+    """Distinct trades per symbol, and the frames that fail, in the recorded connections that were served."""
     venue = VENUES[venue_name](symbols, recent_trade_ids=1 << 22)
     batch = TradeBatch()
     now = time.time_ns()
+    failed: set[tuple[str, bytes]] = set()
+    trade_failed: set[tuple[str, bytes]] = set()
     for conn in server.served_connections():
+        market = server.market_of(conn)
         for frame in conn.frames():
-            with contextlib.suppress(DecodeError):  # the ingest dead-letters these too
-                venue.parse(frame if isinstance(frame, bytes) else frame.encode(), now, batch)
+            raw = frame if isinstance(frame, bytes) else frame.encode()
+            if venue.answers_server_pings and venue.server_ping_reply(raw) is not None:
+                continue  # answered by the feed, never handed to the ingest
+            try:
+                venue.parse(raw, now, batch, market)
+            except DecodeError:  # the ingest dead-letters these too
+                failed.add((market, raw))
+                if venue.trade_frame:
+                    trade_failed.add((market, raw))
     counts: dict[str, int] = {}
     for i in batch.symbol_idx:
         sym = batch.symbols[i]
         counts[sym] = counts.get(sym, 0) + 1
-    return counts
+    return _Expected(counts, len(failed), len(trade_failed))
 
 
 def _stored(clickhouse_url: str, database: str, venue_name: str) -> dict[str, int]:
@@ -253,6 +305,42 @@ def _stored(clickhouse_url: str, database: str, venue_name: str) -> dict[str, in
     except (ClickHouseError, OSError):
         return {}  # the table may not exist before the writer's first insert
     return {str(sym): int(n) for sym, n in rows}
+
+
+def _stored_dead_letters(clickhouse_url: str, database: str, venue_name: str) -> int:
+    """Distinct dead letters of the source in ClickHouse."""
+    import clickhouse_connect
+    from clickhouse_connect.driver.exceptions import ClickHouseError
+
+    try:
+        client = clickhouse_connect.get_client(dsn=clickhouse_url)
+        try:
+            # venue_name is a registry key (letters only) and database a validated identifier: safe to inline
+            n: Any = client.command(
+                f"SELECT uniqExact(topic, payload) FROM {database}.dead_letters WHERE source = '{venue_name}'"
+            )
+            return int(n or 0)
+        finally:
+            client.close()
+    except (ClickHouseError, OSError):
+        return 0  # the table may not exist before the writer's first insert
+
+
+def _published(redis_url: str, prefix: str, venue_name: str, pid: int) -> dict[str, Any]:
+    """The metrics snapshot the ingest child published last (``{}`` before its first)."""
+    import redis
+
+    key = StreamLayout(prefix, 1).metrics_key(f"ingest:{venue_name}:{socket.gethostname()}:{pid}")
+    try:
+        client = redis.Redis.from_url(redis_url, socket_timeout=5)
+        try:
+            raw = client.hget(key, "state")
+        finally:
+            client.close()
+        snap = json.loads(raw) if raw else {}
+    except (redis.RedisError, ValueError):
+        return {}
+    return snap if isinstance(snap, dict) else {}
 
 
 def _stop(child: subprocess.Popen[bytes]) -> None:

@@ -10,7 +10,11 @@ capture's recorded REST responses over HTTP.
 Connections: each incoming connection is given the next recorded connection
 not yet served to its end, preferring one whose URL path matches and, when
 several share a path (Kraken's three), the one whose recorded subscriptions
-match the client's first message. ``drop_after=N`` aborts a connection after
+match the client's first message. Where the venue serves its markets on
+separate connections (:meth:`Venue.connection_of`: Bybit's
+``/v5/public/spot`` and ``/v5/public/linear``), a client is only ever given a
+recording of its own market: a spot connection never receives the linear
+traffic, and gets nothing when the capture holds no spot connection. ``drop_after=N`` aborts a connection after
 it has sent N frames (at most ``drops`` times in all); the recorded
 connection then resumes ``overlap`` frames before the drop point on the
 client's next connection, so the client sees duplicates as after a real reconnect.
@@ -175,6 +179,18 @@ class ReplayServer:
         """The recorded connections given out to clients so far, in file order."""
         return [s.conn for s in self._states if s.next_index > 0 or s.finished]
 
+    def market_of(self, conn: CaptureConnection) -> str:
+        """The venue connection (market) a recorded connection belongs to, ``""`` where the venue has one."""
+        return self.venue.connection_of(conn.path) if self.venue is not None else ""
+
+    def sent_markets(self, markets: set[str]) -> bool:
+        """True once every recorded connection of one of ``markets`` (``Venue.connections``) was sent to its end.
+
+        ``served_done`` alone can be true while a second market's connection
+        has not been given out yet (Bybit's spot after its linear).
+        """
+        return all(s.finished for s in self._states if self.market_of(s.conn) in markets and self.market_of(s.conn))
+
     @property
     def http_url(self) -> str | None:
         """``http://host:port`` of the REST replay, or None when the capture has none."""
@@ -195,6 +211,9 @@ class ReplayServer:
 
     def _pick(self, path: str, first_message: str | bytes | None) -> _ConnState | None:
         open_states = [s for s in self._states if not s.finished]
+        market = self.venue.connection_of(urlsplit(path).path) if self.venue is not None else ""
+        if market:
+            open_states = [s for s in open_states if self.market_of(s.conn) == market]
         if not open_states:
             return None
         same_path = [s for s in open_states if s.conn.path == urlsplit(path).path] or open_states
