@@ -77,6 +77,8 @@ def _source_row(s: dict[str, Any], stale_after_s: float) -> dict[str, Any]:
         status = "down"
     elif g.get("redis_ok") is False:
         status = "redis-err"
+    elif g.get("unhealthy"):
+        status = "parse-errors"  # connected, but its frames keep failing: nothing of them is stored
     else:
         status = "ok"
     kind = g.get("kind") or "readings"
@@ -100,6 +102,8 @@ def _source_row(s: dict[str, Any], stale_after_s: float) -> dict[str, Any]:
         "gaps": int(g.get("gaps") or 0),
         "last_frame_age_s": g.get("last_frame_age_s"),
         "last_dead_letter": g.get("last_dead_letter"),
+        "parse_errors": int(g.get("parse_errors") or 0),
+        "unhealthy": g.get("unhealthy") or None,
         "rss_bytes": int(s.get("rss_bytes") or 0),
         "cpu_percent": float(s.get("cpu_percent") or 0.0),
     }

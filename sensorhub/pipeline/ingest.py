@@ -478,6 +478,9 @@ class Ingest:
         m.set("reconnects", h.reconnects)
         m.set("last_frame_age_s", (time.time_ns() - h.last_frame_ns) / 1e9 if h.last_frame_ns else None)
         m.set("gaps", h.gaps)
+        # an exchange feed whose trade frames keep failing to parse says why (the monitor shows it)
+        m.set("parse_errors", int(h.extra.get("parse_errors") or 0))
+        m.set("unhealthy", h.extra.get("unhealthy") or None)
         m.set("kind", self.source.kind)
         try:
             snap = m.publish(self.redis, key, self.settings.metrics.ttl_s)
