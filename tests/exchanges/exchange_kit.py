@@ -83,16 +83,18 @@ def pump(
 ) -> int:
     """Take frames from ``src`` and decode them into ``batch`` until ``until()`` and the queue is empty.
 
-    Returns the number of frames decoded. Bounded by ``timeout_s``.
+    Returns the number of frames decoded. Bounded by ``timeout_s``. Each frame
+    goes to the decoder of its topic, as in the ingest loop (a feed of several
+    connections, Bybit's spot and linear, tells them apart by topic).
     """
-    decoder, _device = src.decoder_for("ws") or (None, None)
-    assert decoder is not None
     frames = 0
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = src.get(512, 0.05)
         for f in got:
-            decoder.decode(None, f.payload, f.recv_ns, batch)
+            route = src.decoder_for(f.topic)
+            assert route is not None, f"no decoder for topic {f.topic!r}"
+            route[0].decode(None, f.payload, f.recv_ns, batch)
             frames += 1
         if not got and until():
             return frames

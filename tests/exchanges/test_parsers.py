@@ -101,7 +101,8 @@ def test_symbols_and_amount_units() -> None:
     assert okx.venue_symbols == {"UNI-USD-PERP": "UNI-USD-SWAP", "BTC-USDT": "BTC-USDT"}
     assert okx.amount_unit("UNI-USD-PERP") == "contracts" and okx.amount_unit("BTC-USDT") == "base"
     by = VENUES["bybit"](["BTC-USDT-PERP"])
-    assert by.default_endpoint().endswith("/linear") and by.normal_symbol("SOLUSDT") == "SOL-USDT-PERP"
+    assert by.connections() == ("linear",) and by.normal_symbol("SOLUSDT") == "SOL-USDT-PERP"
+    assert by.connection_endpoint(by.default_endpoint(), "linear") == "wss://stream.bybit.com/v5/public/linear"
     assert VENUES["bybit"](["BTC-USD-PERP"]).amount_unit("BTC-USD-PERP") == "contracts"
     bn = VENUES["binance"](["NKN-USDT"])
     assert bn.url("ws://h:1") == "ws://h:1/stream?streams=nknusdt@trade"
