@@ -24,7 +24,7 @@ from sensorhub.decoders import ReadingBatch, make_decoder
 from sensorhub.errors import DecodeError
 from sensorhub.pipeline.entrycodec_py import NATIVE_COLUMNS
 from sensorhub.pipeline.streams import encode_block, native_block
-from sensorhub.sources.mqtt import route_topic
+from sensorhub.sources.mqtt.routing import route_topic
 
 __all__ = ["ReplayReport", "replay_dead_letters"]
 

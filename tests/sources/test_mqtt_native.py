@@ -15,8 +15,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from sensorhub.config import Settings, load_settings
 from sensorhub.sources import base
-from sensorhub.sources.mqtt import MqttSource
-from sensorhub.sources.mqtt_native import FrameBatchQueue, MqttNativeSource
+from sensorhub.sources.mqtt.native import FrameBatchQueue, MqttNativeSource
+from sensorhub.sources.mqtt.paho import MqttSource
 
 
 def _settings(port: int, **mqtt_opts: Any) -> Settings:

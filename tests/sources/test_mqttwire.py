@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sensorhub import errors
-from sensorhub.sources import mqttwire_py
+from sensorhub.sources.mqtt import wire_py as mqttwire_py
 
 IMPLS: list[ModuleType] = [mqttwire_py]
 try:

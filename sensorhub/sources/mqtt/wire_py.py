@@ -2,7 +2,7 @@
 
 This module is the readable specification of the Cython module and its test
 oracle; both behave identically, raise the same errors, and are chosen by
-``sensorhub._impl.load("mqttwire", "sensorhub.sources.mqttwire_py")``.
+``sensorhub._impl.load("mqttwire", "sensorhub.sources.mqtt.wire_py")``.
 
 Reading (server → client): :class:`PacketReader` takes the byte stream of one
 connection in whatever pieces the socket returns and turns every complete

@@ -1,6 +1,6 @@
 """MQTT source with its own lean client: Cython framing, one thread, coalesced acknowledgements.
 
-The same behaviour as the paho driver (:class:`sensorhub.sources.mqtt.MqttSource`)
+The same behaviour as the paho driver (:class:`sensorhub.sources.mqtt.paho.MqttSource`)
 at a fraction of its CPU per message:
 
 - persistent session: fixed client id, clean start off, a session expiry
@@ -13,7 +13,7 @@ at a fraction of its CPU per message:
   meet Nagle's algorithm and cost one system call per flush, not per message;
 - subscriptions from ``mqtt.routes`` (under ``$share/<group>/`` when
   ``mqtt.shared_group`` is set), the same routing, route cache and Sparkplug
-  host as the paho driver (:class:`sensorhub.sources.mqtt.MqttRouting`; the
+  host as the paho driver (:class:`sensorhub.sources.mqtt.routing.MqttRouting`; the
   Sparkplug host keeps its low-rate paho connection);
 - reconnect forever with capped exponential backoff and full jitter, keep
   alive PINGREQ, and the broker's server keep alive honoured.
@@ -48,13 +48,13 @@ from sensorhub._impl import load
 from sensorhub.config import MqttSettings, Settings
 from sensorhub.errors import DecodeError, SourceError
 from sensorhub.sources.base import Frame, register
-from sensorhub.sources.mqtt import MqttSourceBase
+from sensorhub.sources.mqtt.routing import MqttSourceBase
 
 __all__ = ["FrameBatchQueue", "MqttNativeSource"]
 
 log = logging.getLogger(__name__)
 
-wire = load("mqttwire", "sensorhub.sources.mqttwire_py")
+wire = load("mqttwire", "sensorhub.sources.mqtt.wire_py")
 
 RECV_BYTES = 256 * 1024  # one read; many messages at full rate
 CONNECT_TIMEOUT_S = 10.0  # TCP connect and CONNACK
