@@ -74,14 +74,35 @@ def _run_filter(summary: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     )
 
 
+# Rows per slice of a verification query: exact distinct counts and GROUP BYs
+# hold a hash table of every key they see, so a long run is verified in slices
+# of devices (the key starts with the device, so the slices add up exactly) and
+# the server's memory stays bounded whatever the length of the run.
+SLICE_ROWS = 4_000_000
+
+
+def _slices(client: Any, db: str, where: str, params: dict[str, Any]) -> list[str]:
+    """Conditions that split the run's rows into disjoint sets of devices of at most about SLICE_ROWS."""
+    total = int(client.query(f"SELECT count() FROM {db}.readings WHERE {where}", parameters=params).result_rows[0][0])
+    k = max(1, -(-total // SLICE_ROWS))
+    if k == 1:
+        return ["1"]
+    return [f"cityHash64(device) % {k} = {i}" for i in range(k)]
+
+
 def stored_count(client: Any, summary: dict[str, Any], database: str = "sensorhub") -> tuple[int, int]:
-    """``(count(), distinct keys)`` of the run's rows in ``readings``."""
+    """``(count(), distinct keys)`` of the run's rows in ``readings``, in bounded slices."""
     where, params = _run_filter(summary)
-    row = client.query(
-        f"SELECT count(), uniqExact((device, metric, ts, seq)) FROM {_ident(database)}.readings WHERE {where}",
-        parameters=params,
-    ).result_rows[0]
-    return int(row[0]), int(row[1])
+    db = _ident(database)
+    count = distinct = 0
+    for cond in _slices(client, db, where, params):
+        row = client.query(
+            f"SELECT count(), uniqExact((device, metric, ts, seq)) FROM {db}.readings WHERE {where} AND {cond}",
+            parameters=params,
+        ).result_rows[0]
+        count += int(row[0])
+        distinct += int(row[1])
+    return count, distinct
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -198,16 +219,18 @@ def _verify_full(
 def _verify_counts(
     client: Any, summary: dict[str, Any], db: str, where: str, params: dict[str, Any]
 ) -> dict[str, Any]:
-    rows = client.query(
-        f"""
-        SELECT device, count(), sum(if(isNaN(v), toUInt64({_NAN_BITS_SQL}), reinterpretAsUInt64(v)))
-        FROM (SELECT device, metric, ts, seq, any(value) AS v FROM {db}.readings WHERE {where}
-              GROUP BY device, metric, ts, seq)
-        GROUP BY device
-        """,
-        parameters=params,
-    ).result_rows
-    have = {r[0]: (int(r[1]), int(r[2])) for r in rows}
+    have: dict[str, tuple[int, int]] = {}
+    for cond in _slices(client, db, where, params):
+        rows = client.query(
+            f"""
+            SELECT device, count(), sum(if(isNaN(v), toUInt64({_NAN_BITS_SQL}), reinterpretAsUInt64(v)))
+            FROM (SELECT device, metric, ts, seq, any(value) AS v FROM {db}.readings WHERE {where} AND {cond}
+                  GROUP BY device, metric, ts, seq)
+            GROUP BY device
+            """,
+            parameters=params,
+        ).result_rows
+        have.update({r[0]: (int(r[1]), int(r[2])) for r in rows})
     lost = 0
     mismatched_devices = 0
     for name, cnt, chk in zip(summary["devices"], summary["counts"], summary["checksums"], strict=True):
