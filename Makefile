@@ -13,7 +13,7 @@ DEMO_FORMAT ?= frame
 DEMO_PER_MESSAGE ?= 10
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-packages venv build test lint typecheck fuzz bench demo demo-exchanges faults wheel clean
+.PHONY: all setup system-packages venv build test lint typecheck fuzz bench soak demo demo-exchanges faults wheel clean
 
 all: setup
 
@@ -54,6 +54,13 @@ fuzz: setup
 bench: setup
 	@mkdir -p benchmarks/results
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# Sustained latency: 10 minutes at 40k readings/s (frames of 10), with the box's reference measured
+# before and after; SOAK_RATE, SOAK_SECONDS change the load. JSON: benchmarks/results/soak-*.json
+SOAK_RATE ?= 40000
+SOAK_SECONDS ?= 600
+soak: setup
+	$(PY) benchmarks/soak.py --rate $(SOAK_RATE) --per-message 10 --seconds $(SOAK_SECONDS)
 
 faults: setup
 	SENSORHUB_FAULT_RATE=40000 SENSORHUB_FAULT_SECONDS=60 SENSORHUB_FAULT_OVERLOAD=1 $(PY) -m pytest tests/fault -v $(PYTEST_ARGS)
