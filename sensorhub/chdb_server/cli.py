@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sensorhub.chdb_server.engine import Engine
 from sensorhub.chdb_server.server import ChdbHTTPServer, QueryRunner, ServerConfig, SessionStore
+from sensorhub.chdb_server.threads import BackgroundPriority
 from sensorhub.errors import ConfigError
 from sensorhub.service.lifecycle import DEFAULT_DRAIN_S, Lifecycle
 
@@ -56,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--lock-timeout", type=float, default=_DEFAULTS.lock_timeout_s,
         help="seconds a statement waits for the engine before 503 (default %(default)s)",
     )
+    p.add_argument(
+        "--background-nice", type=int, default=_DEFAULTS.background_nice,
+        help="nice value of the engine's merge threads, so inserts run first (0: unchanged; default %(default)s)",
+    )
 
 
 def _config(args: argparse.Namespace) -> ServerConfig:
@@ -64,6 +69,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     for name in ("max_body_bytes", "spool_bytes", "max_connections", "max_sessions"):
         if getattr(args, name) < 1:
             raise ConfigError(f"chdb-server.{name}", "a positive integer", getattr(args, name))
+    if not 0 <= args.background_nice <= 19:
+        raise ConfigError("chdb-server.background_nice", "0..19", args.background_nice)
     for name in ("idle_timeout", "lock_timeout"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"chdb-server.{name}", "seconds > 0", getattr(args, name))
@@ -84,6 +91,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         max_sessions=args.max_sessions,
         idle_timeout_s=args.idle_timeout,
         lock_timeout_s=args.lock_timeout,
+        background_nice=args.background_nice,
     )
 
 
@@ -107,8 +115,11 @@ def serve(config: ServerConfig, life: Lifecycle) -> int:
         "chdb-server ready: http://%s:%s (ClickHouse %s, data %s, auth %s)",
         host, port, engine.version, config.data_dir, "on" if config.password is not None else "off",
     )
+    background = BackgroundPriority(config.background_nice)
+    background.apply()
     while not life.stop.wait(1.0):
         life.watchdog.tick()
+        background.apply()  # the engine starts its pool threads when first needed
     log.info("chdb-server stopping (%s)", life.stop_reason)
     server.shutdown()
     server.server_close()

@@ -77,6 +77,7 @@ class ServerConfig:
     max_session_timeout_s: float = 3600.0
     idle_timeout_s: float = 60.0  # an idle keep-alive connection is closed after this
     lock_timeout_s: float = 300.0  # a statement waits at most this long for the engine
+    background_nice: int = 10  # nice value of the engine's merge threads (0: unchanged)
 
 
 @dataclass
