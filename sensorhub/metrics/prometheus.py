@@ -42,7 +42,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from sensorhub.metrics.snapshot import read_snapshots, stream_info
-from sensorhub.pipeline.streams import StreamLayout
+from sensorhub.pipeline.keys import StreamLayout
 
 __all__ = ["HELP", "SnapshotCollector", "add_arguments", "run", "serve"]
 

@@ -14,7 +14,7 @@ import json
 import time
 from typing import Any
 
-from sensorhub.pipeline.streams import StreamLayout
+from sensorhub.pipeline.keys import StreamLayout
 
 __all__ = ["entry_ms", "read_snapshots", "stream_info"]
 

@@ -23,7 +23,7 @@ from typing import Any
 from sensorhub.config import load_settings
 from sensorhub.monitor.state import StateCollector
 from sensorhub.monitor.view import SORTS, render
-from sensorhub.pipeline.streams import StreamLayout
+from sensorhub.pipeline.keys import StreamLayout
 
 __all__ = ["HELP", "add_arguments", "build_collector", "run"]
 

@@ -28,7 +28,7 @@ from typing import Any
 from sensorhub.metrics.hops import HOPS, PIPELINE_HOPS
 from sensorhub.metrics.snapshot import entry_ms, read_snapshots, stream_info
 from sensorhub.pipeline.audit import audit_rows
-from sensorhub.pipeline.streams import StreamLayout
+from sensorhub.pipeline.keys import StreamLayout
 
 __all__ = [
     "ALL_HOPS",

@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sensorhub.pipeline.streams import StreamLayout
+from sensorhub.pipeline.keys import StreamLayout
 
 __all__ = ["audit_rows", "export_audit", "reconcile", "reconcile_recent"]
 

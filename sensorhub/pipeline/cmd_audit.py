@@ -11,7 +11,7 @@ from rich.table import Table
 
 from sensorhub.config import load_settings
 from sensorhub.pipeline.audit import reconcile
-from sensorhub.pipeline.streams import StreamLayout
+from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.sinks.clickhouse import connect
 
 HELP = "show per source and minute: received, written to Redis, inserted, stored; name gaps"

@@ -58,6 +58,7 @@ from sensorhub.decoders.trade_batch import TradeBatch
 from sensorhub.errors import DecodeError
 from sensorhub.metrics import hops
 from sensorhub.metrics.registry import Metrics
+from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.lag import LagAlarm, stream_states
 from sensorhub.pipeline.streams import (
     F_BLOCK,
@@ -65,7 +66,6 @@ from sensorhub.pipeline.streams import (
     F_SOURCE,
     KIND_READINGS,
     KIND_TRADES,
-    StreamLayout,
     encode_block,
 )
 from sensorhub.pipeline.tradecodec import encode_trades

@@ -37,13 +37,13 @@ from sensorhub.config import Settings
 from sensorhub.errors import DecodeError, SinkError
 from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.entrycodec_py import NATIVE_COLUMNS
+from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.lag import LagAlarm, id_tuple, stream_states
 from sensorhub.pipeline.streams import (
     F_BLOCK,
     F_KIND,
     F_SOURCE,
     KIND_TRADES,
-    StreamLayout,
     native_block,
 )
 from sensorhub.pipeline.tradecodec import decode_trades

@@ -46,7 +46,7 @@ from typing import Any
 from sensorhub.config import load_settings
 from sensorhub.decoders.trade_batch import TradeBatch
 from sensorhub.errors import ConfigError, DecodeError, SensorhubError
-from sensorhub.pipeline.streams import StreamLayout
+from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.replay.capture import Capture, read_capture
 from sensorhub.replay.server import ReplayServer, ReplayThread
 from sensorhub.sources.exchanges import VENUES

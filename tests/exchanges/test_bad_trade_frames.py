@@ -32,7 +32,8 @@ from sensorhub.decoders.trade_batch import TradeBatch
 from sensorhub.errors import DecodeError
 from sensorhub.monitor.state import StateCollector
 from sensorhub.pipeline.ingest import Ingest
-from sensorhub.pipeline.streams import F_BLOCK, StreamLayout
+from sensorhub.pipeline.keys import StreamLayout
+from sensorhub.pipeline.streams import F_BLOCK
 from sensorhub.pipeline.tradecodec import decode_trades
 from sensorhub.replay import ReplayServer, ReplayThread
 from sensorhub.service.daemons import ManagedProcess

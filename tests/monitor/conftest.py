@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sensorhub.metrics.registry import Metrics
-from sensorhub.pipeline.streams import StreamLayout
+from sensorhub.pipeline.keys import StreamLayout
 
 LAYOUT = StreamLayout()
 

@@ -15,7 +15,7 @@ import time
 import redis
 
 from sensorhub.metrics.registry import Metrics
-from sensorhub.pipeline.streams import StreamLayout
+from sensorhub.pipeline.keys import StreamLayout
 
 
 def main() -> int:

@@ -8,12 +8,12 @@ import time
 
 from sensorhub.config import load_settings
 from sensorhub.decoders import ReadingBatch
+from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.streams import (
     F_BLOCK,
     F_KIND,
     F_SOURCE,
     KIND_READINGS,
-    StreamLayout,
     encode_block,
 )
 from sensorhub.pipeline.writer import Writer
