@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 from hdrh.histogram import HdrHistogram
 
+from sensorhub.metrics import gcstats
 from sensorhub.metrics.hops import HOPS
 
 __all__ = ["HOPS", "LATENCY_BUCKETS_US", "Metrics"]
@@ -154,6 +155,7 @@ class Metrics:
             "histograms": hists,
             "rss_bytes": mem.rss,
             "cpu_percent": self._proc.cpu_percent(None),
+            "gc": gcstats.snapshot(),
         }
 
     def publish(self, redis: Any, key: str, ttl_s: int) -> dict[str, Any]:

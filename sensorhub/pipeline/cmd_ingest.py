@@ -7,6 +7,7 @@ import logging
 
 from sensorhub.config import SourceSettings, load_settings
 from sensorhub.errors import ConfigError
+from sensorhub.metrics import gcstats
 from sensorhub.pipeline.ingest import Ingest
 from sensorhub.service.lifecycle import Lifecycle
 from sensorhub.sources import base
@@ -35,4 +36,5 @@ def run(args: argparse.Namespace) -> int:
     life.install_signal_handlers()
     ingest = Ingest(settings, source)
     ingest.stop_event = life.stop
+    gcstats.settle()  # start-up is over: what exists now stays out of the collector's way
     return ingest.run()

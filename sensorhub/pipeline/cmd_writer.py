@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from sensorhub.config import load_settings
+from sensorhub.metrics import gcstats
 from sensorhub.pipeline.writer import Writer
 from sensorhub.service.lifecycle import Lifecycle
 
@@ -21,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     life.install_signal_handlers()
     w = Writer(settings, consumer=args.consumer)
     w.stop_event = life.stop
+    gcstats.settle()  # start-up is over: what exists now stays out of the collector's way
     try:
         return w.run()
     except InterruptedError:
