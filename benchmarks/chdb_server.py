@@ -29,13 +29,14 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
 
-from sensorhub.service import daemons
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from kit.services import ManagedProcess, start_chdb_server
 
 ROWS_PER_BATCH = 10_000
 DDL = """
@@ -66,23 +67,9 @@ def batch_columns(index: int) -> list[list[Any]]:
     ]
 
 
-def start_server(run_dir: Path) -> daemons.ManagedProcess:
-    port = daemons.free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(url + "/ping", timeout=0.5) as r:
-                return bool(r.read() == b"Ok.\n")
-        except OSError:
-            return False
-
-    argv = [
-        sys.executable, "-m", "sensorhub", "--log-level", "WARNING", "chdb-server",
-        "--host", "127.0.0.1", "--port", str(port), "--data", str(run_dir / "data"),
-    ]
-    p = daemons.ManagedProcess("chdb-server", argv, ready=ready, log_path=run_dir / "server.log", port=port, url=url)
-    return p.start(timeout=60)
+def start_server(run_dir: Path) -> ManagedProcess:
+    env = {**os.environ, "SENSORHUB_LOG_LEVEL": "WARNING"}
+    return start_chdb_server(run_dir, data=run_dir / "data", log_path=run_dir / "server.log", env=env)
 
 
 def rate(rows: int, seconds: float) -> float:

@@ -36,9 +36,11 @@ from typing import Any
 
 import psutil
 
-from sensorhub.service.daemons import start_mosquitto
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from kit.services import start_mosquitto  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "simulator.json"
 
 

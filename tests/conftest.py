@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from sensorhub.service import daemons
-from sensorhub.service.daemons import ManagedProcess
+from kit import services
+from kit.services import ManagedProcess
 
 EXTERNAL_CH = os.environ.get("SENSORHUB_TEST_CLICKHOUSE_URL", "")
 
@@ -40,17 +39,17 @@ class Spawner:
         return d
 
     def mosquitto(self) -> ManagedProcess:
-        p = daemons.start_mosquitto(self._dir("mosquitto"))
+        p = services.start_mosquitto(self._dir("mosquitto"))
         self.procs.append(p)
         return p
 
     def redis(self, maxmemory: str | None = None) -> ManagedProcess:
-        p = daemons.start_redis(self._dir("redis"), maxmemory=maxmemory)
+        p = services.start_redis(self._dir("redis"), maxmemory=maxmemory)
         self.procs.append(p)
         return p
 
     def chdb(self) -> ManagedProcess:
-        p = daemons.start_chdb_server(self._dir("chdb"))
+        p = services.start_chdb_server(self._dir("chdb"))
         self.procs.append(p)
         return p
 

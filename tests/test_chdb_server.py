@@ -12,7 +12,6 @@ import datetime as dt
 import gzip
 import http.client
 import json
-import sys
 import threading
 import time
 import urllib.parse
@@ -28,6 +27,7 @@ import lz4.frame
 import pytest
 from backports import zstd
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+from kit.services import ManagedProcess, start_chdb_server
 
 from sensorhub.chdb_server import protocol
 from sensorhub.chdb_server.protocol import (
@@ -41,7 +41,6 @@ from sensorhub.chdb_server.protocol import (
     split_params,
     statement_count,
 )
-from sensorhub.service import daemons
 
 # ---------------------------------------------------------------- helpers
 
@@ -421,27 +420,10 @@ def test_ping_answers_while_a_long_insert_runs(chdb_server: Any, ch_client: Any,
 
 
 @pytest.fixture(scope="module")
-def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[daemons.ManagedProcess]:
+def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
     """A server with a password and a 64 KiB body limit."""
     run_dir = tmp_path_factory.mktemp("guarded")
-    port = daemons.free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(url + "/ping", timeout=0.5) as r:
-                return bool(r.read() == b"Ok.\n")
-        except OSError:
-            return False
-
-    argv = [
-        sys.executable, "-m", "sensorhub", "chdb-server", "--host", "127.0.0.1", "--port", str(port),
-        "--data", str(run_dir / "data"), "--password", "s3cret", "--max-body-bytes", "65536",
-    ]
-    p = daemons.ManagedProcess(
-        "chdb-server", argv, ready=ready, log_path=run_dir / "chdb-server.log", port=port, url=url
-    )
-    p.start(timeout=60)
+    p = start_chdb_server(run_dir, extra=("--password", "s3cret", "--max-body-bytes", "65536"))
     yield p
     assert p.terminate() == 0
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import clickhouse_connect
 import pytest
+from kit.services import free_port
 
 from sensorhub.config import load_settings
 from sensorhub.errors import ConfigError
-from sensorhub.service.daemons import free_port
 from sensorhub.service.stack import stack_down, stack_status
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,7 @@ from __future__ import annotations
 import socket
 
 import redis
-
-from sensorhub.service.daemons import ManagedProcess
+from kit.services import ManagedProcess
 
 
 def test_redis_runs_with_aof_and_noeviction(redis_client: redis.Redis) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from sensorhub.config import load_settings
 from sensorhub.errors import SensorhubError
-from sensorhub.service import daemons
+from sensorhub.service import stack_services
 from sensorhub.service.supervisor import ChildSpec, Supervisor
 
 __all__ = ["stack_down", "stack_status", "stack_up"]
@@ -97,11 +97,11 @@ def _specs(d: Path, ports: dict[str, int], opts: dict[str, Any]) -> list[ChildSp
     env.update(opts.get("env", {}))
     cfg = ["--config", opts["config"]] if opts.get("config") else []
     return [
-        ChildSpec("mosquitto", tuple(daemons.mosquitto_argv(d, ports["mqtt"], HOST)), notify=False,
+        ChildSpec("mosquitto", tuple(stack_services.mosquitto_argv(d, ports["mqtt"], HOST)), notify=False,
                   output=str(logs / "mosquitto.log")),
-        ChildSpec("redis", tuple(daemons.redis_argv(d, ports["redis"], HOST, opts.get("redis_maxmemory"))),
+        ChildSpec("redis", tuple(stack_services.redis_argv(d, ports["redis"], HOST, opts.get("redis_maxmemory"))),
                   notify=False, output=str(logs / "redis.log")),
-        ChildSpec("chdb-server", tuple(daemons.chdb_argv(d, ports["clickhouse"], HOST, py)), notify=False,
+        ChildSpec("chdb-server", tuple(stack_services.chdb_argv(d, ports["clickhouse"], HOST, py)), notify=False,
                   output=str(logs / "chdb-server.log")),
         ChildSpec("ingest", (py, "-m", "sensorhub", *cfg, "ingest", "--source", "mqtt"), env=env,
                   output=str(logs / "ingest.log"), start_timeout_s=60),
@@ -132,9 +132,9 @@ def supervise(d: Path, opts: dict[str, Any]) -> int:
     """Run in the background: start the children, keep them up, record their pids."""
     state = _read_state(d)
     ports = state.get("ports") or {
-        "mqtt": daemons.free_port(HOST),
-        "redis": daemons.free_port(HOST),
-        "clickhouse": daemons.free_port(HOST),
+        "mqtt": stack_services.free_port(HOST),
+        "redis": stack_services.free_port(HOST),
+        "clickhouse": stack_services.free_port(HOST),
     }
     state.update({"ports": ports, "supervisor_pid": os.getpid(), "dir": str(d), "ready": False,
                   "database": opts.get("database", DEFAULT_DATABASE)})
@@ -155,7 +155,7 @@ def supervise(d: Path, opts: dict[str, Any]) -> int:
             states = sup.states()
             ready = all(
                 s.ready for s in states.values()
-            ) and daemons.redis_ready(HOST, ports["redis"]) and daemons.http_ready(f"http://{HOST}:{ports['clickhouse']}")
+            ) and stack_services.redis_ready(HOST, ports["redis"]) and stack_services.http_ready(f"http://{HOST}:{ports['clickhouse']}")
             state["pids"] = {n: s.pid for n, s in states.items()}
             state["restarts"] = {n: s.restarts for n, s in states.items()}
             state["ready"] = bool(ready)

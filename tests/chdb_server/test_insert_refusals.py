@@ -32,9 +32,9 @@ import lz4.frame
 import pytest
 from backports import zstd
 from clickhouse_connect.driver.exceptions import DatabaseError
+from kit.services import ManagedProcess, start_chdb_server
 
 from sensorhub.chdb_server.protocol import has_infile, insert_from_file
-from sensorhub.service import daemons
 from sensorhub.varint import uvarint
 
 # Three rows in three months of a table partitioned by month.
@@ -288,20 +288,8 @@ def test_insert_from_file_and_has_infile() -> None:
 # ---------------------------------------------------------------- private servers
 
 
-def _server(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> daemons.ManagedProcess:
-    port = daemons.free_port()
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(url + "/ping", timeout=0.5) as r:
-                return bool(r.read() == b"Ok.\n")
-        except OSError:
-            return False
-
-    argv = [sys.executable, "-m", "sensorhub", "chdb-server", "--port", str(port), "--data", str(run_dir / "data"), *extra]
-    p = daemons.ManagedProcess("chdb-server", argv, ready=ready, log_path=run_dir / "chdb-server.log", port=port, url=url, env=env)
-    return p.start(timeout=60)
+def _server(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> ManagedProcess:
+    return start_chdb_server(run_dir, extra=extra, env=env)
 
 
 @pytest.fixture

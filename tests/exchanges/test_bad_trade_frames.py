@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from exchange_kit import OPTIONS, SYMBOLS, driver, make_source, replay_options, server_venue
 from injection_kit import inject, reason_names_problem
+from kit.services import ManagedProcess
 from test_replay_venues import expected_trades, is_server_ping, served_connection, text_of
 
 from sensorhub.config import load_settings
@@ -36,7 +37,6 @@ from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.streams import F_BLOCK
 from sensorhub.pipeline.tradecodec import decode_trades
 from sensorhub.replay import ReplayServer, ReplayThread
-from sensorhub.service.daemons import ManagedProcess
 from sensorhub.sources.exchanges import VENUES
 
 WAIT_S = 30.0

@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from kit.services import free_port
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sensorhub.metrics import hops
 from sensorhub.metrics.prometheus import serve
 from sensorhub.metrics.registry import LATENCY_BUCKETS_US, Metrics
-from sensorhub.service.daemons import free_port
 from tests.monitor.conftest import LAYOUT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -11,11 +11,11 @@ from typing import Any
 
 import clickhouse_connect
 import redis
+from kit.services import free_port
 from rich.console import Console
 
 from sensorhub.monitor.state import StateCollector
 from sensorhub.monitor.view import render, sort_sources, sparkline
-from sensorhub.service.daemons import free_port
 from sensorhub.sinks.schema import apply_schema
 from tests.monitor.conftest import LAYOUT
 

@@ -159,7 +159,7 @@ def test_will_is_delivered_on_abrupt_close_only(mosquitto: Any) -> None:
 
 
 def test_connect_refused_is_a_clear_error() -> None:
-    from sensorhub.service.daemons import free_port
+    from kit.services import free_port
 
     async def main() -> None:
         c = MqttConnection("127.0.0.1", free_port(), "nobody", on_ack=lambda _t: None, connect_timeout_s=2)

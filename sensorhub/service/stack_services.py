@@ -1,0 +1,158 @@
+"""What ``sensorhub stack`` runs beside the pipeline: mosquitto, redis-server, chdb-server.
+
+The command lines and configurations of the three services, the readiness
+probes the stack's supervisor polls, and the free loopback ports it picks.
+The configurations are the ones the project documents for operators
+(docs/operations.md): the broker keeps what it accepted, Redis refuses rather
+than evicts. The tests and benchmarks start the same command lines through
+their own process harness (``tests/kit/services.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import sys
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from sensorhub.errors import SensorhubError
+
+__all__ = [
+    "chdb_argv",
+    "free_port",
+    "http_ready",
+    "mosquitto_argv",
+    "mosquitto_config",
+    "redis_argv",
+    "redis_ready",
+]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A currently free TCP port on ``host`` (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _binary(name: str, *extra_dirs: str) -> str:
+    path = shutil.which(name) or next(
+        (str(Path(d) / name) for d in extra_dirs if (Path(d) / name).exists()), None
+    )
+    if not path:
+        raise SensorhubError(f"{name} is not installed (Debian: apt-get install -y {name.split('-')[0]})")
+    return path
+
+
+def mosquitto_config(
+    port: int,
+    data_dir: Path,
+    host: str = "127.0.0.1",
+    max_queued_messages: int = 2_000_000,
+    max_queued_bytes: int = 2 << 30,
+    session_expiry: str = "7d",
+) -> str:
+    """The broker configuration sensorhub runs with (tests, demo, and what operators should use).
+
+    - persistence on, saved every second and on shutdown, so a restart keeps
+      queued QoS 1 messages and sessions;
+    - queue limits sized for an outage of minutes at 40k messages/s: the
+      default 1000 queued messages per client would drop the newest;
+    - ``max_inflight_messages 0`` leaves the in-flight bound to the client's
+      MQTT v5 receive maximum (the default 20 would cap a subscriber that acks
+      after its Redis write to a few thousand messages/s);
+    - persistent sessions expire after a week away;
+    - the broker keeps running as the user that started it: started as root
+      it would otherwise switch to the ``mosquitto`` user and could not write
+      its persistence file under a run directory it does not own, losing
+      every queued message on restart.
+    """
+    return "\n".join(
+        [
+            f"user {pwd.getpwuid(os.geteuid()).pw_name}",
+            f"listener {port} {host}",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {data_dir}/",
+            "autosave_interval 1",
+            f"max_queued_messages {max_queued_messages}",
+            f"max_queued_bytes {max_queued_bytes}",
+            "max_inflight_messages 0",
+            f"persistent_client_expiration {session_expiry}",
+            "log_dest stdout",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "connection_messages false",
+            "",
+        ]
+    )
+
+
+def mosquitto_argv(run_dir: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+    """Write the broker configuration under ``run_dir/mosquitto`` and return its command line."""
+    d = run_dir / "mosquitto"
+    d.mkdir(parents=True, exist_ok=True)
+    conf = d / "mosquitto.conf"
+    conf.write_text(mosquitto_config(port, d, host))
+    return [_binary("mosquitto", "/usr/sbin"), "-c", str(conf)]
+
+
+def redis_argv(run_dir: Path, port: int, host: str = "127.0.0.1", maxmemory: str | None = None) -> list[str]:
+    """redis-server with AOF (appendfsync everysec) and noeviction, data under ``run_dir/redis``."""
+    d = run_dir / "redis"
+    d.mkdir(parents=True, exist_ok=True)
+    argv = [
+        _binary("redis-server", "/usr/bin"),
+        "--port", str(port),
+        "--bind", host,
+        "--dir", str(d),
+        "--appendonly", "yes",
+        "--appendfsync", "everysec",
+        "--save", "",
+        "--maxmemory-policy", "noeviction",
+        "--daemonize", "no",
+        "--protected-mode", "no",
+        "--logfile", "",
+    ]
+    if maxmemory:
+        argv += ["--maxmemory", maxmemory]
+    return argv
+
+
+def chdb_argv(
+    run_dir: Path,
+    port: int,
+    host: str = "127.0.0.1",
+    python: str = sys.executable,
+    data: Path | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """``sensorhub chdb-server`` with its data under ``data`` (default ``run_dir/chdb/data``)."""
+    d = run_dir / "chdb"
+    d.mkdir(parents=True, exist_ok=True)
+    data = d / "data" if data is None else data
+    return [python, "-m", "sensorhub", "chdb-server", "--host", host, "--port", str(port), "--data", str(data), *extra]
+
+
+def redis_ready(host: str, port: int) -> bool:
+    """True when redis-server on ``host:port`` answers PING."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def http_ready(url: str) -> bool:
+    """True when the ClickHouse HTTP interface at ``url`` answers ``/ping``."""
+    try:
+        with urllib.request.urlopen(url + "/ping", timeout=0.5) as r:
+            return bool(r.read() == b"Ok.\n")
+    except OSError:
+        return False
