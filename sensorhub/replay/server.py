@@ -46,7 +46,7 @@ from websockets.exceptions import ConnectionClosed
 
 from sensorhub.errors import DecodeError, SourceError
 from sensorhub.replay.capture import Capture, CaptureConnection, CaptureRecord
-from sensorhub.sources.exchanges.base import Venue
+from sensorhub.sources.exchanges.venue import Venue
 
 __all__ = ["ReplayServer", "ReplayStats", "ReplayThread"]
 

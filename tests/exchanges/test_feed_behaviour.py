@@ -120,7 +120,7 @@ def test_subscription_outside_capture_strict_and_lenient(caplog: pytest.LogCaptu
 
     # Strict: the server closes every connection with 1008 before sending anything; the source
     # sees that close, counts no frame, and keeps reconnecting.
-    caplog.set_level(logging.INFO, logger="sensorhub.sources.exchanges.base")
+    caplog.set_level(logging.INFO, logger="sensorhub.sources.exchanges.connection")
 
     def policy_closes() -> list[str]:
         return [

@@ -1,17 +1,21 @@
-"""Venue parsers on hand-made frames: bad input, Kraken v2, gaps, the recent-id bound, exports."""
+"""Venue parsers on hand-made frames: bad input, Kraken v2, gaps, the recent-id bound, exports, module layering."""
 
 from __future__ import annotations
 
+import ast
 import json
+from pathlib import Path
 
 import pytest
 
+from sensorhub.config import SourceSettings
 from sensorhub.decoders.trade_batch import TradeBatch
 from sensorhub.errors import DecodeError, InvalidValue
 from sensorhub.sources import exchanges
-from sensorhub.sources.base import driver_names
-from sensorhub.sources.exchanges import VENUES
-from sensorhub.sources.exchanges.base import iso_to_us
+from sensorhub.sources.base import create, driver_names
+from sensorhub.sources.exchanges import VENUES, ExchangeSource
+from sensorhub.sources.exchanges.okx import Okx
+from sensorhub.sources.exchanges.parsing import iso_to_us
 
 BAD = [b"", b"{", b"not json", b'{"stream":"x@depth","data":{', b'{"arg":{"channel":"trades"},"data":[{"px":1}]}',
        b'{"channel":"market_trades","events":[{"trades":[{"product_id":"BTC-USD"}]}]}',
@@ -122,3 +126,43 @@ def test_exports_and_registry() -> None:
     names = {"binance", "bitfinex", "bitstamp", "bybit", "coinbase", "gateio", "gemini", "htx", "kraken", "kucoin", "okx"}
     assert names <= set(driver_names())
     assert set(exchanges.venue_modules) == names
+
+
+def _exchange_imports(path: Path) -> set[str]:
+    """The ``sensorhub.sources.exchanges`` modules a module imports (last name part)."""
+    prefix = "sensorhub.sources.exchanges."
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        out |= {n[len(prefix):].split(".")[0] for n in names if n.startswith(prefix)}
+    return out
+
+
+def test_dependencies_point_one_way() -> None:
+    # venues -> parse framework -> helpers; the connection loop -> parse framework. Nothing imports back.
+    folder = Path(exchanges.__file__).parent
+    assert _exchange_imports(folder / "parsing.py") == set()
+    assert _exchange_imports(folder / "venue.py") == {"parsing"}
+    assert _exchange_imports(folder / "connection.py") == {"venue"}
+    for name, module in exchanges.venue_modules.items():
+        assert _exchange_imports(Path(str(module.__file__))) <= {"parsing", "venue"}, name
+    assert not (folder / "base.py").exists()
+
+
+def test_a_venue_registered_later_is_a_source_driver_too() -> None:
+    # The connection loop makes every registered venue a driver, also one registered after it was imported.
+    @exchanges.register_venue
+    class LateVenue(Okx):
+        name = "late-venue-test"
+
+    try:
+        assert VENUES["late-venue-test"] is LateVenue
+        settings = SourceSettings(driver="late-venue-test", symbols=("BTC-USDT",))
+        src = create("late-venue-test", "late", source_settings=settings)
+        assert isinstance(src, ExchangeSource) and isinstance(src.venue, LateVenue)
+        assert src.venue.symbols == ("BTC-USDT",)
+    finally:
+        VENUES.pop("late-venue-test", None)
+

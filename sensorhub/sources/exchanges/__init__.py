@@ -1,8 +1,13 @@
 """Exchange WebSocket sources: one module per venue, each registered as a source driver.
 
 Importing this package registers every venue below under its name (the
-``driver`` of a ``[sources.<name>]`` table). The shared machinery is in
-:mod:`sensorhub.sources.exchanges.base`; ``docs/exchanges.md`` says how to add a venue.
+``driver`` of a ``[sources.<name>]`` table). The shared machinery is in three
+modules, each depending only on the ones before it:
+:mod:`~sensorhub.sources.exchanges.parsing` (timestamps, symbols, JSON framing),
+:mod:`~sensorhub.sources.exchanges.venue` (the venue parse framework) and
+:mod:`~sensorhub.sources.exchanges.connection` (the WebSocket connection loop,
+the :class:`ExchangeSource`). Venue modules use the first two only.
+``docs/exchanges.md`` says how to add a venue.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from sensorhub.sources.exchanges import (
     kucoin,
     okx,
 )
-from sensorhub.sources.exchanges.base import VENUES, ExchangeSource, Venue, register_venue
+from sensorhub.sources.exchanges.connection import ExchangeSource
+from sensorhub.sources.exchanges.venue import VENUES, Venue, register_venue
 
 __all__ = ["VENUES", "ExchangeSource", "Venue", "register_venue", "venue_modules"]
 

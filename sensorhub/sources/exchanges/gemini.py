@@ -24,13 +24,8 @@ import msgspec
 
 from sensorhub.decoders.trade_batch import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN, TradeBatch
 from sensorhub.errors import InvalidValue
-from sensorhub.sources.exchanges.base import (
-    Venue,
-    ensure_whole,
-    loads,
-    register_venue,
-    split_concatenated,
-)
+from sensorhub.sources.exchanges.parsing import ensure_whole, loads, split_concatenated
+from sensorhub.sources.exchanges.venue import Venue, register_venue
 
 __all__ = ["VENUE", "Gemini"]
 

@@ -38,7 +38,8 @@ import msgspec
 
 from sensorhub.decoders.trade_batch import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN, TradeBatch
 from sensorhub.errors import ConfigError, InvalidValue
-from sensorhub.sources.exchanges.base import Venue, ensure_whole, iso_to_us, loads, register_venue
+from sensorhub.sources.exchanges.parsing import ensure_whole, iso_to_us, loads
+from sensorhub.sources.exchanges.venue import Venue, register_venue
 
 __all__ = ["VENUE", "Kraken", "kraken_time_us", "v1_trade_id"]
 

@@ -37,7 +37,8 @@ import msgspec
 
 from sensorhub.decoders.trade_batch import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN, TradeBatch
 from sensorhub.errors import ConfigError, SourceError
-from sensorhub.sources.exchanges.base import Venue, ensure_whole, http_json, loads, register_venue
+from sensorhub.sources.exchanges.parsing import ensure_whole, loads
+from sensorhub.sources.exchanges.venue import Venue, http_json, register_venue
 
 __all__ = ["VENUE", "KuCoin"]
 

@@ -23,7 +23,8 @@ import json
 import msgspec
 
 from sensorhub.decoders.trade_batch import SIDE_BUY, SIDE_SELL, SIDE_UNKNOWN, TradeBatch
-from sensorhub.sources.exchanges.base import AmountUnit, Venue, ensure_whole, loads, register_venue
+from sensorhub.sources.exchanges.parsing import ensure_whole, loads
+from sensorhub.sources.exchanges.venue import AmountUnit, Venue, register_venue
 
 __all__ = ["VENUE", "Okx"]
 
