@@ -24,6 +24,7 @@ from typing import Any
 
 from firmware_sim.devices import parse_mix
 from firmware_sim.mqtt import MqttError
+from firmware_sim.signals import SIGNALS
 from firmware_sim.sim import (
     FAULTS,
     PROFILES,
@@ -101,6 +102,9 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dictionary", type=_dictionary, default={}, help="frame metric id -> name (JSON or file)")
     g.add_argument("--nan-rate", type=float, default=0.001, help="fraction of frame values that are NaN")
     g.add_argument("--float32", action="store_true", help="frame values as float32")
+    g.add_argument("--signal", choices=SIGNALS, default="random",
+                   help="value shape: random (drifting sines with noise) or walk "
+                        "(quantized random walks, as field sensors send)")
     g.add_argument("--fault", action="append", default=[], metavar="NAME[=VALUE]",
                    help="inject a fault: " + "; ".join(f"{k}: {v}" for k, v in FAULTS.items()))
     g.add_argument("--full-limit", type=int, default=2_000_000,
@@ -135,6 +139,7 @@ def _config(args: argparse.Namespace, truth: Path | None, shard: tuple[int, int]
         dictionary=args.dictionary,
         nan_rate=args.nan_rate,
         float32=args.float32,
+        signal=args.signal,
         faults=FaultConfig(faults),
         truth_path=truth,
         full_limit=args.full_limit,

@@ -2,9 +2,10 @@
 
 A :class:`Device` turns "publish N readings now" into a :class:`Message`
 (topic, payload and the readings it carries, as the store must hold them) in
-its format. Signals are drifting sines with noise, steps for state-like
-metrics and, for the frame format only, an occasional NaN (JSON and line
-protocol cannot carry NaN).
+its format. Signals are drifting sines with noise and steps for state-like
+metrics (signal ``random``), or quantized random walks (signal ``walk``, see
+:mod:`firmware_sim.signals`); the frame format adds an occasional NaN (JSON
+and line protocol cannot carry NaN).
 
 Uniqueness: every published reading has a distinct stored key
 ``(device, metric, ts, seq)``, and even a distinct ``(device, metric, ts)``
@@ -32,6 +33,7 @@ from firmware_sim.encoders import (
     encode_json_single,
     encode_sparkplug,
 )
+from firmware_sim.signals import SIGNALS, Walk
 
 __all__ = [
     "FORMATS",
@@ -164,6 +166,7 @@ class Device:
     phase: list[float] = field(default_factory=list)
     drift: list[float] = field(default_factory=list)
     step_value: float = 0.0
+    walk: Walk | None = None  # signal "walk"; None: drifting sines ("random")
     metric_cursor: int = 0
     json_shape: int = 0
 
@@ -187,6 +190,8 @@ class Device:
     # ------------------------------------------------------------ signals
 
     def _value(self, m: int, t_s: float) -> float:
+        if self.walk is not None:
+            return self.walk.next(m)
         spec = METRICS[m]
         if spec.step:
             # A state that changes now and then: a step signal.
@@ -393,14 +398,19 @@ def make_devices(
     nan_rate: float = 0.001,
     float32: bool = False,
     prefix: str = "dev",
+    signal: str = "random",
 ) -> list[Device]:
     """Create ``count`` devices ``<prefix>-0001``.. spread over ``line1..line<lines>``.
 
     Formats are assigned by ``mix`` ratio deterministically (largest remainder),
     so the same arguments always give the same devices in every process.
+    ``signal`` is the shape of their values: ``random`` or ``walk``.
     """
     if count < 1:
         raise ValueError("need at least one device")
+    if signal not in SIGNALS:
+        raise ValueError(f"signal {signal!r}: expected one of {', '.join(SIGNALS)}")
+    walk_metrics = [(m.base, m.amplitude, m.step) for m in METRICS]
     quotas = {f: r * count for f, r in mix.items()}
     alloc = {f: int(q) for f, q in quotas.items()}
     rest = count - sum(alloc.values())
@@ -433,6 +443,8 @@ def make_devices(
                 float32=float32 and fmt == "frame",
                 phase=[rng.uniform(0, 2 * math.pi) for _ in METRICS],
                 drift=[rng.uniform(-1e-4, 1e-4) * m.amplitude for m in METRICS],
+                # its own generator, so the NaN and quality draws stay those of signal "random"
+                walk=Walk(walk_metrics, f"walk:{seed}:{i}") if signal == "walk" else None,
             )
         )
     return devices

@@ -99,6 +99,7 @@ class SimConfig:
     dictionary: dict[int, str] = field(default_factory=dict)
     nan_rate: float = 0.001
     float32: bool = False
+    signal: str = "random"
     faults: FaultConfig = field(default_factory=FaultConfig)
     truth_path: Path | None = None
     full_limit: int = 2_000_000
@@ -180,6 +181,7 @@ class Simulator:
             nan_rate=cfg.nan_rate,
             float32=cfg.float32,
             prefix=cfg.device_prefix,
+            signal=cfg.signal,
         )
         # Global tables (the same in every process) so truth files merge by concatenation.
         self.device_names = [d.stored_device for d in all_devices]
