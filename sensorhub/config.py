@@ -235,8 +235,24 @@ class WriterSettings(_Section):
     lag_alert_s: float = Field(5.0, gt=0)
     hop_latency_interval_s: float = Field(10.0, gt=0)
     backoff: BackoffSettings = BackoffSettings(initial_s=0.2, max_s=10.0)
+    device_time_max_past_s: float = Field(
+        400 * 86400, gt=0, le=6 * 365 * 86400,
+        description="a reading whose device time is more than this before its receive time is dead-lettered, "
+        "not stored (400 days: buffered and Sparkplug backfill still lands); at most 6 years, so that a batch "
+        "stays within ClickHouse's 100 monthly partitions per INSERT",
+    )
+    device_time_max_future_s: float = Field(
+        3600, ge=0, le=365 * 86400,
+        description="a reading whose device time is more than this after its receive time is dead-lettered, "
+        "not stored; at most 1 year",
+    )
     fault_crash_after_insert: int = Field(
         0, ge=0, description="testing only: exit(70) right after the Nth INSERT, before XACK (once per Redis keyspace)"
+    )
+    fault_crash_after_split_inserts: int = Field(
+        0, ge=0,
+        description="testing only: exit(70) right after the Nth INSERT of a batch split to find the rows "
+        "ClickHouse refused (once per Redis keyspace)",
     )
 
 

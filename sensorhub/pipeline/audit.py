@@ -2,11 +2,15 @@
 
 Ingest increments ``received``, ``decoded``, ``dead_lettered``, ``duplicates``
 and ``xadded`` in the same Redis transaction that writes the readings; the
-writer increments ``inserted`` / ``dead_inserted`` in the same script that
-acknowledges the entries. Both are therefore exact across crashes. The
-writer copies these hashes into ``ingest_audit`` (one row per source and
-minute, process ``redis``); ``sensorhub audit`` compares them with what
-``readings`` holds per source and minute of receive time.
+writer increments ``inserted`` / ``dead_inserted`` / ``writer_dead_lettered``
+(readings it dead-lettered itself: device time outside the window, or
+refused by ClickHouse) in the same script that acknowledges the entries.
+Both are therefore exact across crashes. The writer copies these hashes into
+``ingest_audit`` (one row per source and minute, process ``redis``);
+``sensorhub audit`` compares them with what ``readings`` and
+``dead_letters`` hold per source and minute of receive time: every reading
+written to Redis is stored or dead-lettered by the writer, and readings
+``sensorhub dlq replay`` stored later are counted as replayed.
 """
 
 from __future__ import annotations
@@ -80,13 +84,24 @@ def reconcile(redis: Any, ch: Any, layout: StreamLayout, db: str, since_minute: 
             f"GROUP BY source, minute"
         )
         dead = {(s, int(m)): int(c) for s, m, c in q.result_rows}
+        # readings stored by `sensorhub dlq replay`, at the source and minute of their dead letter
+        q = ch.query(
+            f"SELECT d.src, toUInt32(intDiv(toUnixTimestamp64Micro(d.received), 60000000)) AS minute, "
+            f"sum(r.n) FROM (SELECT entry_id, any(readings) AS n FROM {db}.dead_letter_replays "
+            f"GROUP BY entry_id) AS r INNER JOIN (SELECT entry_id, any(source) AS src, any(recv) AS received "
+            f"FROM {db}.dead_letters WHERE recv >= fromUnixTimestamp64Micro(toInt64({lo}) * 1000000) "
+            f"GROUP BY entry_id) AS d ON r.entry_id = d.entry_id GROUP BY d.src, minute"
+        )
+        replayed = {(s, int(m)): int(c) for s, m, c in q.result_rows}
     else:
-        dead = {}
+        dead, replayed = {}, {}
     out = []
     for key in sorted(audit):
         a = audit[key]
         xadded = a.get("xadded", 0)
         st = stored.get(key, 0)
+        rejected = a.get("writer_dead_lettered", 0)
+        rp = replayed.get(key, 0)
         out.append(
             {
                 "source": key[0],
@@ -97,9 +112,11 @@ def reconcile(redis: Any, ch: Any, layout: StreamLayout, db: str, since_minute: 
                 "dead_stored": dead.get(key, 0),
                 "xadded": xadded,
                 "inserted": a.get("inserted", 0),
+                "writer_dead_lettered": rejected,
                 "stored": st,
-                "pending": xadded - a.get("inserted", 0),
-                "ok": st == xadded and dead.get(key, 0) == a.get("dead_lettered", 0),
+                "replayed": rp,
+                "pending": xadded - a.get("inserted", 0) - rejected,
+                "ok": st - rp + rejected == xadded and dead.get(key, 0) == a.get("dead_lettered", 0) + rejected,
             }
         )
     return out

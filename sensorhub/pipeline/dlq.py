@@ -10,6 +10,13 @@ records the chunk in ``dead_letter_replays``. A replay interrupted between
 the two repeats the same chunk with the same token, and ClickHouse drops it
 as a duplicate. Dead letters that still do not decode stay where they are,
 and the reason is reported.
+
+Readings the writer dead-lettered (topic ``$sensorhub/readings/<device>``,
+see :mod:`sensorhub.pipeline.rejected`) are decoded as the JSON payloads
+they are. Every replayed reading must be inside the device-time window of
+the settings the replay runs with (``writer.device_time_max_past_s`` /
+``_future_s``): a dead letter with a reading outside stays, with that
+reason, until the window is widened.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from sensorhub.config import Settings
 from sensorhub.decoders import ReadingBatch, make_decoder
 from sensorhub.errors import DecodeError
 from sensorhub.pipeline.entrycodec_py import NATIVE_COLUMNS
+from sensorhub.pipeline.rejected import READING_TOPIC, DeviceTimeWindow
 from sensorhub.pipeline.streams import encode_block, native_block
 from sensorhub.sources.mqtt.routing import route_topic
 
@@ -58,6 +66,7 @@ def replay_dead_letters(
         column_formats={"payload": "bytes"},  # raw frames are not UTF-8
     ).result_rows
     decoders = {fmt: make_decoder(fmt, dict(settings.dictionary)) for fmt in ("frame", "json", "ilp")}
+    window = DeviceTimeWindow.of(settings.writer.device_time_max_past_s, settings.writer.device_time_max_future_s)
     report = ReplayReport(considered=len(rows))
     for start in range(0, len(rows), CHUNK):
         chunk = rows[start : start + CHUNK]
@@ -65,15 +74,21 @@ def replay_dead_letters(
         replayed: list[list[Any]] = []
         for entry_id, src, topic, payload, recv_us in chunk:
             raw = payload if isinstance(payload, bytes) else str(payload).encode("utf-8", "surrogateescape")
-            route = route_topic(settings.mqtt.routes, topic)
             batch = ReadingBatch()
             try:
-                if route is None:
-                    raise DecodeError(f"no route serves topic {topic!r}")
-                r, device = route
-                if len(raw) > settings.mqtt.max_payload_bytes:
-                    raise DecodeError(f"payload of {len(raw)} bytes over mqtt.max_payload_bytes")
-                n = decoders[r.format].decode(device, raw, int(recv_us) * 1000, batch)
+                if topic.startswith(READING_TOPIC):  # a reading the writer dead-lettered, as JSON
+                    n = decoders["json"].decode(topic[len(READING_TOPIC) :], raw, int(recv_us) * 1000, batch)
+                else:
+                    route = route_topic(settings.mqtt.routes, topic)
+                    if route is None:
+                        raise DecodeError(f"no route serves topic {topic!r}")
+                    r, device = route
+                    if len(raw) > settings.mqtt.max_payload_bytes:
+                        raise DecodeError(f"payload of {len(raw)} bytes over mqtt.max_payload_bytes")
+                    n = decoders[r.format].decode(device, raw, int(recv_us) * 1000, batch)
+                outside = window.outside(batch.column("ts_us"), batch.column("recv_us"))
+                if outside:
+                    raise DecodeError(outside[0][1])
             except DecodeError as exc:
                 report.still_failing += 1
                 key = f"{type(exc).__name__}: {exc}"[:120]

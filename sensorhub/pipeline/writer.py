@@ -10,6 +10,19 @@ Per batch:
    counts only entries it actually acknowledged;
 4. delete the intent.
 
+Each INSERT is sent as one block (``min_insert_block_size_rows``), so it
+lands whole or not at all. Readings whose device time cannot be right
+(:mod:`sensorhub.pipeline.rejected`) never reach the INSERT: they are
+dead-lettered in the same batch. When ClickHouse refuses an INSERT because
+of some of its rows (a value out of range, a violated constraint, too many
+partitions for one block), the batch is split in halves, each inserted with
+its own token derived from the batch's, recursively; a single row still
+refused is dead-lettered with ClickHouse's reason, the rest is stored, then
+the batch is acknowledged. Every split and every refused row is written to
+the intent before the next INSERT, so a writer killed while splitting walks
+the same halves with the same tokens. Any other error (ClickHouse down, 503,
+timeouts, a full disk) is waited out and retried, never dead-lettered.
+
 A writer killed anywhere in between leaves an intent behind. On start it
 first replays its own intent with the same entries and the same token, so
 the INSERT is a no-op if it had landed; then it re-reads its pending
@@ -28,28 +41,39 @@ import random
 import socket
 import threading
 import time
+from array import array
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 
 from sensorhub.config import Settings
+from sensorhub.decoders import ReadingBatch
 from sensorhub.errors import DecodeError, SinkError
 from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.entrycodec_py import NATIVE_COLUMNS
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.lag import LagAlarm, id_tuple, stream_states
+from sensorhub.pipeline.rejected import (
+    READING_TOPIC,
+    TRADE_TOPIC,
+    DeviceTimeWindow,
+    reading_payload,
+    trade_payload,
+)
 from sensorhub.pipeline.streams import (
     F_BLOCK,
     F_KIND,
     F_SOURCE,
     KIND_TRADES,
+    encode_block,
     native_block,
 )
 from sensorhub.pipeline.tradecodec import decode_trades
 from sensorhub.service import notify
 from sensorhub.sinks import schema
-from sensorhub.sinks.clickhouse import connect
+from sensorhub.sinks.clickhouse import connect, reason
 
 __all__ = ["Writer"]
 
@@ -82,10 +106,11 @@ return acked
 # that was stopped may find some claimed by another meanwhile), reset their
 # idle time so nobody claims them while we insert, and write the intent, all
 # at once. From then on a claimer goes through the intent and its token.
+# ARGV[3] holds the intent's other fields (JSON).
 _TAKE_SCRIPT = """#!lua flags=allow-oom
 local group, me = ARGV[1], ARGV[2]
 local owned, parts = {}, {}
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   local s, id = ARGV[i], ARGV[i + 1]
   local p = redis.call('XPENDING', s, group, id, id, 1)
   if p[1] and p[1][2] == me then
@@ -96,7 +121,10 @@ for i = 3, #ARGV, 2 do
 end
 local token = redis.sha1hex(table.concat(parts))
 if #owned > 0 then
-  redis.call('SET', KEYS[1], cjson.encode({token = token, entries = owned}))
+  local intent = cjson.decode(ARGV[3])
+  intent['token'] = token
+  intent['entries'] = owned
+  redis.call('SET', KEYS[1], cjson.encode(intent))
 end
 return {token, #owned, #owned > 0 and cjson.encode(owned) or '[]'}
 """
@@ -109,14 +137,91 @@ READING_COLS = [name for name, _ in NATIVE_COLUMNS]
 TRADE_COLS = ["venue", "symbol", "trade_id", "price", "amount", "side", "ts", "recv"]
 DLQ_COLS = ["source", "topic", "payload", "error", "recv", "entry_id"]
 
+# ClickHouse refuses an INSERT with these for the data of some of its rows
+# (names as in ClickHouse's ErrorCodes.cpp; a test holds them against the engine).
+ROW_CAUSED_ERRORS: dict[str, int] = {
+    "CANNOT_PARSE_TEXT": 6,
+    "CANNOT_PARSE_ESCAPE_SEQUENCE": 25,
+    "CANNOT_PARSE_QUOTED_STRING": 26,
+    "CANNOT_PARSE_INPUT_ASSERTION_FAILED": 27,
+    "CANNOT_PARSE_DATE": 38,
+    "CANNOT_PARSE_DATETIME": 41,
+    "ARGUMENT_OUT_OF_BOUND": 69,
+    "CANNOT_CONVERT_TYPE": 70,
+    "CANNOT_PARSE_NUMBER": 72,
+    "INCORRECT_DATA": 117,
+    "TOO_LARGE_STRING_SIZE": 131,
+    "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE": 321,
+    "FUNCTION_THROW_IF_VALUE_IS_NON_ZERO": 395,
+    "DECIMAL_OVERFLOW": 407,
+    "VIOLATED_CONSTRAINT": 469,
+    "UNKNOWN_ELEMENT_OF_ENUM": 691,
+}
+_ROW_CAUSED_CODES = frozenset(ROW_CAUSED_ERRORS.values())
+_TOO_MANY_PARTS = 252  # also "Too many parts" (merges behind): that one is waited out
+
+
+def refused_for_rows(exc: BaseException) -> bool:
+    """Whether ClickHouse refused an INSERT because of the data of some of its rows.
+
+    Only then can splitting the batch help; every other error (unreachable,
+    503, timeouts, ``NOT_ENOUGH_SPACE``, too many parts) is retried as it is.
+    """
+    code = getattr(exc, "code", None)
+    if code == _TOO_MANY_PARTS:
+        return "too many partitions for single insert block" in str(exc).lower()
+    return code in _ROW_CAUSED_CODES
+
+
+class _RowsRefused(Exception):
+    """An INSERT was refused for some of its rows (not a ClickHouse error: ``_retry`` lets it through)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+class _Readings:
+    """The readings of one stream entry that go to ``readings``: all rows of ``blk``, or ``rows``."""
+
+    __slots__ = ("blk", "entry", "native", "rows", "source")
+
+    def __init__(self, entry: int, source: str, blk: Any, rows: list[int] | None, native: bytes) -> None:
+        self.entry = entry  # index in the batch's entries
+        self.source = source
+        self.blk = blk
+        self.rows = rows
+        self.native = native  # the Native block of exactly these rows
+
+    def __len__(self) -> int:
+        return len(self.rows) if self.rows is not None else len(self.blk)
+
+    def row(self, k: int) -> int:
+        """The row of ``blk`` of this segment's ``k``-th reading."""
+        return self.rows[k] if self.rows is not None else k
+
+
+def _native_rows(blk: Any, rows: Sequence[int], source: str) -> bytes:
+    """A Native block of some rows of a decoded entry block (through the entry codec, as the whole ones)."""
+    b = ReadingBatch(max(1, len(rows)))
+    dev, met = blk.devices, blk.metrics
+    for i in rows:
+        b.append(dev[blk.dev[i]], met[blk.met[i]], blk.ts_us[i], blk.value[i], blk.quality[i], blk.seq[i], blk.recv_us[i])
+    native: bytes = native_block(encode_block(b, blk.decode_ns), source)[0]
+    return native
+
 
 class _Batch:
-    def __init__(self) -> None:
+    def __init__(self, window: DeviceTimeWindow | None = None) -> None:
+        self.window = window  # the device-time window it was built with (the writer's when None)
         self.entries: list[tuple[str, str]] = []
         self.audit: list[list[tuple[str, str, int]]] = []
-        self.native: list[bytes] = []  # readings, one Native block per stream entry
+        self.readings: list[_Readings] = []  # one segment per stream entry with readings to insert
         self.reading_rows = 0
         self.trades: dict[str, list[Any]] = {c: [] for c in TRADE_COLS}
+        self.trade_entry: list[int] = []  # per trade row: index of its entry
+        self.trade_start: dict[int, int] = {}  # entry index -> its first trade row
+        self.entry_source: dict[int, str] = {}
         self.dead: dict[str, list[Any]] = {c: [] for c in DLQ_COLS}
         self.rows = 0
         self.first = 0.0
@@ -125,6 +230,10 @@ class _Batch:
         self.device_ts: list[Any] = []
         self.read_ns = 0
 
+    @property
+    def native(self) -> list[bytes]:
+        """The readings as Native blocks, one per stream entry."""
+        return [r.native for r in self.readings]
 
 
 class Writer:
@@ -150,6 +259,9 @@ class Writer:
         self.ch: Any = None
         self.streams = self.layout.all_streams()
         self.inserts = 0
+        self.split_inserts = 0
+        self.window = DeviceTimeWindow.of(self.cfg.device_time_max_past_s, self.cfg.device_time_max_future_s)
+        self._intent: dict[str, Any] = {}  # the intent of the batch being flushed, as stored in Redis
         self.state = "starting"
         self.lag_s = 0.0
         # created before anything can block: ticks while waiting for peers keep
@@ -327,7 +439,10 @@ class Writer:
         if not batch.entries:
             batch.first = time.monotonic()
             batch.read_ns = read_ns
+        if batch.window is None:
+            batch.window = self.window
         batch.entries.append((stream, entry_id))
+        entry = len(batch.entries) - 1
         xadd_ms = id_tuple(entry_id)[0]
         audit: list[tuple[str, str, int]] = []
         if stream == self.layout.dlq:
@@ -344,10 +459,12 @@ class Writer:
             batch.audit.append(audit)
             return
         source = fields.get(F_SOURCE, b"?").decode(errors="replace")
+        batch.entry_source[entry] = source
         try:
             if fields.get(F_KIND) == KIND_TRADES:
                 tb = decode_trades(fields[F_BLOCK])
                 t = batch.trades
+                batch.trade_start[entry] = len(t["venue"])
                 vs, ss = tb.venues, tb.symbols
                 t["venue"].extend(vs[i] for i in tb.venue_idx)
                 t["symbol"].extend(ss[i] for i in tb.symbol_idx)
@@ -358,25 +475,39 @@ class Writer:
                 t["ts"].extend(tb.ts_us)
                 t["recv"].extend(tb.recv_us)
                 n = len(tb)
+                batch.trade_entry.extend([entry] * n)
                 recv = tb.recv_us
                 batch.device_ts.append(tb.ts_us)
             else:
                 # straight to ClickHouse's Native format: no Python object per reading
                 native, blk = native_block(fields[F_BLOCK], source)
-                batch.native.append(native)
-                n = len(blk)
+                outside = batch.window.outside(blk.ts_us, blk.recv_us)
+                rows: list[int] | None = None
+                recv, dev_ts = blk.recv_us, blk.ts_us
+                if outside:
+                    # a device clock that cannot be right: those readings become dead letters
+                    bad = {i for i, _ in outside}
+                    rows = [i for i in range(len(blk)) if i not in bad]
+                    native = _native_rows(blk, rows, source) if rows else b""
+                    recv = array("q", (blk.recv_us[i] for i in rows))
+                    dev_ts = array("q", (blk.ts_us[i] for i in rows))
+                    for i, why in outside:
+                        self._dead_reading(batch, stream, entry_id, source, blk, i, why)
+                    audit.extend(self._audit_counts(source, (blk.recv_us[i] for i in bad), "writer_dead_lettered"))
+                    self.metrics.inc("device_time_dead_lettered", len(outside))
+                    log.warning(
+                        "%d readings of %s dead-lettered for their device time (first: %s)",
+                        len(outside), blk.devices[blk.dev[outside[0][0]]], outside[0][1],
+                    )
+                n = len(rows) if rows is not None else len(blk)
+                if n:
+                    batch.readings.append(_Readings(entry, source, blk, rows, native))
                 batch.reading_rows += n
-                recv = blk.recv_us
-                batch.device_ts.append(blk.ts_us)
+                batch.device_ts.append(dev_ts)
         except (DecodeError, KeyError) as exc:
             # A damaged entry is kept as a dead letter, never dropped.
-            d = batch.dead
-            d["source"].append(source)
-            d["topic"].append(stream)
-            d["payload"].append(fields.get(F_BLOCK, b""))
-            d["error"].append(f"stream entry does not decode: {exc}")
-            d["recv"].append(xadd_ms * 1000)
-            d["entry_id"].append(entry_id)
+            self._dead_row(batch, source, stream, fields.get(F_BLOCK, b""), f"stream entry does not decode: {exc}",
+                           xadd_ms * 1000, entry_id)
             batch.audit.append([(self.layout.audit_key(source, xadd_ms // 60_000), "dead_inserted", 1)])
             return
         batch.rows += n
@@ -387,23 +518,50 @@ class Writer:
             if m0 == m1:
                 audit.append((self.layout.audit_key(source, m0), "inserted", n))
             else:
-                per: dict[int, int] = defaultdict(int)
-                for v in recv:
-                    per[v // 60_000_000] += 1
-                audit.extend((self.layout.audit_key(source, mm), "inserted", c) for mm, c in per.items())
+                audit.extend(self._audit_counts(source, recv, "inserted"))
         batch.audit.append(audit)
 
+    def _audit_counts(self, source: str, recv_us: Any, field: str) -> list[tuple[str, str, int]]:
+        per: dict[int, int] = defaultdict(int)
+        for v in recv_us:
+            per[v // 60_000_000] += 1
+        return [(self.layout.audit_key(source, mm), field, c) for mm, c in per.items()]
+
+    @staticmethod
+    def _dead_row(batch: _Batch, source: str, topic: str, payload: bytes, error: str, recv_us: int, entry_id: str) -> None:
+        d = batch.dead
+        d["source"].append(source)
+        d["topic"].append(topic)
+        d["payload"].append(payload)
+        d["error"].append(error)
+        d["recv"].append(recv_us)
+        d["entry_id"].append(entry_id)
+
+    def _dead_reading(
+        self, batch: _Batch, stream: str, entry_id: str, source: str, blk: Any, i: int, why: str
+    ) -> None:
+        """Row ``i`` of an entry block as a dead letter that ``sensorhub dlq replay`` decodes again."""
+        device = blk.devices[blk.dev[i]]
+        payload = reading_payload(
+            device, blk.metrics[blk.met[i]], blk.value[i], blk.ts_us[i], blk.seq[i], blk.quality[i]
+        )
+        # unique across streams and rows, and the same in every replay of the entry
+        self._dead_row(batch, source, READING_TOPIC + device, payload, why, blk.recv_us[i], f"{stream}/{entry_id}/{i}")
+
     # ---- flush: intent, insert, ack ----
-    def _flush(self, batch: _Batch, token: str | None = None) -> None:
-        """Intent, INSERT, acknowledge, clear. ``token`` is given when replaying an intent."""
+    def _flush(self, batch: _Batch, token: str | None = None, intent: dict[str, Any] | None = None) -> None:
+        """Intent, INSERT, acknowledge, clear. ``token`` and ``intent`` are given when replaying an intent."""
         intent_key = self.layout.intent(self.consumer)
+        window = batch.window = batch.window or self.window
         if token is None:
             token, batch = self._take_ownership(batch, intent_key)
             if not batch.entries:
                 return
+            self._intent = {"window": window.to_json(), "token": token, "entries": batch.entries}
         else:
-            intent = json.dumps({"token": token, "entries": batch.entries})
-            self._retry("write insert intent", lambda: self._set(keys=[intent_key], args=[intent]))
+            # the replayed intent keeps what it knew: the window, the splits, the refused rows
+            self._intent = {**(intent or {}), "window": window.to_json(), "token": token, "entries": batch.entries}
+            self._save_intent()
         self._insert(batch, token)
         if (
             self.cfg.fault_crash_after_insert
@@ -415,9 +573,16 @@ class Writer:
             os._exit(70)
         self._retry("acknowledge entries", lambda: self._ack_batch(batch))
         self._retry("clear insert intent", lambda: self.redis.delete(intent_key))
+        self._intent = {}
+
+    def _save_intent(self) -> None:
+        key = self.layout.intent(self.consumer)
+        text = json.dumps(self._intent)
+        self._retry("write insert intent", lambda: self._set(keys=[key], args=[text]))
 
     def _take_ownership(self, batch: _Batch, intent_key: str) -> tuple[str, _Batch]:
-        args: list[Any] = [self.group, self.consumer]
+        assert batch.window is not None
+        args: list[Any] = [self.group, self.consumer, json.dumps({"window": batch.window.to_json()})]
         for stream, entry_id in batch.entries:
             args += [stream, entry_id]
         token_b, n_owned, owned_json = self._retry(
@@ -431,11 +596,11 @@ class Writer:
         self.metrics.inc("entries_lost_to_claims", lost)
         log.warning("%d entries of this batch were claimed by another writer meanwhile; inserting the other %d",
                     lost, len(owned))
-        return token, self._batch_from_entries(owned)
+        return token, self._batch_from_entries(owned, batch.window)
 
-    def _batch_from_entries(self, entries: list[tuple[str, str]]) -> _Batch:
+    def _batch_from_entries(self, entries: list[tuple[str, str]], window: DeviceTimeWindow | None = None) -> _Batch:
         """A batch of exactly these entries, in this order, read back from the streams."""
-        batch = _Batch()
+        batch = _Batch(window or self.window)
         read_ns = time.time_ns()
         for s, i in entries:
             rows = self._retry("read entry", lambda s=s, i=i: self.redis.xrange(s, i, i))
@@ -448,28 +613,60 @@ class Writer:
                 batch.audit.append([])
         return batch
 
+    @staticmethod
+    def _settings(token: str, rows: int) -> dict[str, Any]:
+        # One block per INSERT (squashed up to exactly its rows): it lands whole or not
+        # at all, so a refused INSERT stored nothing and its halves can be inserted.
+        return {
+            "insert_deduplication_token": token,
+            "insert_deduplicate": 1,
+            "min_insert_block_size_rows": max(1, rows),
+            "min_insert_block_size_bytes": 0,
+        }
+
     def _insert(self, batch: _Batch, token: str) -> None:
-        settings = {"insert_deduplication_token": token, "insert_deduplicate": 1}
         t0 = time.time_ns()
+        refused = 0
+        n_readings = sum(len(r) for r in batch.readings)
+        if n_readings:
 
-        def go() -> None:
-            if batch.native:
+            def readings(lo: int, hi: int, tok: str) -> None:
                 self.ch.raw_insert(
-                    f"{self.db}.readings", column_names=READING_COLS, insert_block=b"".join(batch.native),
-                    settings=settings, fmt="Native",
-                )
-            if batch.trades["venue"]:
-                self.ch.insert(
-                    f"{self.db}.trades", list(batch.trades.values()), column_names=TRADE_COLS,
-                    column_oriented=True, settings=settings,
-                )
-            if batch.dead["source"]:
-                self.ch.insert(
-                    f"{self.db}.dead_letters", list(batch.dead.values()), column_names=DLQ_COLS,
-                    column_oriented=True, settings=settings,
+                    f"{self.db}.readings", column_names=READING_COLS, insert_block=self._readings_native(batch, lo, hi),
+                    settings=self._settings(tok, hi - lo), fmt="Native",
                 )
 
-        self._retry("INSERT into ClickHouse", go)
+            for row, why in self._insert_rows("readings", n_readings, readings, token):
+                self._refused_reading(batch, row, why)
+                refused += 1
+        n_trades = len(batch.trades["venue"])
+        if n_trades:
+
+            def trades(lo: int, hi: int, tok: str) -> None:
+                self.ch.insert(
+                    f"{self.db}.trades", [c[lo:hi] for c in batch.trades.values()], column_names=TRADE_COLS,
+                    column_oriented=True, settings=self._settings(tok, hi - lo),
+                )
+
+            for row, why in self._insert_rows("trades", n_trades, trades, token):
+                self._refused_trade(batch, row, why)
+                refused += 1
+                n_trades -= 1
+        if batch.dead["source"]:
+
+            def dead_letters() -> None:
+                try:
+                    self.ch.insert(
+                        f"{self.db}.dead_letters", list(batch.dead.values()), column_names=DLQ_COLS,
+                        column_oriented=True, settings=self._settings(token, len(batch.dead["source"])),
+                    )
+                except Exception as exc:
+                    # nowhere else to keep them: wait (and say so) until the operator fixes it
+                    if _is_clickhouse_error(exc) and refused_for_rows(exc):
+                        log.error("ClickHouse refuses dead letters for their content: %s", reason(exc))
+                    raise
+
+            self._retry("INSERT into ClickHouse", dead_letters)
         if self.state == "waiting":
             log.info("ClickHouse is back")
             self.state = getattr(self, "_prev_state", "inserting")
@@ -479,8 +676,10 @@ class Writer:
         m = self.metrics
         m.inc("rows", batch.rows)
         m.inc("readings", batch.reading_rows)
-        m.inc("trades", len(batch.trades["venue"]))
+        m.inc("trades", n_trades)
         m.inc("dead_letters", len(batch.dead["source"]))
+        if refused:
+            m.inc("rows_refused", refused)
         m.inc("inserts")
         m.set("last_batch_rows", batch.rows)
         m.record_us("insert", (done - t0) / 1000)
@@ -496,6 +695,119 @@ class Writer:
                 for j in range(0, len(recv_arr), stride):
                     m.record_us("recv_to_insert", done_us - recv_arr[j], stride)
                     m.record_us("device_to_insert", done_us - dev_arr[j], stride)
+
+    def _insert_rows(
+        self, table: str, n: int, insert: Callable[[int, int, str], None], token: str
+    ) -> list[tuple[int, str]]:
+        """Insert rows ``[0, n)`` of ``table`` with ``insert(lo, hi, token)``; return the rows
+        ClickHouse refused for themselves, with its reason.
+
+        The whole batch goes with the batch's token. Refused for some of its
+        rows, it is split in halves, each with the token ``<token>:<table>:<lo>-<hi>``,
+        down to single rows. Splits and refused rows are recorded in the intent
+        before the next INSERT, so a replay takes the same path: an INSERT that
+        landed before a crash is dropped as a duplicate by its token.
+        """
+        split: list[str] = self._intent.setdefault("split", [])
+        refused: dict[str, str] = self._intent.setdefault("refused", {})
+        done_split = set(split)
+        out: list[tuple[int, str]] = []
+        todo = [(0, n)]
+        while todo:
+            lo, hi = todo.pop()
+            key = f"{table}:{lo}-{hi}"
+            if key in refused:
+                out.append((lo, refused[key]))
+                continue
+            if key not in done_split:
+                tok = token if (lo, hi) == (0, n) else f"{token}:{key}"
+                try:
+                    self._retry(f"INSERT into {table}", lambda lo=lo, hi=hi, tok=tok: self._attempt(insert, lo, hi, tok))
+                except _RowsRefused as exc:
+                    why = exc.why
+                else:
+                    if tok != token:
+                        self._after_split_insert()
+                    continue
+                if hi - lo == 1:
+                    refused[key] = why
+                    self._save_intent()
+                    out.append((lo, why))
+                    continue
+                if (lo, hi) == (0, n):
+                    log.warning("ClickHouse refused a batch of %d %s for some of its rows (%s); splitting it",
+                                n, table, why)
+                split.append(key)
+                done_split.add(key)
+                self._save_intent()
+            mid = (lo + hi) // 2
+            todo += [(mid, hi), (lo, mid)]  # the lower half first
+        return out
+
+    @staticmethod
+    def _attempt(insert: Callable[[int, int, str], None], lo: int, hi: int, tok: str) -> None:
+        try:
+            insert(lo, hi, tok)
+        except Exception as exc:
+            if _is_clickhouse_error(exc) and refused_for_rows(exc):
+                raise _RowsRefused(reason(exc)[:1000]) from exc
+            raise
+
+    def _after_split_insert(self) -> None:
+        self.split_inserts += 1
+        self.metrics.inc("split_inserts")
+        n = self.cfg.fault_crash_after_split_inserts
+        if n and self.split_inserts >= n and self.redis.set(
+            f"{self.layout.prefix}:fault:writer-crashed-split", self.consumer, nx=True
+        ):
+            log.error("fault injection: exiting while splitting a refused batch (split insert %d)", self.split_inserts)
+            os._exit(70)
+
+    def _readings_native(self, batch: _Batch, lo: int, hi: int) -> bytes:
+        """Native blocks of the batch's readings ``[lo, hi)`` (whole entries as they came)."""
+        out: list[bytes] = []
+        pos = 0
+        for seg in batch.readings:
+            n = len(seg)
+            a, b = max(lo, pos), min(hi, pos + n)
+            if a < b:
+                if (a, b) == (pos, pos + n):
+                    out.append(seg.native)
+                else:
+                    out.append(_native_rows(seg.blk, [seg.row(k) for k in range(a - pos, b - pos)], seg.source))
+            pos += n
+            if pos >= hi:
+                break
+        return b"".join(out)
+
+    def _refused_reading(self, batch: _Batch, row: int, why: str) -> None:
+        pos = 0
+        for seg in batch.readings:
+            if row < pos + len(seg):
+                break
+            pos += len(seg)
+        i = seg.row(row - pos)
+        stream, entry_id = batch.entries[seg.entry]
+        self._dead_reading(batch, stream, entry_id, seg.source, seg.blk, i, f"refused by ClickHouse: {why}")
+        key = self.layout.audit_key(seg.source, seg.blk.recv_us[i] // 60_000_000)
+        batch.audit[seg.entry] += [(key, "inserted", -1), (key, "writer_dead_lettered", 1)]
+        batch.rows -= 1
+        batch.reading_rows -= 1
+        log.warning("a reading of %s refused by ClickHouse, dead-lettered: %s", seg.blk.devices[seg.blk.dev[i]], why)
+
+    def _refused_trade(self, batch: _Batch, row: int, why: str) -> None:
+        t = batch.trades
+        entry = batch.trade_entry[row]
+        stream, entry_id = batch.entries[entry]
+        source = batch.entry_source[entry]
+        payload = trade_payload((c, t[c][row]) for c in TRADE_COLS)
+        recv = t["recv"][row]
+        self._dead_row(batch, source, f"{TRADE_TOPIC}{t['venue'][row]}/{t['symbol'][row]}", payload,
+                       f"refused by ClickHouse: {why}", recv, f"{stream}/{entry_id}/{row - batch.trade_start[entry]}")
+        key = self.layout.audit_key(source, recv // 60_000_000)
+        batch.audit[entry] += [(key, "inserted", -1), (key, "writer_dead_lettered", 1)]
+        batch.rows -= 1
+        log.warning("a trade of %s refused by ClickHouse, dead-lettered: %s", t["venue"][row], why)
 
     def _ack_batch(self, batch: _Batch) -> int:
         args: list[Any] = [self.group]
@@ -522,9 +834,11 @@ class Writer:
                 self._retry("claim intent entries", lambda s=s, ids=ids: self.redis.xclaim(s, self.group, self.consumer, 0, ids, justid=True))
             self.metrics.inc("claimed", len(entries))
             log.warning("claimed %d entries of %s with its insert intent", len(entries), consumer)
-        batch = self._batch_from_entries(entries)
-        # Same entries, same token: a no-op in ClickHouse if the INSERT had landed.
-        self._flush(batch, token=intent["token"])
+        window = DeviceTimeWindow.from_json(intent["window"]) if "window" in intent else self.window
+        batch = self._batch_from_entries(entries, window)
+        # Same entries, same window, same token: a no-op in ClickHouse if the INSERT had
+        # landed; a split batch takes the same halves again.
+        self._flush(batch, token=intent["token"], intent=intent)
         if consumer != self.consumer:
             self.redis.delete(key)
         self.metrics.inc("intents_replayed")
