@@ -26,6 +26,11 @@ the client's next connection. REST requests are first offered to
 :meth:`Venue.replay_http_response` (KuCoin's token, which must name this
 server), then answered from the capture.
 
+WebSocket pings (off by default): with ``ping_interval_s`` the server pings
+every connection that often and, as venues do, closes one (1011) whose pong
+has not come within ``ping_timeout_s``; ``stats.pongs`` counts the answers,
+``stats.ping_timeouts`` the connections closed for want of one.
+
 Subscription check (lenient by default): every key the client asks for
 (:meth:`Venue.subscription_keys`) that the recording never subscribed to is
 logged and listed in ``stats.subscribe_mismatches``; with ``strict=True`` the
@@ -75,6 +80,8 @@ class ReplayStats:
     client_log: list[str | bytes] = field(default_factory=list)  # client messages, in order (bounded)
     ws_targets: list[str] = field(default_factory=list)  # path and query of each WebSocket connection
     http_targets: list[str] = field(default_factory=list)  # "METHOD target" of each REST request
+    pongs: int = 0  # answers to the server's WebSocket pings (``ping_interval_s``)
+    ping_timeouts: int = 0  # connections closed because a ping went unanswered
 
 
 @dataclass
@@ -109,9 +116,13 @@ class ReplayServer:
         subscribe_wait_s: float = 2.0,
         close_at_end: bool = False,
         heartbeat_interval_s: float = 18.0,
+        ping_interval_s: float | None = None,
+        ping_timeout_s: float = 20.0,
     ) -> None:
         if speed is not None and speed <= 0:
             raise ValueError("speed must be positive (None: as fast as possible)")
+        if (ping_interval_s is not None and ping_interval_s <= 0) or ping_timeout_s <= 0:
+            raise ValueError("ping interval and timeout must be positive (interval None: no pings)")
         self.capture = capture
         self.venue = venue
         self.host = host
@@ -127,6 +138,8 @@ class ReplayServer:
         self.subscribe_wait_s = subscribe_wait_s
         self.close_at_end = close_at_end
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
         self.stats = ReplayStats()
         self._http_count = 0
         self.all_sent = asyncio.Event()
@@ -236,6 +249,9 @@ class ReplayServer:
         current: list[_ConnState] = []  # the recorded connection this client is given, once chosen
         url_keys = self.venue.url_subscription_keys(path) if self.venue is not None else set()
         reader = asyncio.create_task(self._read_client(ws, first, first_msg, current), name="replay-client-reader")
+        pinger = None
+        if self.ping_interval_s is not None:
+            pinger = asyncio.create_task(self._ping(ws, self.ping_interval_s), name="replay-pinger")
         try:
             open_states = [s for s in self._states if not s.finished]
             needs_wait = len(open_states) > 1 or any(s.conn.sends() for s in open_states)
@@ -257,9 +273,11 @@ class ReplayServer:
         except ConnectionClosed:
             pass
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            for task in (reader, pinger):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     async def _check(self, ws: ServerConnection, keys: set[str], state: _ConnState) -> bool:
         self.stats.client_keys |= keys
@@ -300,6 +318,22 @@ class ReplayServer:
                 else:
                     # arrived before the recording was picked: checked with the first ones
                     first_msg.append(msg)
+        except ConnectionClosed:
+            return
+
+    async def _ping(self, ws: ServerConnection, interval_s: float) -> None:
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                pong = await ws.ping()
+                try:
+                    await asyncio.wait_for(pong, self.ping_timeout_s)
+                except TimeoutError:
+                    self.stats.ping_timeouts += 1
+                    log.info("no pong within %.2f s: closing the connection", self.ping_timeout_s)
+                    await ws.close(1011, "ping timeout")
+                    return
+                self.stats.pongs += 1
         except ConnectionClosed:
             return
 

@@ -94,32 +94,53 @@ class SourceHealth:
 class FrameQueue:
     """Bounded hand-over of frames from a network thread to the ingest loop.
 
-    ``put`` blocks (with a timeout) when full, which stops reading the socket
-    and lets the peer's flow control (MQTT receive maximum, TCP) push back.
+    When it is full the producer stops reading its socket, which lets the
+    peer's flow control (MQTT receive maximum, TCP) push back. ``put`` blocks
+    (with a timeout) for that; a producer on an event loop, which must not
+    block, uses ``put_or_wake`` and awaits its own wake-up instead.
     """
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._items: deque[Frame] = deque()
         self._cond = threading.Condition()
+        self._wakers: list[Callable[[], None]] = []  # at most one per waiting producer
         self.high_water = 0
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, frame: Frame, timeout: float | None = None) -> bool:
+        """Append ``frame``, waiting up to ``timeout`` seconds for room; False if there was none."""
         with self._cond:
             if len(self._items) >= self.maxsize and not self._cond.wait_for(
                 lambda: len(self._items) < self.maxsize, timeout
             ):
                 return False
-            self._items.append(frame)
-            n = len(self._items)
-            if n > self.high_water:
-                self.high_water = n
-            if n == 1:
-                self._cond.notify_all()
+            self._append(frame)
         return True
+
+    def put_or_wake(self, frame: Frame, wake: Callable[[], None]) -> bool:
+        """Append ``frame`` if there is room (True); never waits.
+
+        When full it returns False and calls ``wake`` once, on the consumer's
+        thread, as soon as :meth:`get_many` has made room; the producer then
+        tries again. Checked and registered under one lock, so no wake-up is missed.
+        """
+        with self._cond:
+            if len(self._items) >= self.maxsize:
+                self._wakers.append(wake)
+                return False
+            self._append(frame)
+        return True
+
+    def _append(self, frame: Frame) -> None:
+        self._items.append(frame)
+        n = len(self._items)
+        if n > self.high_water:
+            self.high_water = n
+        if n == 1:
+            self._cond.notify_all()
 
     def get_many(self, max_n: int, timeout: float) -> list[Frame]:
         """Up to ``max_n`` frames; waits at most ``timeout`` seconds for the first."""
@@ -130,7 +151,13 @@ class FrameQueue:
             n = min(max_n, len(items))
             out = [items.popleft() for _ in range(n)]
             self._cond.notify_all()
-            return out
+            wakers = None
+            if self._wakers:
+                wakers, self._wakers = self._wakers, []
+        if wakers:
+            for wake in wakers:
+                wake()
+        return out
 
 
 class Source(abc.ABC):

@@ -24,7 +24,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -76,6 +76,7 @@ class _Connection:
     frames: int = 0
     last_msg_ns: int = 0
     detail: str = ""
+    waiting_for_room: bool = False  # a frame in hand, the queue full: not reading, so silence is not staleness
 
 
 class ExchangeSource(Source):
@@ -355,7 +356,6 @@ class ExchangeSource(Source):
         topic = c.topic
         answers = venue.answers_server_pings
         reconnects_on_request = venue.honours_reconnect_requests
-        stopping = self._stopping
         while True:
             try:
                 data = await recv(decode=False)
@@ -376,16 +376,40 @@ class ExchangeSource(Source):
             health.last_frame_ns = now
             frame = Frame(topic, data, now, None)
             if not put(frame, 0.0):
-                # The ingest loop is behind: stop reading so TCP pushes back on the venue.
+                # The ingest loop is behind: stop reading so TCP pushes back on the venue, and wait
+                # on this loop, which meanwhile answers pings and sends heartbeats.
                 self.queue_full_waits += 1
-                while not put(frame, 0.25):
-                    if stopping.is_set():
-                        return
+                if not await self._wait_for_room(frame, c):
+                    return
             if reconnects_on_request and venue.is_reconnect_request(data):
                 self.reconnect_requests += 1
                 self._set_detail(c, "the venue asked for a reconnect")
                 log.info("%s: %s", self.name, c.detail)
                 return  # the session closes the socket; the reconnect waits only the shortest backoff
+
+    async def _wait_for_room(self, frame: Frame, c: _Connection) -> bool:
+        """Hand ``frame`` over once the ingest loop has taken frames; False if the feed stops first.
+
+        Never blocks the event loop: the queue calls back from the ingest
+        thread when it has made room (:meth:`FrameQueue.put_or_wake`), and the
+        callback wakes this coroutine through the loop.
+        """
+        assert self._stop_event is not None
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.ensure_future(self._stop_event.wait())
+        c.waiting_for_room = True
+        try:
+            while True:
+                room: asyncio.Future[None] = loop.create_future()
+                if self.queue.put_or_wake(frame, _waker(loop, room)):
+                    return True
+                await asyncio.wait((room, stopped), return_when=asyncio.FIRST_COMPLETED)
+                if stopped.done():
+                    return False
+        finally:
+            stopped.cancel()
+            c.waiting_for_room = False
+            c.last_msg_ns = time.time_ns()  # the wait was the ingest's, not the venue's silence
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
         msg = self.venue.heartbeat_message()
@@ -414,12 +438,26 @@ class ExchangeSource(Source):
                 return
             self.refresh_health()
             idle_s = (time.time_ns() - c.last_msg_ns) / 1e9
-            if idle_s > self.stale_after_s:
+            if idle_s > self.stale_after_s and not c.waiting_for_room:
                 self.stale_reconnects += 1
                 self._set_detail(c, f"stale: no message for {idle_s:.1f} s")
                 log.warning("%s: %s; reconnecting", self.name, c.detail)
                 ws.transport.abort()  # a dead peer would stall a close handshake
                 return
+
+
+def _waker(loop: asyncio.AbstractEventLoop, room: asyncio.Future[None]) -> Callable[[], None]:
+    """What the frame queue calls, on the ingest thread, once it has room: resolves ``room`` on ``loop``."""
+
+    def resolve() -> None:
+        if not room.done():
+            room.set_result(None)
+
+    def wake() -> None:
+        with contextlib.suppress(RuntimeError):  # the feed's loop has ended meanwhile
+            loop.call_soon_threadsafe(resolve)
+
+    return wake
 
 
 def _register_source_driver(cls: type[Venue]) -> None:
