@@ -30,14 +30,15 @@ import random
 import struct
 import sys
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from kit.encoders import frame, sparkplug_metric, sparkplug_payload  # noqa: E402
 
 from sensorhub.decoders import FORMATS  # noqa: E402
 
@@ -66,17 +67,16 @@ def frames(n: int, float32: bool = False) -> Callable[[random.Random], list[byte
     """Firmware frames of ``n`` readings from one device, as a device sends them."""
 
     def build(rng: random.Random) -> list[bytes]:
-        out = []
-        for seq in range(N_PAYLOADS):
-            body = bytearray(b"SH\x01" + bytes([1 if float32 else 0, 8]) + b"press-01")
-            body += struct.pack("<IqH", seq, 1_764_072_000_000_000 + seq * 1000, n)
-            for i in range(n):
-                value = 20.0 + rng.random() * 5
-                body += struct.pack("<HIB", i % 64, i * 100, 0)
-                body += struct.pack("<f" if float32 else "<d", value)
-            body += struct.pack("<I", zlib.crc32(body))
-            out.append(bytes(body))
-        return out
+        return [
+            frame(
+                "press-01",
+                seq,
+                1_764_072_000_000_000 + seq * 1000,
+                [(i % 64, i * 100, 0, 20.0 + rng.random() * 5) for i in range(n)],
+                float32=float32,
+            )
+            for seq in range(N_PAYLOADS)
+        ]
 
     return build
 
@@ -130,31 +130,21 @@ def ilp_lines(n: int, lines: int = 1) -> Callable[[random.Random], list[bytes]]:
     return build
 
 
-def _pb_varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append(v & 0x7F | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
 def sparkplug_ddata(n: int) -> Callable[[random.Random], list[bytes]]:
     """Sparkplug B DDATA of ``n`` named Double metrics (as a node without aliases sends it)."""
 
     def build(rng: random.Random) -> list[bytes]:
-        out = []
-        for seq in range(N_PAYLOADS):
-            ts = 1_764_072_000_000 + seq
-            body = b"\x08" + _pb_varint(ts)  # Payload.timestamp
-            for i in range(n):
-                name = f"metric_{i}".encode()
-                metric = b"\x0a" + _pb_varint(len(name)) + name  # Metric.name
-                metric += b"\x69" + struct.pack("<d", rng.uniform(-100, 100))  # double_value
-                body += b"\x12" + _pb_varint(len(metric)) + metric  # Payload.metrics
-            body += b"\x18" + _pb_varint(seq % 256)  # Payload.seq
-            out.append(body)
-        return out
+        return [
+            sparkplug_payload(
+                1_764_072_000_000 + seq,
+                [
+                    sparkplug_metric(f"metric_{i}".encode(), None, 0, b"\x69" + struct.pack("<d", rng.uniform(-100, 100)))
+                    for i in range(n)
+                ],
+                seq % 256,
+            )
+            for seq in range(N_PAYLOADS)
+        ]
 
     return build
 

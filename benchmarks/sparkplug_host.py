@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from kit.encoders import sparkplug_metric, sparkplug_payload  # noqa: E402
 
 from sensorhub.decoders.sparkplug_host import SparkplugHost  # noqa: E402
 
@@ -29,26 +31,18 @@ RESULTS = ROOT / "benchmarks" / "results" / "sparkplug_host.json"
 METRICS = 10
 
 
-def _v(x: int) -> bytes:
-    out = bytearray()
-    while x >= 0x80:
-        out.append(x & 0x7F | 0x80)
-        x >>= 7
-    out.append(x)
-    return bytes(out)
-
-
 def payload(seq: int, birth: bool) -> bytes:
     """A Payload of METRICS Double metrics; names and datatypes only in a birth."""
-    body = b"\x08" + _v(1_764_072_000_000 + seq)
-    for i in range(METRICS):
-        m = b""
-        if birth:
-            name = f"metric_{i}".encode()
-            m += b"\x0a" + _v(len(name)) + name + b"\x20" + _v(10)
-        m += b"\x10" + _v(i + 1) + b"\x69" + struct.pack("<d", i * 1.5 + seq)
-        body += b"\x12" + _v(len(m)) + m
-    return body + b"\x18" + _v(seq % 256)
+    metrics = [
+        sparkplug_metric(
+            f"metric_{i}".encode() if birth else None,
+            i + 1,
+            10 if birth else 0,
+            b"\x69" + struct.pack("<d", i * 1.5 + seq),
+        )
+        for i in range(METRICS)
+    ]
+    return sparkplug_payload(1_764_072_000_000 + seq, metrics, seq % 256)
 
 
 def run(impl: str, rounds: int, seconds: float) -> dict[str, Any]:

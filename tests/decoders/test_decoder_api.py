@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from encoders import Frame, Reading
+from kit.encoders import Frame, Reading
 
 import sensorhub.decoders as decoders
 from sensorhub import errors

@@ -1,6 +1,6 @@
 """Firmware frame decoder: golden vectors for every rule, both implementations.
 
-Frames come from the independent test encoder (``encoders.Frame``); each test
+Frames come from the independent test encoder (``kit.encoders.Frame``); each test
 runs against the Cython decoder and its pure-Python twin.
 """
 
@@ -13,9 +13,9 @@ import zlib
 from typing import Any
 
 import pytest
-from encoders import DEVICE_CHARS, Frame, Reading, random_frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit.encoders import DEVICE_CHARS, Frame, Reading, random_frame
 from twins import IMPLEMENTATIONS, load
 
 from sensorhub import errors

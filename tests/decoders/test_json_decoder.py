@@ -9,9 +9,9 @@ import struct
 from typing import Any
 
 import pytest
-from encoders import RawNumber, encode_json, json_string
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kit.encoders import RawNumber, encode_json, json_string
 from twins import IMPLEMENTATIONS, load
 
 from sensorhub import errors

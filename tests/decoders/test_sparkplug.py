@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kit.encoders import pb_key, uvarint
 from sparkplug_schema import load_schema
 
 from sensorhub.decoders import batch_py, sparkplug_py
@@ -293,27 +294,15 @@ def test_no_device_is_invalid(impl: tuple[Any, Any]) -> None:
 
 def _unknowns(fno: int) -> bytes:
     """One unknown field of each wire type, group included (a nested group inside)."""
-
-    def key(f: int, wt: int) -> bytes:
-        return _varint(f << 3 | wt)
-
+    key = pb_key
     return (
-        key(fno, 0) + _varint(2**64 - 1)
+        key(fno, 0) + uvarint(2**64 - 1)
         + key(fno + 1, 1) + b"\x01" * 8
         + key(fno + 2, 2) + b"\x03abc"
         + key(fno + 3, 5) + b"\x02" * 4
         + key(fno + 4, 3) + key(1, 0) + b"\x05" + key(2, 3) + key(2, 4) + key(fno + 4, 4)
         + key(2**29 - 1, 0) + b"\x00"
     )  # fmt: skip
-
-
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append(v & 0x7F | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
 
 
 def test_unknown_fields_are_skipped(impl: tuple[Any, Any], pb: ModuleType) -> None:
@@ -323,9 +312,9 @@ def test_unknown_fields_are_skipped(impl: tuple[Any, Any], pb: ModuleType) -> No
     metric.properties.values.add(type=DT["String"], string_value="C")
     m_raw = metric.SerializeToString() + _unknowns(40)
     # known fields with another wire type are unknown fields too (field 3 as LEN, 12 as varint)
-    m_raw += b"\x1a\x01x" + _varint(12 << 3) + b"\x07"
+    m_raw += b"\x1a\x01x" + uvarint(12 << 3) + b"\x07"
     raw = (
-        _unknowns(100) + b"\x08" + _varint(TS) + b"\x12" + _varint(len(m_raw)) + m_raw
+        _unknowns(100) + b"\x08" + uvarint(TS) + b"\x12" + uvarint(len(m_raw)) + m_raw
         + b"\x22\x04uuid" + b"\x2a\x02\x00\x01" + b"\x19" + b"\x00" * 8
     )  # fmt: skip
     parsed = pb.Payload.FromString(raw)  # the protobuf runtime agrees it is a valid payload

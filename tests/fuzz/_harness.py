@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "decoders")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from sensorhub import errors  # noqa: E402
 from sensorhub._ext import batch as cy_batch  # noqa: E402

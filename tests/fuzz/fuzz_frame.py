@@ -14,7 +14,7 @@ import sys
 import zlib
 
 import _harness
-from encoders import random_frame
+from kit.encoders import random_frame
 
 from sensorhub._ext import frame as cy_frame
 from sensorhub.decoders import frame_py

@@ -11,7 +11,7 @@ import random
 import sys
 
 import _harness
-from encoders import RawNumber, encode_json
+from kit.encoders import RawNumber, encode_json
 
 from sensorhub._ext import jsonpayload as cy_json
 from sensorhub.decoders import jsonpayload_py

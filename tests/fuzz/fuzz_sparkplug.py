@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import _harness
+from kit.encoders import sparkplug_metric, uvarint
 
 from sensorhub import errors
 from sensorhub._ext import batch as cy_batch
@@ -81,37 +82,17 @@ def one_input(data: bytes) -> None:
             )
 
 
-def _v(x: int) -> bytes:
-    out = bytearray()
-    while x >= 0x80:
-        out.append(x & 0x7F | 0x80)
-        x >>= 7
-    out.append(x)
-    return bytes(out)
-
-
-def _metric(name: bytes | None, alias: int | None, dt: int, value: bytes) -> bytes:
-    m = b""
-    if name is not None:
-        m += b"\x0a" + _v(len(name)) + name
-    if alias is not None:
-        m += b"\x10" + _v(alias)
-    if dt:
-        m += b"\x20" + _v(dt)
-    return b"\x12" + _v(len(m + value)) + m + value
-
-
 _SEEDS = [
-    b"\x08" + _v(1_764_072_000_000)
-    + _metric(b"bdSeq", None, 4, b"\x58\x03")
-    + _metric(b"temp", 1, 9, b"\x65" + struct.pack("<f", 21.5))
-    + _metric(b"count", 5, 8, b"\x58" + _v(2**64 - 1))
-    + _metric(b"ok", None, 11, b"\x70\x01")
-    + _metric(b"s", None, 12, b"\x7a\x02hi")
+    b"\x08" + uvarint(1_764_072_000_000)
+    + sparkplug_metric(b"bdSeq", None, 4, b"\x58\x03")
+    + sparkplug_metric(b"temp", 1, 9, b"\x65" + struct.pack("<f", 21.5))
+    + sparkplug_metric(b"count", 5, 8, b"\x58" + uvarint(2**64 - 1))
+    + sparkplug_metric(b"ok", None, 11, b"\x70\x01")
+    + sparkplug_metric(b"s", None, 12, b"\x7a\x02hi")
     + b"\x18\x00",
-    b"\x08" + _v(1_764_072_000_001) + _metric(None, 0, 0, b"\x50\xff\x01") + _metric(None, 5, 0, b"\x69" + struct.pack("<d", -2.5)) + b"\x18\x01",
-    b"\x08\x01" + _metric(b"a", None, 3, b"\x50\xff\xff\xff\xff\x0f\x38\x01") + b"\x22\x04uuid\x2b\x08\x01\x2c\x18\xff\x01",
-    _metric(b"h", None, 10, b"\x18" + _v(1000) + b"\x28\x01\x69" + struct.pack("<d", 1.0)),
+    b"\x08" + uvarint(1_764_072_000_001) + sparkplug_metric(None, 0, 0, b"\x50\xff\x01") + sparkplug_metric(None, 5, 0, b"\x69" + struct.pack("<d", -2.5)) + b"\x18\x01",
+    b"\x08\x01" + sparkplug_metric(b"a", None, 3, b"\x50\xff\xff\xff\xff\x0f\x38\x01") + b"\x22\x04uuid\x2b\x08\x01\x2c\x18\xff\x01",
+    sparkplug_metric(b"h", None, 10, b"\x18" + uvarint(1000) + b"\x28\x01\x69" + struct.pack("<d", 1.0)),
 ]  # fmt: skip
 _ALPHABET = (
     b"\x08\x0a\x10\x12\x18\x20\x22\x28\x38\x50\x58\x65\x69\x70\x7a\x0b\x0c\x0e\x80\xff\x00\x01"

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
 import sys
 import time
-import zlib
 
 import paho.mqtt.client as mqtt
+from kit.encoders import frame
 from paho.mqtt.enums import CallbackAPIVersion
 
 
 def _frame(device: str, seq: int, n: int) -> bytes:
-    d = device.encode()
-    body = b"SH" + bytes([1, 0, len(d)]) + d + struct.pack("<IqH", seq, 1_764_072_000_000_000 + seq, n)
-    for i in range(n):
-        body += struct.pack("<HIBd", 1, i, 0, float(i))
-    return body + struct.pack("<I", zlib.crc32(body))
+    return frame(device, seq, 1_764_072_000_000_000 + seq, [(1, i, 0, float(i)) for i in range(n)])
 
 
 def _replay(stack, *args: str) -> dict:  # type: ignore[no-untyped-def,type-arg]

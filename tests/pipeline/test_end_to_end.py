@@ -9,25 +9,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from kit.encoders import frame
+from kit.store import count, wait_count
 from paho.mqtt.enums import CallbackAPIVersion
-
-
-def _frame(device: str, frame_seq: int, base_ts: int, readings: list[tuple[int, int, int, float]]) -> bytes:
-    """Firmware frame v1 (float64), written here from the spec."""
-    d = device.encode()
-    body = b"SH" + bytes([1, 0, len(d)]) + d + struct.pack("<IqH", frame_seq, base_ts, len(readings))
-    for metric_id, delta, quality, value in readings:
-        body += struct.pack("<HIBd", metric_id, delta, quality, value)
-    return body + struct.pack("<I", zlib.crc32(body))
 
 
 def _publisher(stack: Any) -> mqtt.Client:
@@ -44,19 +35,6 @@ def _publish_all(c: mqtt.Client, msgs: list[tuple[str, bytes]]) -> None:
         assert i.is_published()
 
 
-def _count(ch: Any, sql: str) -> int:
-    return int(ch.command(sql))
-
-
-def _wait_count(ch: Any, sql: str, want: int, timeout: float = 60.0) -> int:
-    deadline = time.monotonic() + timeout
-    n = _count(ch, sql)
-    while n < want and time.monotonic() < deadline:
-        time.sleep(0.2)
-        n = _count(ch, sql)
-    return n
-
-
 @pytest.mark.slow
 def test_200_devices_mixed_formats_stored_exactly_once(stack_factory, loadtest) -> None:  # type: ignore[no-untyped-def]
     stack = stack_factory()
@@ -70,9 +48,9 @@ def test_200_devices_mixed_formats_stored_exactly_once(stack_factory, loadtest) 
     assert r["mismatched"] == 0, r
     assert r["stored"] == r["published"]
     ch = stack.ch()
-    assert _count(ch, "SELECT uniqExact(device) FROM sensorhub.readings") >= 200
+    assert count(ch, "SELECT uniqExact(device) FROM sensorhub.readings") >= 200
     # count() without FINAL is exact: no duplicate parts
-    assert _count(ch, "SELECT count() FROM sensorhub.readings") == _count(
+    assert count(ch, "SELECT count() FROM sensorhub.readings") == count(
         ch, "SELECT uniqExact(device, metric, ts, seq) FROM sensorhub.readings"
     )
 
@@ -81,7 +59,7 @@ def test_bad_payloads_are_dead_lettered_and_good_ones_stored(stack_factory) -> N
     stack = stack_factory()
     c = _publisher(stack)
     base = 1_764_072_000_000_000
-    good_frame = _frame("press-1", 7, base, [(1, 0, 0, 1.5), (2, 10, 1, -3.25)])
+    good_frame = frame("press-1", 7, base, [(1, 0, 0, 1.5), (2, 10, 1, -3.25)])
     bad_crc = bytearray(good_frame)
     bad_crc[-1] ^= 0xFF
     bad_magic = b"XX" + good_frame[2:]
@@ -110,11 +88,11 @@ def test_bad_payloads_are_dead_lettered_and_good_ones_stored(stack_factory) -> N
     _publish_all(c, msgs)
     c.loop_stop()
     ch = stack.ch()
-    assert _wait_count(ch, "SELECT count() FROM sensorhub.dead_letters", 6) == 6
-    assert _wait_count(ch, "SELECT count() FROM sensorhub.readings", 5) == 5
+    assert wait_count(ch, "SELECT count() FROM sensorhub.dead_letters", 6) == 6
+    assert wait_count(ch, "SELECT count() FROM sensorhub.readings", 5) == 5
     time.sleep(1.0)  # nothing more arrives
-    assert _count(ch, "SELECT count() FROM sensorhub.readings") == 5
-    assert _count(ch, "SELECT count() FROM sensorhub.dead_letters") == 6
+    assert count(ch, "SELECT count() FROM sensorhub.readings") == 5
+    assert count(ch, "SELECT count() FROM sensorhub.dead_letters") == 6
     rows = ch.query("SELECT source, topic, hex(payload), error FROM sensorhub.dead_letters").result_rows
     assert {src for src, _, _, _ in rows} == {"mqtt"}
     got_dead = []
@@ -140,11 +118,11 @@ def test_order_within_a_device_is_send_order(stack_factory) -> None:  # type: ig
     c = _publisher(stack)
     base = 1_764_072_000_000_000
     n = 300
-    msgs = [("sensors/l2/seq-1/frame", _frame("seq-1", i, base + i * 1000, [(1, 0, 0, float(i))])) for i in range(n)]
+    msgs = [("sensors/l2/seq-1/frame", frame("seq-1", i, base + i * 1000, [(1, 0, 0, float(i))])) for i in range(n)]
     _publish_all(c, msgs)
     c.loop_stop()
     ch = stack.ch()
-    assert _wait_count(ch, "SELECT count() FROM sensorhub.readings WHERE device = 'seq-1'", n) == n
+    assert wait_count(ch, "SELECT count() FROM sensorhub.readings WHERE device = 'seq-1'", n) == n
     rows = ch.query(
         "SELECT seq, toUnixTimestamp64Micro(recv) FROM sensorhub.readings WHERE device = 'seq-1' ORDER BY seq"
     ).result_rows
@@ -164,7 +142,7 @@ def test_mosquitto_pub_json_and_audit_reconciles(stack_factory) -> None:  # type
             check=True, timeout=10,
         )
     ch = stack.ch()
-    assert _wait_count(ch, "SELECT count() FROM sensorhub.readings WHERE device = 'hvac-1'", 40) == 40
+    assert wait_count(ch, "SELECT count() FROM sensorhub.readings WHERE device = 'hvac-1'", 40) == 40
     out = subprocess.run(
         [sys.executable, "-m", "sensorhub", "audit", "--reconcile", "--json",
          "--redis", stack.redis_url, "--clickhouse", stack.clickhouse_url],
@@ -193,7 +171,7 @@ def test_writer_stopped_raises_lag_alert_then_recovers(stack_factory) -> None:  
     try:
         c = _publisher(stack)
         base = 1_764_072_000_000_000
-        _publish_all(c, [("sensors/l4/lag-1/frame", _frame("lag-1", i, base + i, [(1, 0, 0, 1.0)])) for i in range(50)])
+        _publish_all(c, [("sensors/l4/lag-1/frame", frame("lag-1", i, base + i, [(1, 0, 0, 1.0)])) for i in range(50)])
         deadline = time.monotonic() + 20
         alert = None
         while time.monotonic() < deadline and not alert:
@@ -207,7 +185,7 @@ def test_writer_stopped_raises_lag_alert_then_recovers(stack_factory) -> None:  
     finally:
         stack.signal("writer", signal.SIGCONT)
     ch = stack.ch()
-    assert _wait_count(ch, "SELECT count() FROM sensorhub.readings WHERE device = 'lag-1'", 50) == 50
+    assert wait_count(ch, "SELECT count() FROM sensorhub.readings WHERE device = 'lag-1'", 50) == 50
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         states = [json.loads(r.hget(k, "state")) for k in r.keys("sh:metrics:ingest:*")]
@@ -221,7 +199,7 @@ def test_hop_latency_is_stored_per_interval_for_every_hop(stack_factory) -> None
     stack = stack_factory("[writer]\nhop_latency_interval_s = 1.0\n")
     c = _publisher(stack)
     base = 1_764_072_000_000_000
-    _publish_all(c, [("sensors/l5/hop-1/frame", _frame("hop-1", i, base + i, [(1, 0, 0, 1.0)])) for i in range(200)])
+    _publish_all(c, [("sensors/l5/hop-1/frame", frame("hop-1", i, base + i, [(1, 0, 0, 1.0)])) for i in range(200)])
     c.loop_stop()
     ch = stack.ch()
     want = {"recv_to_xadd", "decode_to_xadd", "xadd_to_read", "read_to_insert", "recv_to_insert", "device_to_insert"}

@@ -18,6 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from kit.store import count, wait_count
 from paho.mqtt.enums import CallbackAPIVersion
 
 DEVICES = [f"press-{i}" for i in range(8)]  # per test line: <line>-press-<i>
@@ -50,24 +51,15 @@ def _repeated(line: str, rounds: int = REPEATS) -> list[list[tuple[str, bytes]]]
     ]
 
 
-def _count(ch: Any, where: str) -> int:
-    return int(ch.command(f"SELECT count() FROM sensorhub.readings WHERE {where}"))
-
-
-def _wait_count(ch: Any, where: str, want: int, timeout: float = 60.0) -> int:
-    deadline = time.monotonic() + timeout
-    n = _count(ch, where)
-    while n < want and time.monotonic() < deadline:
-        time.sleep(0.2)
-        n = _count(ch, where)
-    return n
+def _readings(where: str) -> str:
+    return f"SELECT count() FROM sensorhub.readings WHERE {where}"
 
 
 def _settled(ch: Any, where: str, want: int) -> int:
     """The count once it reached ``want`` and stayed put for a moment (nothing more arrives)."""
-    _wait_count(ch, where, want)
+    wait_count(ch, _readings(where), want)
     time.sleep(1.5)
-    return _count(ch, where)
+    return count(ch, _readings(where))
 
 
 def _audit(redis: Any, field: str) -> int:

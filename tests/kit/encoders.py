@@ -1,9 +1,12 @@
-"""Test encoders written from the specs, independently of ``sensorhub.decoders``.
+"""The test oracle: encoders written from the specs, independently of ``sensorhub.decoders``.
 
-They build firmware frames (spec/firmware-frame.md) and JSON payloads
-(spec/payloads.md) including deliberately broken ones, so that the decoders
-are checked against a second reading of the spec rather than against
-themselves. Nothing here imports sensorhub.
+They build firmware frames (spec/firmware-frame.md), JSON payloads
+(spec/payloads.md) and Sparkplug B payloads field by field, including
+deliberately broken ones, so that the decoders are checked against a second
+reading of the spec rather than against themselves. The tests and the
+benchmarks take their payloads from here; the simulator has encoders of its
+own (``firmware_sim/encoders.py``), so that it checks the decoders too.
+Nothing here imports sensorhub.
 """
 
 from __future__ import annotations
@@ -14,6 +17,21 @@ import random
 import struct
 from dataclasses import dataclass, field
 from typing import Any
+
+# ---------------------------------------------------------------- varints
+
+
+def uvarint(n: int) -> bytes:
+    """Unsigned LEB128 (protobuf varint, MQTT remaining length): 7 bits a byte, low first."""
+    if n < 0:
+        raise ValueError(f"a varint is unsigned, got {n}")
+    out = bytearray()
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
 
 # ---------------------------------------------------------------- frames
 
@@ -105,6 +123,19 @@ class Frame:
                 }
             )
         return rows
+
+
+def frame(
+    device: str, frame_seq: int, base_ts: int, readings: list[tuple[int, int, int, float]], float32: bool = False
+) -> bytes:
+    """A valid frame of ``(metric_id, ts_delta, quality, value)`` readings."""
+    return Frame(
+        device=device.encode(),
+        frame_seq=frame_seq,
+        base_ts=base_ts,
+        readings=[Reading(*r) for r in readings],
+        float32=float32,
+    ).encode()
 
 
 DEVICE_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
@@ -210,3 +241,32 @@ def encode_json(doc: Any, rng: random.Random | None = None) -> bytes:
     text = json_value(doc, rng or random.Random(0))
     json.loads(text)  # the encoder must only produce valid JSON
     return text.encode("utf-8")
+
+
+# ---------------------------------------------------------------- Sparkplug B (protobuf, by hand)
+
+
+def pb_key(field_number: int, wire_type: int) -> bytes:
+    """A protobuf field key."""
+    return uvarint(field_number << 3 | wire_type)
+
+
+def sparkplug_metric(name: bytes | None, alias: int | None, datatype: int, value: bytes) -> bytes:
+    """One ``Payload.metrics`` field: name, alias and datatype when given, then ``value``.
+
+    ``value`` is the value field already encoded with its key, e.g.
+    ``b"\\x69" + struct.pack("<d", 1.5)`` for ``double_value``.
+    """
+    m = b""
+    if name is not None:
+        m += b"\x0a" + uvarint(len(name)) + name
+    if alias is not None:
+        m += b"\x10" + uvarint(alias)
+    if datatype:
+        m += b"\x20" + uvarint(datatype)
+    return b"\x12" + uvarint(len(m + value)) + m + value
+
+
+def sparkplug_payload(timestamp_ms: int, metrics: list[bytes], seq: int) -> bytes:
+    """A ``Payload``: timestamp, the ``metrics`` fields (from :func:`sparkplug_metric`), seq."""
+    return b"\x08" + uvarint(timestamp_ms) + b"".join(metrics) + b"\x18" + uvarint(seq)
