@@ -1,5 +1,6 @@
-"""Unsigned LEB128 varints: MQTT's remaining length and ClickHouse Native's string lengths
-are the same encoding (the pure-Python twins share this; the Cython modules inline it)."""
+"""Unsigned LEB128 varints: MQTT's remaining length, ClickHouse Native's string lengths and
+protobuf's varints are the same encoding (the pure-Python twins and the Sparkplug host's
+rebirth command share this; the Cython modules inline it)."""
 
 from __future__ import annotations
 

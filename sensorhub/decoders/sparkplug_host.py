@@ -44,6 +44,7 @@ from typing import Any
 from sensorhub import _impl
 from sensorhub.decoders import sparkplug_py
 from sensorhub.errors import CountTooLarge, InvalidValue, UnknownAlias
+from sensorhub.varint import uvarint
 
 __all__ = ["NAMESPACE", "REBIRTH_METRIC", "SparkplugHost", "encode_rebirth"]
 
@@ -75,29 +76,20 @@ class _Node:
 # ---- a small protobuf encoder for the one message the host sends (NCMD rebirth)
 
 
-def _varint(v: int) -> bytes:
-    out = bytearray()
-    while v >= 0x80:
-        out.append((v & 0x7F) | 0x80)
-        v >>= 7
-    out.append(v)
-    return bytes(out)
-
-
 def _key(fno: int, wt: int) -> bytes:
-    return _varint(fno << 3 | wt)
+    return uvarint(fno << 3 | wt)
 
 
 def encode_rebirth(ts_ms: int) -> bytes:
     """Sparkplug payload of an NCMD asking for a rebirth: ``Node Control/Rebirth`` = true."""
     name = REBIRTH_METRIC.encode()
     metric = (
-        _key(1, 2) + _varint(len(name)) + name  # name
-        + _key(3, 0) + _varint(ts_ms)  # timestamp
-        + _key(4, 0) + _varint(_BOOLEAN)  # datatype
+        _key(1, 2) + uvarint(len(name)) + name  # name
+        + _key(3, 0) + uvarint(ts_ms)  # timestamp
+        + _key(4, 0) + uvarint(_BOOLEAN)  # datatype
         + _key(14, 0) + b"\x01"  # boolean_value
     )  # fmt: skip
-    return _key(1, 0) + _varint(ts_ms) + _key(2, 2) + _varint(len(metric)) + metric
+    return _key(1, 0) + uvarint(ts_ms) + _key(2, 2) + uvarint(len(metric)) + metric
 
 
 def _bdseq(payload: sparkplug_py.Payload) -> int | None:
