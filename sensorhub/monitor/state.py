@@ -81,8 +81,10 @@ def _source_row(s: dict[str, Any], stale_after_s: float) -> dict[str, Any]:
         status = "parse-errors"  # connected, but its frames keep failing: nothing of them is stored
     else:
         status = "ok"
-    kind = g.get("kind") or "readings"
-    rows_key = "trades" if c.get("trades") or kind == "trades" else "readings"
+    kind = g.get("kind")  # the source's record kind as the ingest publishes it (Source.kind): reading, trade
+    if kind not in ("reading", "trade"):
+        kind = "trade" if c.get("trades") else "reading"
+    rows_key = "trades" if kind == "trade" else "readings"
     return {
         "name": s.get("name"),
         "process": s.get("process"),

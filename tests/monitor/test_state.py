@@ -14,6 +14,7 @@ import redis
 from kit.services import free_port
 from rich.console import Console
 
+from sensorhub.metrics.registry import Metrics
 from sensorhub.monitor.state import StateCollector
 from sensorhub.monitor.view import render, sort_sources, sparkline
 from sensorhub.sinks.schema import apply_schema
@@ -49,7 +50,8 @@ def test_collect_answers_flowing_lost_and_delay(
     assert set(by_name) == {"line-1", "okx", "line-9"}
     assert by_name["line-1"]["status"] == "ok" and by_name["line-1"]["rows_per_s"] > 0
     assert by_name["line-1"]["dead_letters"] == 2 and by_name["line-1"]["reconnects"] == 1
-    assert by_name["okx"]["kind"] == "trades" and by_name["okx"]["rows_per_s"] > 0 and by_name["okx"]["gaps"] == 2
+    assert by_name["okx"]["kind"] == "trade" and by_name["okx"]["rows_per_s"] > 0 and by_name["okx"]["gaps"] == 2
+    assert by_name["line-1"]["kind"] == "reading"
     assert by_name["line-9"]["stale"] and by_name["line-9"]["status"] == "stale"
 
     (w,) = st["writers"]
@@ -86,6 +88,29 @@ def test_nothing_lost_when_clickhouse_holds_every_inserted_row(
     _insert_readings(ch_client, ch_database, 870)
     st = _collector(redis_client, chdb_server.url, ch_database).collect()
     assert st["totals"]["missing"] == 0 and st["verdict"]["lost"] == "none"
+
+
+def test_source_rows_follow_the_kind_the_ingest_publishes(redis_client: Any) -> None:
+    # An exchange feed publishes kind "trade" (Source.kind) and counts "trades"; an MQTT source
+    # "reading" and "readings". Whatever else a snapshot counts, a source's rows are those of its kind;
+    # a snapshot without the gauge is taken by what it counts.
+    feed = Metrics("ingest", "feed")
+    line = Metrics("ingest", "line")
+    feed.process += ":a"
+    line.process += ":b"
+    for m, kind, own, other in ((feed, "trade", "trades", "readings"), (line, "reading", "readings", "trades")):
+        m.set("kind", kind)
+        m.set("connected", True)
+        m.inc("frames", 3)
+        m.inc(own, 7)
+        m.inc(other, 2)
+        m.publish(redis_client, LAYOUT.metrics_key(m.process), 30)
+    bare = Metrics("ingest", "bare")
+    bare.process += ":c"
+    bare.inc("trades", 4)
+    bare.publish(redis_client, LAYOUT.metrics_key(bare.process), 30)
+    rows = {s["name"]: (s["kind"], s["rows"]) for s in _collector(redis_client, None).collect()["sources"]}
+    assert rows == {"feed": ("trade", 7), "line": ("reading", 7), "bare": ("trade", 4)}
 
 
 def test_clickhouse_down_is_shown_not_raised(fleet: dict[str, Any], redis_client: Any) -> None:
