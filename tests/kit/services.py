@@ -152,34 +152,30 @@ class ManagedProcess:
         self.start(timeout)
 
 
+def _start(
+    name: str, argv: list[str], ready: Callable[[], bool], log_path: Path, host: str, port: int, url: str,
+    env: dict[str, str] | None = None, timeout: float = 20.0,
+) -> ManagedProcess:
+    mp = ManagedProcess(name, argv, ready=ready, log_path=log_path, env=env, host=host, port=port, url=url)
+    return mp.start(timeout)
+
+
 def start_mosquitto(run_dir: Path, port: int = 0, host: str = "127.0.0.1") -> ManagedProcess:
     port = port or free_port(host)
-    mp = ManagedProcess(
-        "mosquitto",
-        mosquitto_argv(run_dir, port, host),
-        ready=lambda: wait_tcp(host, port, 0.2),
-        log_path=run_dir / "mosquitto" / "mosquitto.log",
-        host=host,
-        port=port,
-        url=f"mqtt://{host}:{port}",
+    return _start(
+        "mosquitto", mosquitto_argv(run_dir, port, host), lambda: wait_tcp(host, port, 0.2),
+        run_dir / "mosquitto" / "mosquitto.log", host, port, f"mqtt://{host}:{port}",
     )
-    return mp.start()
 
 
 def start_redis(
     run_dir: Path, port: int = 0, host: str = "127.0.0.1", maxmemory: str | None = None
 ) -> ManagedProcess:
     port = port or free_port(host)
-    mp = ManagedProcess(
-        "redis",
-        redis_argv(run_dir, port, host, maxmemory),
-        ready=lambda: redis_ready(host, port),
-        log_path=run_dir / "redis" / "redis.log",
-        host=host,
-        port=port,
-        url=f"redis://{host}:{port}/0",
+    return _start(
+        "redis", redis_argv(run_dir, port, host, maxmemory), lambda: redis_ready(host, port),
+        run_dir / "redis" / "redis.log", host, port, f"redis://{host}:{port}/0",
     )
-    return mp.start()
 
 
 def start_chdb_server(
@@ -195,14 +191,7 @@ def start_chdb_server(
     """chdb-server with ``extra`` options; data and log under ``run_dir/chdb`` unless given."""
     port = port or free_port(host)
     url = f"http://{host}:{port}"
-    mp = ManagedProcess(
-        "chdb-server",
-        chdb_argv(run_dir, port, host, data=data, extra=extra),
-        ready=lambda: http_ready(url),
-        log_path=log_path or run_dir / "chdb" / "chdb-server.log",
-        env=env,
-        host=host,
-        port=port,
-        url=url,
+    return _start(
+        "chdb-server", chdb_argv(run_dir, port, host, data=data, extra=extra), lambda: http_ready(url),
+        log_path or run_dir / "chdb" / "chdb-server.log", host, port, url, env=env, timeout=60,
     )
-    return mp.start(timeout=60)
