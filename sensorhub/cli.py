@@ -1,7 +1,9 @@
 """``sensorhub`` command line: one subcommand per module, imported only when used.
 
-Each command module exposes ``HELP`` (one line), ``add_arguments(parser)`` and
-``run(args) -> int`` (the exit status).
+:mod:`sensorhub.commands` declares every command's help and arguments, so
+that the parser is built without importing any command; ``main`` then imports
+the chosen command's module alone and calls its ``run(args) -> int`` (the
+exit status).
 """
 
 from __future__ import annotations
@@ -11,35 +13,16 @@ import importlib
 import logging
 import os
 import sys
-from types import ModuleType
+from collections.abc import Callable
 
+from sensorhub.commands import COMMANDS
 from sensorhub.errors import ConfigError, SensorhubError
 
 log = logging.getLogger("sensorhub")
 
-# name -> module; keep sorted. A command is listed only once it works.
-COMMANDS: dict[str, str] = {
-    "audit": "sensorhub.pipeline.cmd_audit",
-    "chdb-server": "sensorhub.chdb_server.cli",
-    "config": "sensorhub.cmd_config",
-    "decode": "sensorhub.decoders.cmd_decode",
-    "dlq": "sensorhub.pipeline.cmd_dlq",
-    "ingest": "sensorhub.pipeline.cmd_ingest",
-    "metrics-exporter": "sensorhub.metrics.prometheus",
-    "monitor": "sensorhub.monitor.cmd_monitor",
-    "writer": "sensorhub.pipeline.cmd_writer",
-    "replay": "sensorhub.replay.cmd_replay",
-    "query": "sensorhub.sinks.cmd_query",
-    "schema": "sensorhub.sinks.cmd_schema",
-    "stack": "sensorhub.service.stack",
-}
-
-
-def _module(name: str) -> ModuleType:
-    return importlib.import_module(COMMANDS[name])
-
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command; imports none of their implementations."""
     parser = argparse.ArgumentParser(prog="sensorhub", description=__doc__.splitlines()[0])
     parser.add_argument("--config", metavar="FILE.toml", help="TOML configuration file")
     parser.add_argument(
@@ -47,11 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in sorted(COMMANDS):
-        mod = _module(name)
-        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        cmd = COMMANDS[name]
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.arguments(p)
     return parser
+
+
+def implementation(command: str) -> Callable[[argparse.Namespace], int]:
+    """The ``run`` of ``command``, importing its module (and only its module) now."""
+    run: Callable[[argparse.Namespace], int] = importlib.import_module(COMMANDS[command].module).run
+    return run
 
 
 def _one_line(text: str, limit: int = 0) -> str:
@@ -93,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("urllib3.connectionpool", "clickhouse_connect"):
             logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        rc: int = args._run(args)
+        rc = implementation(args.command)(args)
     except ConfigError as exc:
         log.debug("configuration error", exc_info=True)
         hint = ""

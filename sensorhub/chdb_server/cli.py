@@ -14,54 +14,9 @@ from sensorhub.chdb_server.threads import BackgroundPriority
 from sensorhub.errors import ConfigError
 from sensorhub.service.lifecycle import DEFAULT_DRAIN_S, Lifecycle
 
-__all__ = ["HELP", "add_arguments", "run", "serve"]
-
-HELP = "serve the embedded ClickHouse engine (chdb) over the ClickHouse HTTP interface"
+__all__ = ["run", "serve"]
 
 log = logging.getLogger(__name__)
-
-_DEFAULTS = ServerConfig()
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The command's flags; names are fixed because other tools drive the command."""
-    p.add_argument("--host", default=_DEFAULTS.host, help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=int, default=_DEFAULTS.port, help="TCP port (default %(default)s)")
-    p.add_argument("--data", required=True, metavar="DIR", help="database directory; kept across restarts")
-    p.add_argument(
-        "--password",
-        default=os.environ.get("SENSORHUB_CHDB_PASSWORD") or None,
-        help="require this password (env SENSORHUB_CHDB_PASSWORD); default: no authentication",
-    )
-    p.add_argument("--user", default=_DEFAULTS.user, help="the one user name accepted with --password")
-    p.add_argument(
-        "--max-body-bytes", type=int, default=_DEFAULTS.max_body_bytes,
-        help="largest request body, compressed and decompressed (default %(default)s)",
-    )
-    p.add_argument(
-        "--spool-bytes", type=int, default=_DEFAULTS.spool_bytes,
-        help="request bodies above this size are spooled to a temporary file (default %(default)s)",
-    )
-    p.add_argument("--tmp-dir", default=None, help="directory for spooled bodies (default: system temp)")
-    p.add_argument(
-        "--insert-spool-dir", default=None,
-        help="directory the engine reads INSERT data from (default: /dev/shm when writable, else system temp)",
-    )
-    p.add_argument("--max-connections", type=int, default=_DEFAULTS.max_connections)
-    p.add_argument("--max-sessions", type=int, default=_DEFAULTS.max_sessions)
-    p.add_argument(
-        "--idle-timeout", type=float, default=_DEFAULTS.idle_timeout_s,
-        help="seconds an idle keep-alive connection stays open (default %(default)s)",
-    )
-    p.add_argument(
-        "--lock-timeout", type=float, default=_DEFAULTS.lock_timeout_s,
-        help="seconds a statement waits for the engine before 503 (default %(default)s)",
-    )
-    p.add_argument(
-        "--background-nice", type=int, default=_DEFAULTS.background_nice,
-        help="nice value of the engine's merge threads, so inserts run first (0: unchanged; default %(default)s)",
-    )
-
 
 def _config(args: argparse.Namespace) -> ServerConfig:
     if not 0 <= args.port <= 65535:

@@ -25,19 +25,11 @@ import sys
 from typing import Any
 
 from sensorhub.config import load_settings
-from sensorhub.decoders import FORMATS, decode_to_rows
+from sensorhub.decoders import decode_to_rows
 from sensorhub.errors import DecodeError
-
-HELP = "decode one payload (file or stdin) and print its readings as JSON lines"
 
 #: exit status for a payload that does not decode
 EXIT_INVALID = 2
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="payload format")
-    p.add_argument("--device", default=None, help="the device the topic would name")
-    p.add_argument("file", nargs="?", default="-", help="payload file, or - for standard input")
 
 
 def json_value(v: float) -> float | str:

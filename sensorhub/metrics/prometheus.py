@@ -44,7 +44,7 @@ from prometheus_client.utils import floatToGoString
 from sensorhub.metrics.snapshot import read_snapshots, stream_info
 from sensorhub.pipeline.keys import StreamLayout
 
-__all__ = ["HELP", "SnapshotCollector", "add_arguments", "run", "serve"]
+__all__ = ["SnapshotCollector", "run", "serve"]
 
 # how prometheus_client writes a bucket bound, so that ``le`` matches its own histograms
 _le: Callable[[float], str] = floatToGoString
@@ -226,17 +226,6 @@ def serve(redis: Any, layout: StreamLayout, host: str, port: int, stale_after_s:
 
 
 # ---- command line ----
-HELP = "serve Prometheus /metrics for every sensorhub process, read from Redis"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis", metavar="URL", help="Redis URL (default: redis.url)")
-    p.add_argument("--host", help="listen address (default: metrics.prometheus_host)")
-    p.add_argument("--port", type=int, help="listen port (default: metrics.prometheus_port, 9108; 0: no endpoint)")
-    p.add_argument("--stale-after", type=float, default=5.0, help="heartbeat age that makes a process down (s)")
-    p.add_argument("--exit-after", type=float, default=0.0, help="stop after this many seconds (0: on SIGTERM)")
-
-
 def run(args: argparse.Namespace) -> int:
     import redis
 

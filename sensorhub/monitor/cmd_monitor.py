@@ -17,7 +17,6 @@ import select
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from sensorhub.config import load_settings
@@ -25,24 +24,7 @@ from sensorhub.monitor.state import StateCollector
 from sensorhub.monitor.view import SORTS, render
 from sensorhub.pipeline.keys import StreamLayout
 
-__all__ = ["HELP", "add_arguments", "build_collector", "run"]
-
-HELP = "live status screen: sources, pipeline lag, latency, dead letters, totals (--once, --json)"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--redis", metavar="URL", help="Redis URL (default: redis.url)")
-    p.add_argument("--clickhouse", metavar="URL", help="ClickHouse URL (default: clickhouse.url)")
-    p.add_argument("--stack", metavar="DIR", type=Path, help="use the Redis and ClickHouse of a running `sensorhub stack`")
-    p.add_argument("--no-clickhouse", action="store_true", help="do not query ClickHouse (totals unknown)")
-    p.add_argument("--once", action="store_true", help="print one frame and exit")
-    p.add_argument("--json", action="store_true", help="print the state as JSON and exit")
-    p.add_argument("--refresh", type=float, default=1.0, help="seconds between refreshes (0.1 .. 1, default 1)")
-    p.add_argument("--stale-after", type=float, default=5.0, help="a heartbeat older than this is stale (s)")
-    p.add_argument("--width", type=int, default=0, help="--once: render for this many columns (default: terminal)")
-    p.add_argument("--height", type=int, default=0, help="--once: render for this many lines (default: terminal)")
-    p.add_argument("--exit-after", type=float, default=0.0, help="live view: exit after this many seconds (0: on q)")
-
+__all__ = ["build_collector", "run"]
 
 def build_collector(args: argparse.Namespace) -> StateCollector:
     """The collector for the URLs the arguments (or the stack, or the settings) name."""

@@ -14,15 +14,6 @@ from sensorhub.pipeline.audit import reconcile
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.sinks.clickhouse import connect
 
-HELP = "show per source and minute: received, written to Redis, inserted, stored; name gaps"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--reconcile", action="store_true", help="compare with ClickHouse and exit 1 on a gap")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--redis", metavar="URL")
-    p.add_argument("--clickhouse", metavar="URL")
-
 
 def run(args: argparse.Namespace) -> int:
     s = load_settings(args.config)

@@ -13,17 +13,6 @@ from sensorhub.config import load_settings
 from sensorhub.pipeline.dlq import replay_dead_letters
 from sensorhub.sinks.clickhouse import connect
 
-HELP = "list dead letters, or replay them through the decoders after a fix (no duplicates)"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["list", "replay"])
-    p.add_argument("--source", help="only this source")
-    p.add_argument("--limit", type=int, default=50, help="list: rows to show")
-    p.add_argument("--dry-run", action="store_true", help="replay: decode and report, store nothing")
-    p.add_argument("--clickhouse", metavar="URL")
-    p.add_argument("--json", action="store_true")
-
 
 def run(args: argparse.Namespace) -> int:
     s = load_settings(args.config)

@@ -12,12 +12,7 @@ from sensorhub.pipeline.ingest import Ingest
 from sensorhub.service.lifecycle import Lifecycle
 from sensorhub.sources import base
 
-HELP = "run one source: receive, decode, write to Redis, acknowledge"
 log = logging.getLogger(__name__)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", required=True, metavar="NAME", help="a name under [sources] (default: mqtt)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,12 +9,6 @@ from sensorhub.metrics import gcstats
 from sensorhub.pipeline.writer import Writer
 from sensorhub.service.lifecycle import Lifecycle
 
-HELP = "move stream entries into ClickHouse exactly once"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--consumer", help="consumer name (default writer.consumer or writer-<host>-<pid>)")
-
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)

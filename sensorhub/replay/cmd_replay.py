@@ -51,39 +51,6 @@ from sensorhub.replay.capture import Capture, read_capture
 from sensorhub.replay.server import ReplayServer, ReplayThread
 from sensorhub.sources.exchanges import VENUES
 
-HELP = "serve a recorded exchange capture on a loopback WebSocket, as the venue would"
-
-
-def _speed(text: str) -> float | None:
-    if text == "max":
-        return None
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("a positive number or 'max'") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError("a positive number or 'max'")
-    return v
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``sensorhub replay``."""
-    p.add_argument("capture", type=Path, help="capture file (*.jsonl.zst)")
-    p.add_argument("--venue", required=True, help="venue driver: " + ", ".join(sorted(VENUES)))
-    p.add_argument("--symbols", default="", help="comma-separated normalized symbols (default: the capture header's trades)")
-    p.add_argument("--speed", type=_speed, default=1.0, help="N times the recorded pace, or 'max' (default 1)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0, help="0: any free port")
-    p.add_argument("--http-port", type=int, default=0, help="REST replay port when the capture holds REST exchanges")
-    p.add_argument("--drop-after", type=int, default=0, help="drop a connection after N frames (reconnect tests)")
-    p.add_argument("--drops", type=int, default=1, help="how many connections to drop in all")
-    p.add_argument("--overlap", type=int, default=20, help="frames resent after a drop")
-    p.add_argument("--strict", action="store_true", help="close connections that subscribe to what the capture lacks")
-    p.add_argument("--exit-when-done", action="store_true", help="exit once every recorded connection was sent")
-    p.add_argument("--stack", metavar="DIR", help="run the venue's ingest into the stack in DIR; wait for every trade")
-    p.add_argument("--stack-timeout", type=float, default=60.0,
-                   help="with --stack: seconds to wait for the trades after the recording was sent")
-
 
 def run(args: argparse.Namespace) -> int:
     """Serve the capture; see the module docstring."""

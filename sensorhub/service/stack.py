@@ -281,17 +281,6 @@ def stack_down(d: Path, timeout_s: float = 60.0) -> bool:
 
 
 # ---- command line ----
-HELP = "run the whole appliance on private loopback ports (up, status, down)"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["up", "status", "down", "_supervise"])
-    p.add_argument("--dir", required=True, type=Path, help="run directory (data, logs, state)")
-    p.add_argument("--json", action="store_true", help="print JSON (up and status)")
-    p.add_argument("--timeout", type=float, default=120.0)
-    p.add_argument("--redis-maxmemory", help="e.g. 64mb: Redis refuses writes past it (noeviction)")
-
-
 def run(args: argparse.Namespace) -> int:
     d: Path = args.dir
     if args.action == "_supervise":

@@ -14,19 +14,6 @@ from sensorhub.config import load_settings
 from sensorhub.errors import SinkError
 from sensorhub.sinks.clickhouse import reason
 
-HELP = "run a SQL statement and print the result (ClickHouse URL, --stack DIR, or --data DIR)"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sql", help="one statement, e.g. \"SELECT count() FROM readings\"")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--clickhouse", metavar="URL",
-                       help="a ClickHouse HTTP endpoint, http://HOST:PORT[/DATABASE] (default: clickhouse.url)")
-    where.add_argument("--stack", metavar="DIR", help="the ClickHouse of a running `sensorhub stack`")
-    where.add_argument("--data", metavar="DIR", help="open an embedded ClickHouse data directory directly (server stopped)")
-    p.add_argument("--database", help="run in this database (default: clickhouse.database)")
-    p.add_argument("--format", default="PrettyCompactMonoBlock", help="ClickHouse output format")
-
 
 def run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)

@@ -8,15 +8,6 @@ from sensorhub.config import load_settings
 from sensorhub.sinks.clickhouse import connect
 from sensorhub.sinks.schema import SCHEMA_VERSION, apply_schema, ddl, statements_text
 
-HELP = "print or apply the ClickHouse schema (idempotent)"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", nargs="?", choices=["print", "apply"], default="print")
-    p.add_argument("--clickhouse", metavar="URL", help="override clickhouse.url (http://HOST:PORT[/DATABASE])")
-    p.add_argument("--database", help="override clickhouse.database")
-    p.add_argument("--cluster", help="generate Replicated*/Distributed DDL for this cluster")
-
 
 def run(args: argparse.Namespace) -> int:
     overrides = {}

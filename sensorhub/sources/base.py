@@ -218,10 +218,17 @@ def register(name: str) -> Callable[[SourceFactory], SourceFactory]:
     return deco
 
 
-def _load_builtin_drivers() -> None:
+def _load_builtin_drivers(until: str | None = None) -> None:
+    """Import the built-in driver packages, in order, stopping once ``until`` is registered.
+
+    An MQTT ingest thus never imports the exchange drivers (websockets and
+    eleven venue modules) it does not run.
+    """
     import importlib
 
     for mod in ("sensorhub.sources.mqtt", "sensorhub.sources.exchanges"):
+        if until is not None and until in _REGISTRY:
+            return
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:  # a driver package not installed
@@ -236,7 +243,7 @@ def driver_names() -> list[str]:
 
 def create(driver: str, name: str, **kwargs: Any) -> Source:
     """Instantiate the driver registered as ``driver`` for the source ``name``."""
-    _load_builtin_drivers()
+    _load_builtin_drivers(until=driver)
     try:
         factory = _REGISTRY[driver]
     except KeyError:
