@@ -14,10 +14,15 @@ import signal
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from faultkit import RATE, SECONDS, check_exactly_once, record
+from paho.mqtt.enums import CallbackAPIVersion
+
+from firmware_sim.encoders import FrameReading, encode_frame
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(900)]
 
@@ -209,6 +214,58 @@ def test_slow_clickhouse_bounded_memory_and_lag_alert(fault_run) -> None:  # typ
     # memory stays bounded: Redis holds the backlog, not the processes
     for name in ("ingest", "writer"):
         assert r["peak_rss_mb"][name] < 400, r["peak_rss_mb"]
+
+
+def test_device_with_a_broken_clock_among_the_fleet(fault_run) -> None:  # type: ignore[no-untyped-def]
+    """One more device dates its frames over 160 months (and the year 2500, and the epoch)
+    while the simulator's 200 publish: the fleet is stored exactly once, and each reading
+    of the broken clock is stored or dead-lettered with its reason."""
+    day_us = 86_400_000_000
+    run = fault_run(seconds=min(SECONDS, 10.0))  # the fault is in the data: a short run shows it
+    run.start()
+    run.sleep(1.0)
+    c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="broken-clock")
+    c.connect("127.0.0.1", run.stack.mqtt_port)
+    c.loop_start()
+    now_us = time.time_ns() // 1000
+    bases = [now_us - k * 31 * day_us for k in range(160)] + [16_725_225_600_000_000, 0]
+    sent: dict[tuple[str, int, int], float] = {}
+    infos = []
+    for f, base in enumerate(bases):
+        readings = [FrameReading(7, 0, 0, f + 0.5), FrameReading(8, 1, 1, -f - 0.25)]
+        infos.append(c.publish("sensors/l9/clock-9/frame", encode_frame("clock-9", f, base, readings), qos=1))
+        for i, rd in enumerate(readings):
+            sent[(f"m{rd.metric_id}", base + i, f * 65536 + i)] = rd.value
+        if f % 20 == 19:
+            run.sleep(0.3)  # spread over the first seconds of the run
+    for info in infos:
+        info.wait_for_publish(30)
+        assert info.is_published()
+    c.loop_stop()
+    c.disconnect()
+    r = run.finish()
+    ch = run.stack.ch()
+    stored = {
+        (m, int(t), int(q)): v
+        for m, t, q, v in ch.query(
+            "SELECT metric, toUnixTimestamp64Micro(ts), seq, value FROM sensorhub.readings WHERE device = 'clock-9'"
+        ).result_rows
+    }
+    dead: dict[tuple[str, int, int], str] = {}
+    for payload, error in ch.query(
+        "SELECT payload, error FROM sensorhub.dead_letters WHERE topic = '$sensorhub/readings/clock-9'",
+        column_formats={"payload": "bytes"},
+    ).result_rows:
+        doc = json.loads(payload, parse_float=Decimal)
+        dead[(doc["metric"], int(doc["ts"] * 1_000_000), int(doc["seq"]))] = error
+    r["notes"]["broken_clock"] = {"sent": len(sent), "stored": len(stored), "dead_lettered": len(dead)}
+    record("broken_clock", r)
+    check_exactly_once(r)
+    assert int(ch.command("SELECT count() FROM sensorhub.readings WHERE device = 'clock-9'")) == len(stored)
+    assert set(stored) | set(dead) == set(sent) and not set(stored) & set(dead)
+    assert all(stored[k] == sent[k] for k in stored)
+    assert all(e.startswith("device time ") for e in dead.values())
+    assert len(stored) == 2 * 13  # the last 400 days
 
 
 @pytest.mark.skipif(os.environ.get("SENSORHUB_FAULT_OVERLOAD") != "1", reason="make faults only (60 s at 3x)")
