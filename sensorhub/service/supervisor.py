@@ -287,16 +287,6 @@ class Supervisor:
 
         return self.wait_for(ok, timeout_s)
 
-    def run_until(self, stop: threading.Event, *, poll_s: float = 0.5) -> int:
-        """Supervise until ``stop`` is set, then stop the children. Returns 1 if any child failed for good."""
-        if self._thread is None:
-            self.start()
-        while not stop.wait(poll_s):
-            pass
-        failed = [n for n, s in self.states().items() if s.state == "failed"]
-        self.stop()
-        return 1 if failed else 0
-
     # --- the monitor thread ----------------------------------------------
 
     def _wake(self) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -199,9 +198,6 @@ class Source(abc.ABC):
     def ready(self) -> bool:
         """True once connected and able to deliver frames."""
         return self.health.connected
-
-    def touch(self) -> None:
-        self.health.last_frame_ns = time.time_ns()
 
 
 SourceFactory = Callable[..., Source]
