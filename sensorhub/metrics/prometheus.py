@@ -130,6 +130,10 @@ class SnapshotCollector(Collector):
                                           labels=labels),
         }
         reconnects = CounterMetricFamily("sensorhub_source_reconnects", "reconnections since start", labels=labels)
+        parse_errors = CounterMetricFamily("sensorhub_source_parse_errors",
+                                           "frames an exchange feed's parser refused since start", labels=labels)
+        unhealthy = GaugeMetricFamily("sensorhub_source_unhealthy",
+                                      "1 while an exchange feed's trade frames keep yielding no trade", labels=labels)
         gaps = CounterMetricFamily("sensorhub_source_gaps", "sequence gaps seen on an exchange feed since start",
                                    labels=[*labels, "kind"])
         for s in snaps:
@@ -142,11 +146,15 @@ class SnapshotCollector(Collector):
                 if name in g:
                     gf.add_metric(lv, _f(g[name]))
             reconnects.add_metric(lv, _f(g.get("reconnects", 0)))
+            parse_errors.add_metric(lv, _f(g.get("parse_errors") or 0))
+            unhealthy.add_metric(lv, 1.0 if g.get("unhealthy") else 0.0)  # the reason is in the monitor
             gaps.add_metric([*lv, str(g.get("kind") or "")], _f(g.get("gaps", 0)))
         yield from counters.values()
         yield from gauges.values()
         yield reconnects
         yield gaps
+        yield parse_errors
+        yield unhealthy
 
     def _writer(self, snaps: Iterator[dict[str, Any]]) -> Iterator[Metric]:
         labels = ["process", "consumer"]

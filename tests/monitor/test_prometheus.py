@@ -67,7 +67,7 @@ def test_scrape_has_every_family(fleet: dict[str, Any], exporter: str) -> None:
     assert _one(m, "sensorhub_source_connected", source="okx") == 1
     assert _one(m, "sensorhub_source_last_message_age_seconds", source="okx") == pytest.approx(0.4)
     assert _one(m, "sensorhub_source_reconnects_total", source="line-1") == 1
-    assert _one(m, "sensorhub_source_gaps_total", source="okx", kind="trades") == 2
+    assert _one(m, "sensorhub_source_gaps_total", source="okx", kind="trade") == 2
     assert _one(m, "sensorhub_source_redis_ok", source="line-1") == 1
     # writer
     assert _one(m, "sensorhub_writer_rows_total", process=wr) == 750
@@ -105,6 +105,26 @@ def test_scrape_follows_new_snapshots(fleet: dict[str, Any], redis_client: Any, 
     m = _scrape(exporter)
     assert _one(m, "sensorhub_writer_rows_total", consumer="writer-1") == 1000
     assert _one(m, "sensorhub_writer_lag_alert", consumer="writer-1") == 0
+
+
+def test_scrape_has_feed_health(redis_client: Any, exporter: str) -> None:
+    # What an ingest publishes for an exchange feed whose trade frames keep failing, and for a healthy one.
+    sick, well = Metrics("ingest", "sick-feed"), Metrics("ingest", "well-feed")
+    sick.process += ":a"
+    well.process += ":b"
+    sick.set("parse_errors", 9)
+    sick.set("unhealthy", "9 of the last 100 trade frames yielded no trade")
+    well.set("parse_errors", 0)
+    well.set("unhealthy", None)
+    for p in (sick, well):
+        p.set("kind", "trade")
+        p.publish(redis_client, LAYOUT.metrics_key(p.process), 30)
+    assert _types(exporter)["sensorhub_source_parse_errors"] == "counter"
+    m = _scrape(exporter)
+    assert _one(m, "sensorhub_source_parse_errors_total", source="sick-feed") == 9
+    assert _one(m, "sensorhub_source_parse_errors_total", source="well-feed") == 0
+    assert _one(m, "sensorhub_source_unhealthy", source="sick-feed") == 1
+    assert _one(m, "sensorhub_source_unhealthy", source="well-feed") == 0
 
 
 def test_redis_down_is_a_metric_not_an_error() -> None:
