@@ -113,6 +113,33 @@ def test_source_rows_follow_the_kind_the_ingest_publishes(redis_client: Any) -> 
     assert rows == {"feed": ("trade", 7), "line": ("reading", 7), "bare": ("trade", 4)}
 
 
+def test_every_source_status_is_in_the_docs(redis_client: Any) -> None:
+    # One ingest snapshot per status the monitor gives a source, published as the ingest publishes it.
+    gauges: dict[str, dict[str, Any]] = {
+        "ok": {"connected": True, "redis_ok": True},
+        "down": {"connected": False},
+        "redis-err": {"connected": True, "redis_ok": False},
+        "parse-errors": {"connected": True, "redis_ok": True, "parse_errors": 9,
+                         "unhealthy": "9 of the last 100 trade frames yielded no trade"},
+    }
+    for i, (name, gs) in enumerate(gauges.items()):
+        m = Metrics("ingest", name)
+        m.process += f":{i}"
+        for k, v in gs.items():
+            m.set(k, v)
+        m.publish(redis_client, LAYOUT.metrics_key(m.process), 30)
+    stale = Metrics("ingest", "stale")
+    stale.process += ":s"
+    snap = stale.snapshot()
+    snap["heartbeat"] -= 30
+    redis_client.hset(LAYOUT.metrics_key(stale.process), mapping={"state": json.dumps(snap)})
+    statuses = {s["name"]: s["status"] for s in _collector(redis_client, None).collect()["sources"]}
+    assert statuses == {name: name for name in [*gauges, "stale"]}
+    with open(os.path.join(ROOT, "docs", "monitor.md"), encoding="utf-8") as f:
+        doc = f.read()
+    assert all(f"`{status}" in doc for status in statuses.values()), statuses
+
+
 def test_clickhouse_down_is_shown_not_raised(fleet: dict[str, Any], redis_client: Any) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     col = _collector(redis_client, url)
