@@ -347,8 +347,10 @@ class StateCollector:
             if k not in seen:
                 seen.add(k)
                 uniq.append(d)
+        # dead letters: payloads ingest could not decode, and readings the writer did not store
+        writer_dead = sum(r.get("writer_dead_lettered", 0) for r in audit)
         state["dead_letters"] = {
-            "count_today": sum(r.get("dead_lettered", 0) for r in audit),
+            "count_today": sum(r.get("dead_lettered", 0) for r in audit) + writer_dead,
             "stored_today": chf.get("dead") if chf else None,
             "stream_len": dlq_len,
             "since_start": sum(s["dead_letters"] for s in sources),
@@ -376,9 +378,10 @@ class StateCollector:
             "received": received,
             "duplicates": sum(r.get("duplicates", 0) for r in audit),
             "dead_lettered": sum(r.get("dead_lettered", 0) for r in audit),
+            "writer_dead_lettered": writer_dead,
             "xadded": xadded,
             "inserted": inserted,
-            "pending": xadded - inserted,
+            "pending": xadded - inserted - writer_dead,
             "stored": stored,
             "stored_fresh": ch_ok,
             "stored_age_s": round(now - float(state["clickhouse"]["checked"]), 1) if chf and ch_ok else None,

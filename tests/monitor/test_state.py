@@ -246,3 +246,15 @@ def test_today_line_says_what_it_counts(fleet: dict[str, Any], redis_client: Any
     assert "received 110 msgs rows: to Redis 880 inserted 870 stored ?" in text
     small = " ".join(_text(render(st, width=80, height=24), 80).split())
     assert "TODAY received 110 msgs rows: to Redis 880 inserted 870" in small
+
+
+def test_readings_the_writer_dead_lettered_are_not_pending(
+    fleet: dict[str, Any], redis_client: Any, chdb_server: Any, ch_client: Any, ch_database: str
+) -> None:
+    apply_schema(ch_client, ch_database)
+    # 4 of the 10 readings not inserted yet were dead-lettered by the writer (device time)
+    redis_client.hincrby(LAYOUT.audit_key("line-1", fleet["minute"]), "writer_dead_lettered", 4)
+    st = _collector(redis_client, chdb_server.url, ch_database).collect()
+    t = st["totals"]
+    assert (t["xadded"], t["inserted"], t["writer_dead_lettered"], t["pending"]) == (880, 870, 4, 6)
+    assert st["dead_letters"]["count_today"] == 2 + 4
