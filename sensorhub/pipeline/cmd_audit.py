@@ -26,13 +26,19 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"rows": rows, "gaps": gaps}, indent=1))
     else:
         t = Table(title="sensorhub audit")
-        for col in ("source", "minute", "received", "duplicates", "dead_lettered", "xadded", "inserted", "stored", "ok"):
+        # writer_dead_lettered: written to Redis, then dead-lettered by the writer (device time, refused rows)
+        cols = ("source", "minute", "received", "duplicates", "dead_lettered", "xadded", "inserted",
+                "writer_dead_lettered", "stored", "ok")
+        for col in cols:
             t.add_column(col, justify="right" if col not in ("source", "minute") else "left")
         for x in rows:
-            t.add_row(*[str(x[c]) if c != "ok" else ("[green]yes" if x["ok"] else "[red]NO") for c in
-                        ("source", "minute", "received", "duplicates", "dead_lettered", "xadded", "inserted", "stored", "ok")])
+            t.add_row(*[str(x[c]) if c != "ok" else ("[green]yes" if x["ok"] else "[red]NO") for c in cols])
         Console().print(t)
         for g in gaps:
-            why = f"{g['pending']} readings not yet inserted" if g["pending"] else f"stored {g['stored']} != written {g['xadded']}"
+            why = (
+                f"{g['pending']} readings not yet inserted" if g["pending"]
+                else f"stored {g['stored'] - g['replayed']} + dead-lettered by the writer "
+                f"{g['writer_dead_lettered']} != written {g['xadded']}"
+            )
             print(f"gap: {g['source']} {g['minute']}: {why}")
     return 1 if (args.reconcile and gaps) else 0
