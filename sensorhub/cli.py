@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from sensorhub.commands import COMMANDS
-from sensorhub.errors import ConfigError, SensorhubError
+from sensorhub.errors import ConfigError, SensorhubError, StreamError
 
 log = logging.getLogger("sensorhub")
 
@@ -53,7 +53,7 @@ def _unexpected(exc: BaseException) -> str:
     """One line for an exception no command turned into a :class:`SensorhubError`."""
     mod = type(exc).__module__.split(".", 1)[0]
     if mod == "redis":
-        return f"Redis: {_one_line(str(exc), 300)} (is Redis running? check redis.url or --redis)"
+        return str(StreamError.from_redis(exc))
     if mod == "clickhouse_connect":
         detail = next((ln.strip() for ln in str(exc).splitlines() if ln.strip().startswith("Code:")), str(exc))
         return f"ClickHouse: {_one_line(detail, 300)} (check clickhouse.url or --clickhouse)"

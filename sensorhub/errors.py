@@ -20,16 +20,27 @@
     │   ├── SyntaxError_           the text payload does not parse (JSON, line protocol)
     │   └── UnknownFormat          no decoder serves this topic or format
     ├── SourceError                a source cannot connect or lost its peer
-    ├── StreamError                Redis Streams refused or lost a write/read
+    ├── StreamError                Redis refused a read or write, or is unreachable (operator commands)
     └── SinkError                  ClickHouse refused or is unreachable
 
 Callers catch what they can handle. Decoders raise only ``DecodeError``
 subclasses for bad input; anything else escaping a decoder is a bug. A
 command that ends with one exits with its ``exit_status`` (78, EX_CONFIG, for
 a configuration error; 1 otherwise).
+
+``StreamError`` is raised where a command an operator runs reads Redis and
+cannot go on without it: ``sensorhub audit`` turns redis-py's errors into one
+(:meth:`StreamError.from_redis`), so the command fails in one line naming
+Redis and what to check. Inside the pipeline redis-py's errors stay what they
+are: the ingest and writer loops catch ``redis.RedisError`` and retry forever
+(a full Redis makes ingest stop acknowledging, and the broker keeps the
+messages), and the monitor and the metrics exporter show Redis as down and
+keep reading.
 """
 
 from __future__ import annotations
+
+import re
 
 __all__ = [
     "BadDeviceId",
@@ -166,7 +177,24 @@ class SourceError(SensorhubError):
 
 
 class StreamError(SensorhubError):
-    """Redis refused a write or a read (down, out of memory)."""
+    """Redis refused a read or a write (out of memory, no permission) or cannot be reached."""
+
+    @classmethod
+    def from_redis(cls, exc: BaseException, url: str = "") -> StreamError:
+        """The error for redis-py's ``exc``: what Redis said, where (no credentials), what to check."""
+        names = {c.__name__ for c in type(exc).__mro__}
+        where = re.sub(r"//[^@/]*@", "//", url)  # a password in the URL stays out of logs
+        if "AuthenticationError" in names:
+            check = "check the user and password of redis.url"
+        elif names & {"AuthorizationError", "NoPermissionError"}:
+            check = "the user of redis.url lacks a permission: check its Redis ACL"
+        elif names & {"ConnectionError", "TimeoutError"}:
+            check = "is Redis running and reachable? check redis.url or --redis"
+        else:
+            check = "check redis.url or --redis"
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        said = lines[0] if lines else type(exc).__name__
+        return cls(f"Redis: {said[:300]} ({where + ': ' if where else ''}{check})")
 
 
 class SinkError(SensorhubError):

@@ -13,6 +13,7 @@ from typing import Any
 
 import clickhouse_connect
 import pytest
+import redis
 from kit.services import free_port
 
 from sensorhub.config import load_settings
@@ -102,12 +103,33 @@ def test_other_commands_fail_in_one_line(tmp_path: Path, redis_server: Any) -> N
         assert words in _one_error_line(p), (argv, p.stderr)
 
 
-def test_redis_unreachable_is_one_line(chdb_server: Any, ch_database: str) -> None:
-    # audit reads Redis with no retry of its own: the error reaches the command line as redis-py raised it
-    p = _sensorhub("audit", "--redis", f"redis://127.0.0.1:{free_port()}", "--clickhouse", chdb_server.url)
-    assert p.returncode == 1
+def test_audit_fails_in_one_line_naming_redis(chdb_server: Any, spawn: Any) -> None:
+    # audit reads Redis with no retry of its own: redis-py's error becomes a StreamError at the command
+    port = free_port()
+    for extra in ([], ["--reconcile"], ["--json"]):
+        p = _sensorhub("audit", "--redis", f"redis://:s3cret@127.0.0.1:{port}/0", "--clickhouse", chdb_server.url,
+                       *extra)
+        assert p.returncode == 1, p.stderr
+        line = _one_error_line(p)
+        assert line.startswith("error: Redis: ") and "Connection refused" in line, line
+        assert f"redis://127.0.0.1:{port}/0: is Redis running" in line and "redis.url" in line, line
+        assert "s3cret" not in line
+    # the URL from the configuration: the same line
+    p = _sensorhub("audit", env={"SENSORHUB_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+                                 "SENSORHUB_CLICKHOUSE_URL": chdb_server.url})
+    assert p.returncode == 1 and "is Redis running" in _one_error_line(p), p.stderr
+    # a Redis that wants a password nobody gave
+    locked = spawn.redis()
+    admin = redis.Redis.from_url(locked.url)
+    admin.config_set("requirepass", "s3cret")
+    admin.close()
+    p = _sensorhub("audit", "--redis", locked.url, "--clickhouse", chdb_server.url)
+    assert p.returncode == 1, p.stderr
     line = _one_error_line(p)
-    assert line.startswith("error: Redis: ") and "redis.url" in line
+    assert line.startswith("error: Redis: ") and "password of redis.url" in line, line
+    # not a Redis URL at all: a configuration error naming the flag
+    p = _sensorhub("audit", "--redis", "ftp://somewhere", "--clickhouse", chdb_server.url)
+    assert p.returncode == 78 and "--redis" in _one_error_line(p), p.stderr
 
 
 def test_configuration_errors_name_the_key(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sensorhub.config import load_settings
+from sensorhub.errors import ConfigError, StreamError
 from sensorhub.pipeline.audit import reconcile
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.sinks.clickhouse import connect
@@ -17,10 +18,18 @@ from sensorhub.sinks.clickhouse import connect
 
 def run(args: argparse.Namespace) -> int:
     s = load_settings(args.config)
-    r = redis.Redis.from_url(args.redis or s.redis.url)
+    url = args.redis or s.redis.url
+    try:
+        r = redis.Redis.from_url(url, socket_timeout=s.redis.socket_timeout_s,
+                                 socket_connect_timeout=s.redis.socket_timeout_s)
+    except ValueError:
+        raise ConfigError("--redis" if args.redis else "redis.url", "a redis:// or rediss:// URL", url) from None
     ch_cfg = s.clickhouse.at(args.clickhouse) if args.clickhouse else s.clickhouse
     ch = connect(ch_cfg)
-    rows = reconcile(r, ch, StreamLayout(s.redis.prefix, s.redis.partitions), ch_cfg.database)
+    try:
+        rows = reconcile(r, ch, StreamLayout(s.redis.prefix, s.redis.partitions), ch_cfg.database)
+    except redis.RedisError as exc:
+        raise StreamError.from_redis(exc, url) from exc
     gaps = [x for x in rows if not x["ok"]]
     if args.json:
         print(json.dumps({"rows": rows, "gaps": gaps}, indent=1))
