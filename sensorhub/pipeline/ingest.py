@@ -302,8 +302,8 @@ class Ingest:
             batch = self._batches.get(p)
             if batch is None:
                 batch = self._batches[p] = self._new_batch()
-            if len(f.payload) > self.settings.mqtt.max_payload_bytes:
-                self._dead_letter(f, f"payload of {len(f.payload)} bytes over mqtt.max_payload_bytes", audit)
+            if len(f.payload) > src.max_payload_bytes:
+                self._dead_letter(f, f"payload of {len(f.payload)} bytes over {src.max_payload_setting}", audit)
                 continue
             start = len(batch)
             try:

@@ -170,6 +170,11 @@ class Source(abc.ABC):
     #: The most messages the peer may have sent and not had acknowledged
     #: (MQTT's receive maximum): a redelivery is among that many last frames.
     inflight_bound: int = 0
+    #: The largest payload the ingest decodes; a larger one is a dead letter. Each driver sets
+    #: its own from its settings (MQTT ``mqtt.max_payload_bytes``, an exchange feed its frame bound) ...
+    max_payload_bytes: int = 1 << 20
+    #: ... and names that setting here, for the dead letter's reason.
+    max_payload_setting: str = "the source's payload bound"
 
     def __init__(self, name: str) -> None:
         self.name = name

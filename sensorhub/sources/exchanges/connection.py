@@ -130,6 +130,9 @@ class ExchangeSource(Source):
             hb = src["heartbeat_s"] if src["heartbeat_s"] is not None else venue_cls.heartbeat_s
             self.heartbeat_s: float | None = float(hb) if hb else None
             self.max_frame_bytes = int(src["max_frame_bytes"])
+            # a frame the connection took is within the feed's own bound (book snapshots of several MB)
+            self.max_payload_bytes = self.max_frame_bytes
+            self.max_payload_setting = f"sources.{name}.options.max_frame_bytes"
             backoff = backoff or BackoffSettings.model_validate({})
             self.backoff_initial_s = float(src["backoff_initial_s"] or backoff.initial_s)
             self.backoff_max_s = float(src["backoff_max_s"] or backoff.max_s)

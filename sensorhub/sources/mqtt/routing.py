@@ -166,6 +166,8 @@ class MqttSourceBase(Source):
         # packet ids of redeliveries belong to this session (see Frame.delivery)
         self.session_id = self.client_id
         self.inflight_bound = self.cfg.receive_maximum
+        self.max_payload_bytes = self.cfg.max_payload_bytes
+        self.max_payload_setting = "mqtt.max_payload_bytes"
         self.routing = MqttRouting(settings, self.client_id)
         self.sparkplug: Any = self.routing.sparkplug
         self._stopping = threading.Event()
