@@ -207,18 +207,42 @@ def _source_toml(venue_name: str, symbols: list[str], server: ReplayServer) -> s
 def _wait(
     cond: Any, timeout_s: float, child: subprocess.Popen[bytes], log_path: Path, what: str, raise_: bool = True
 ) -> bool:
+    # A failure is one line (the command line shows one): what failed, how the ingest's log ends, where it is.
     deadline = time.monotonic() + timeout_s
     while True:
         if cond():
             return True
         if child.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise SensorhubError(f"the ingest process ended (status {child.returncode}) before {what}:\n{tail}")
+            raise SensorhubError(
+                f"the ingest process ended (status {child.returncode}) before {what}; "
+                f"its log ends: {_last_log_line(log_path)} ({log_path})"
+            )
         if time.monotonic() >= deadline:
             if raise_:
-                raise SensorhubError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+                raise SensorhubError(
+                    f"timed out after {timeout_s:.0f} s waiting for {what}; "
+                    f"the ingest's log ends: {_last_log_line(log_path)} ({log_path})"
+                )
             return False
         time.sleep(0.25)
+
+
+LOG_LINE_MAX = 300  # characters of the log's last line quoted in an error
+
+
+def _last_log_line(log_path: Path) -> str:
+    """The last non-empty line of a log (an ingest that failed says why there), cut to ``LOG_LINE_MAX``."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4 * LOG_LINE_MAX))
+            tail = f.read().decode(errors="replace")
+    except OSError as exc:
+        return f"(unreadable: {exc.strerror})"
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    if not lines:
+        return "(nothing)"
+    line = lines[-1]
+    return line[:LOG_LINE_MAX] + "..." if len(line) > LOG_LINE_MAX else line
 
 
 @dataclass
