@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -40,12 +39,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from sensorhub.service.lifecycle import drain, drain_async
 from sensorhub.service.supervisor import ChildSpec, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from kit.results import write_results  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "service.json"
 RESTART_SEC = 0.5
 STOP_BOUND_S = 0.5
@@ -237,14 +238,7 @@ def main() -> int:
     if not args.no_stack:
         results["ingest_restart"] = ingest_restart(args.stack_rounds, args.rate)
         print(json.dumps({"ingest_restart": results["ingest_restart"]}), flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
-        "benchmark": "service",
-        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
-                    "load_avg_1m_at_end": round(psutil.getloadavg()[0], 2)},
-        "results": results,
-    }, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    write_results(OUT, "service", results)
     return 0
 
 

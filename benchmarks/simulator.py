@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from kit.results import write_results  # noqa: E402
 from kit.services import start_mosquitto  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "simulator.json"
@@ -141,15 +141,7 @@ def main() -> int:
         results.append(rate_held(broker))
     finally:
         broker.terminate()
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({
-        "benchmark": "simulator",
-        "machine": {"cpus": psutil.cpu_count(), "python": platform.python_version(),
-                    "load_avg_1m_at_end": round(psutil.getloadavg()[0], 2)},
-        "seconds_per_case": s,
-        "results": results,
-    }, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    write_results(OUT, "simulator", results, seconds_per_case=s)
     return 0
 
 
