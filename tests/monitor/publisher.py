@@ -33,7 +33,7 @@ def main() -> int:
         ingest.inc("frames", 50)
         ingest.inc("readings", 400)
         ingest.set("connected", True)
-        ingest.set("kind", "readings")
+        ingest.set("kind", "reading")
         ingest.set("last_frame_age_s", 0.05)
         ingest.set("redis_ok", True)
         ingest.record_us("recv_to_xadd", 900, 50)
