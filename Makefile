@@ -13,7 +13,7 @@ DEMO_FORMAT ?= frame
 DEMO_PER_MESSAGE ?= 10
 PYTEST_ARGS ?=
 
-.PHONY: all setup system-packages venv build test lint typecheck fuzz bench soak demo demo-exchanges faults wheel clean
+.PHONY: all setup system-packages venv build test lint typecheck fuzz bench bench-docs soak demo demo-exchanges faults wheel clean
 
 all: setup
 
@@ -51,9 +51,15 @@ fuzz: setup
 	@$(PY) -m pip install --quiet atheris || echo "atheris not installable here: the harnesses run their bounded plain random loop"
 	@for f in tests/fuzz/fuzz_*.py; do echo "== $$f"; $(PY) $$f --seconds $${FUZZ_SECONDS:-60} || exit 1; done
 
+BENCHMARKS := $(filter-out benchmarks/docs_tables.py,$(wildcard benchmarks/*.py))
+
 bench: setup
 	@mkdir -p benchmarks/results
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in $(BENCHMARKS); do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The tables of docs/performance.md and docs/reliability.md, rendered again from benchmarks/results/
+bench-docs: venv
+	$(PY) benchmarks/docs_tables.py
 
 # Sustained latency: 10 minutes at 40k readings/s (frames of 10), with the box's reference measured
 # before and after; SOAK_RATE, SOAK_SECONDS change the load. JSON: benchmarks/results/soak-*.json
@@ -63,7 +69,8 @@ soak: setup
 	$(PY) benchmarks/soak.py --rate $(SOAK_RATE) --per-message 10 --seconds $(SOAK_SECONDS)
 
 faults: setup
-	SENSORHUB_FAULT_RATE=40000 SENSORHUB_FAULT_SECONDS=60 SENSORHUB_FAULT_OVERLOAD=1 $(PY) -m pytest tests/fault -v $(PYTEST_ARGS)
+	SENSORHUB_FAULT_RATE=40000 SENSORHUB_FAULT_SECONDS=60 SENSORHUB_FAULT_OVERLOAD=1 \
+	  SENSORHUB_FAULT_RESULTS=benchmarks/results/faults-40k $(PY) -m pytest tests/fault -v $(PYTEST_ARGS)
 
 demo: setup
 	@DEMO_RATE=$(DEMO_RATE) DEMO_SECONDS=$(DEMO_SECONDS) DEMO_DEVICES=$(DEMO_DEVICES) \
