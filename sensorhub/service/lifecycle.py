@@ -170,6 +170,32 @@ def _check_bound(timeout_s: float) -> None:
         raise ValueError(f"drain timeout must be a finite number of seconds >= 0, got {timeout_s!r}")
 
 
+class _DrainBound:
+    """The clock and step count of one drain, shared by :func:`drain` and :func:`drain_async`."""
+
+    def __init__(self, timeout_s: float) -> None:
+        _check_bound(timeout_s)
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout_s
+        self.steps = 0
+
+    def next_step(self) -> float | None:
+        """The seconds left for one more step (counting it), or None once the bound or the step cap is reached."""
+        if self.steps >= MAX_DRAIN_STEPS:
+            return None
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        self.steps += 1
+        return remaining
+
+    def result(self, done: bool, what: str) -> DrainResult:
+        elapsed = time.monotonic() - self.start
+        if not done:
+            log.warning("%s incomplete after %.1f s (%d steps); the rest stays upstream", what, elapsed, self.steps)
+        return DrainResult(done, elapsed, self.steps)
+
+
 def drain(
     step: Callable[[float], bool],
     *,
@@ -186,25 +212,15 @@ def drain(
     safe to lose here (it is still in Redis or the broker), which is why the
     bound can be strict.
     """
-    _check_bound(timeout_s)
-    start = time.monotonic()
-    deadline = start + timeout_s
-    steps = 0
+    bound = _DrainBound(timeout_s)
     done = False
-    while steps < MAX_DRAIN_STEPS:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        steps += 1
-        done = bool(step(max(remaining, 0.0)))
+    while (remaining := bound.next_step()) is not None:
+        done = bool(step(remaining))
         if watchdog is not None:
             watchdog.tick()
         if done:
             break
-    elapsed = time.monotonic() - start
-    if not done:
-        log.warning("%s incomplete after %.1f s (%d steps); the rest stays upstream", what, elapsed, steps)
-    return DrainResult(done, elapsed, steps)
+    return bound.result(done, what)
 
 
 async def drain_async(
@@ -215,18 +231,11 @@ async def drain_async(
     what: str = "drain",
 ) -> DrainResult:
     """:func:`drain` for asyncio: awaits ``step(remaining_s)``, cancelling it when the bound passes."""
-    _check_bound(timeout_s)
-    start = time.monotonic()
-    deadline = start + timeout_s
-    steps = 0
+    bound = _DrainBound(timeout_s)
     done = False
-    while steps < MAX_DRAIN_STEPS:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        steps += 1
+    while (remaining := bound.next_step()) is not None:
         try:
-            done = bool(await asyncio.wait_for(step(max(remaining, 0.0)), timeout=max(remaining, 0.0)))
+            done = bool(await asyncio.wait_for(step(remaining), timeout=remaining))
         except TimeoutError:
             done = False
             break
@@ -234,7 +243,4 @@ async def drain_async(
             watchdog.tick()
         if done:
             break
-    elapsed = time.monotonic() - start
-    if not done:
-        log.warning("%s incomplete after %.1f s (%d steps); the rest stays upstream", what, elapsed, steps)
-    return DrainResult(done, elapsed, steps)
+    return bound.result(done, what)
