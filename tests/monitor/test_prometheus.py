@@ -139,26 +139,32 @@ def test_redis_down_is_a_metric_not_an_error() -> None:
         server.server_close()
 
 
-def test_metrics_exporter_command(fleet: dict[str, Any], redis_server: Any, wait_until: Any) -> None:
-    port = free_port()
-    p = subprocess.Popen(
-        [sys.executable, "-m", "sensorhub", "metrics-exporter", "--redis", redis_server.url, "--port", str(port),
-         "--exit-after", "30"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+def _exporter(redis_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sensorhub", "metrics-exporter", "--redis", redis_url, "--exit-after", "30", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
     )
+
+
+def _served(p: subprocess.Popen[str], port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """One scrape of the exporter ``p`` on ``port``; then SIGTERM, on which it exits 0."""
     try:
         assert p.stdout is not None
         assert p.stdout.readline().strip() == f"serving http://127.0.0.1:{port}/metrics"
         m = _scrape(f"http://127.0.0.1:{port}/metrics")
-        assert _one(m, "sensorhub_source_readings_total", source="line-1") == 880
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=10) == 0
+        return m
     finally:
         if p.poll() is None:
             p.kill()
-            p.wait()
-        if p.stdout is not None:
-            p.stdout.close()
+        p.communicate()
+
+
+def test_metrics_exporter_command(fleet: dict[str, Any], redis_server: Any, wait_until: Any) -> None:
+    port = free_port()
+    m = _served(_exporter(redis_server.url, "--port", str(port)), port)
+    assert _one(m, "sensorhub_source_readings_total", source="line-1") == 880
 
 
 def _types(url: str) -> dict[str, str]:
@@ -204,13 +210,6 @@ def test_hop_latency_histograms_match_prometheus_client_and_add_up(redis_client:
         assert [v for _, v in series] == sorted(v for _, v in series)
 
 
-def _exporter(redis_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "sensorhub", "metrics-exporter", "--redis", redis_url, "--exit-after", "30", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
-    )
-
-
 def test_prometheus_port_zero_means_no_endpoint(redis_server: Any) -> None:
     p = _exporter(redis_server.url, env={"SENSORHUB_METRICS_PROMETHEUS_PORT": "0"})
     try:
@@ -225,15 +224,5 @@ def test_prometheus_port_zero_means_no_endpoint(redis_server: Any) -> None:
 
 def test_prometheus_port_setting_is_the_listen_port(fleet: dict[str, Any], redis_server: Any) -> None:
     port = free_port()
-    p = _exporter(redis_server.url, env={"SENSORHUB_METRICS_PROMETHEUS_PORT": str(port)})
-    try:
-        assert p.stdout is not None
-        assert p.stdout.readline().strip() == f"serving http://127.0.0.1:{port}/metrics"
-        m = _scrape(f"http://127.0.0.1:{port}/metrics")
-        assert _one(m, "sensorhub_hop_latency_seconds_count", hop="insert") == 3
-        p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=10) == 0
-    finally:
-        if p.poll() is None:
-            p.kill()
-        p.communicate()
+    m = _served(_exporter(redis_server.url, env={"SENSORHUB_METRICS_PROMETHEUS_PORT": str(port)}), port)
+    assert _one(m, "sensorhub_hop_latency_seconds_count", hop="insert") == 3
