@@ -13,7 +13,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 
 def _frame(device: str, seq: int, n: int) -> bytes:
-    return frame(device, seq, 1_764_072_000_000_000 + seq, [(1, i, 0, float(i)) for i in range(n)])
+    # an hour ago: inside the writer's device-time window
+    return frame(device, seq, (int(time.time()) - 3600) * 1_000_000 + seq, [(1, i, 0, float(i)) for i in range(n)])
 
 
 def _replay(stack, *args: str) -> dict:  # type: ignore[no-untyped-def,type-arg]

@@ -20,6 +20,10 @@ from kit.encoders import frame
 from kit.store import count, wait_count
 from paho.mqtt.enums import CallbackAPIVersion
 
+# An hour ago, on a whole second: device times inside the writer's window (writer.device_time_max_past_s).
+T0_S = int(time.time()) - 3600
+T0_US = T0_S * 1_000_000
+
 
 def _publisher(stack: Any) -> mqtt.Client:
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"test-pub-{time.monotonic_ns()}")
@@ -58,7 +62,7 @@ def test_200_devices_mixed_formats_stored_exactly_once(stack_factory, loadtest) 
 def test_bad_payloads_are_dead_lettered_and_good_ones_stored(stack_factory) -> None:  # type: ignore[no-untyped-def]
     stack = stack_factory()
     c = _publisher(stack)
-    base = 1_764_072_000_000_000
+    base = T0_US
     good_frame = frame("press-1", 7, base, [(1, 0, 0, 1.5), (2, 10, 1, -3.25)])
     bad_crc = bytearray(good_frame)
     bad_crc[-1] ^= 0xFF
@@ -70,10 +74,10 @@ def test_bad_payloads_are_dead_lettered_and_good_ones_stored(stack_factory) -> N
         ("sensors/l1/press-1/frame", bytes(bad_crc)),
         ("sensors/l1/press-1/frame", bad_magic),
         ("sensors/l1/press-2/frame", good_frame),  # topic names another device
-        ("sensors/l1/oven-1/json", json.dumps({"metric": "temp_c", "value": 21.5, "ts": 1764072000.5, "seq": 1}).encode()),
+        ("sensors/l1/oven-1/json", json.dumps({"metric": "temp_c", "value": 21.5, "ts": T0_S + 0.5, "seq": 1}).encode()),
         ("sensors/l1/oven-1/json", hot),
         ("sensors/l1/oven-1/json", b"{not json"),
-        ("sensors/l1/mill-1/ilp", b"spindle,line=l1 rpm=1200i,load=0.75 1764072000000000000"),
+        ("sensors/l1/mill-1/ilp", f"spindle,line=l1 rpm=1200i,load=0.75 {T0_S * 10**9}".encode()),
         ("sensors/l1/mill-1/ilp", bad_ilp),
     ]
     # (topic, raw payload, reason, byte offset the reason names), one per bad message
@@ -116,7 +120,7 @@ def test_bad_payloads_are_dead_lettered_and_good_ones_stored(stack_factory) -> N
 def test_order_within_a_device_is_send_order(stack_factory) -> None:  # type: ignore[no-untyped-def]
     stack = stack_factory()
     c = _publisher(stack)
-    base = 1_764_072_000_000_000
+    base = T0_US
     n = 300
     msgs = [("sensors/l2/seq-1/frame", frame("seq-1", i, base + i * 1000, [(1, 0, 0, float(i))])) for i in range(n)]
     _publish_all(c, msgs)
@@ -135,7 +139,7 @@ def test_order_within_a_device_is_send_order(stack_factory) -> None:  # type: ig
 def test_mosquitto_pub_json_and_audit_reconciles(stack_factory) -> None:  # type: ignore[no-untyped-def]
     stack = stack_factory()
     for i in range(20):
-        doc = json.dumps({"ts": 1764072000 + i, "seq": i, "values": {"rh": 40 + i, "temp_c": 20.5}})
+        doc = json.dumps({"ts": T0_S + i, "seq": i, "values": {"rh": 40 + i, "temp_c": 20.5}})
         subprocess.run(
             ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(stack.mqtt_port), "-q", "1",
              "-t", "sensors/l3/hvac-1/json", "-m", doc],
@@ -170,7 +174,7 @@ def test_writer_stopped_raises_lag_alert_then_recovers(stack_factory) -> None:  
     stack.signal("writer", signal.SIGSTOP)
     try:
         c = _publisher(stack)
-        base = 1_764_072_000_000_000
+        base = T0_US
         _publish_all(c, [("sensors/l4/lag-1/frame", frame("lag-1", i, base + i, [(1, 0, 0, 1.0)])) for i in range(50)])
         deadline = time.monotonic() + 20
         alert = None
@@ -198,7 +202,7 @@ def test_writer_stopped_raises_lag_alert_then_recovers(stack_factory) -> None:  
 def test_hop_latency_is_stored_per_interval_for_every_hop(stack_factory) -> None:  # type: ignore[no-untyped-def]
     stack = stack_factory("[writer]\nhop_latency_interval_s = 1.0\n")
     c = _publisher(stack)
-    base = 1_764_072_000_000_000
+    base = T0_US
     _publish_all(c, [("sensors/l5/hop-1/frame", frame("hop-1", i, base + i, [(1, 0, 0, 1.0)])) for i in range(200)])
     c.loop_stop()
     ch = stack.ch()

@@ -101,7 +101,8 @@ def test_long_topics_sharing_a_prefix_are_told_apart(stack_factory) -> None:  # 
     """The same timestamped payload on two topics that share their first 80 characters."""
     stack = stack_factory()
     line = "l" * 80
-    payload = json.dumps({"metric": "temp_c", "value": 1.0, "ts": 1764072000.5, "seq": 3}).encode()
+    # an hour ago: inside the writer's device-time window
+    payload = json.dumps({"metric": "temp_c", "value": 1.0, "ts": int(time.time()) - 3600 + 0.5, "seq": 3}).encode()
     pub = _publisher(stack.mqtt_port, "long")
     try:
         _publish(pub, [(f"sensors/{line}/{d}/json", payload) for d in ("a", "b")], 1)
