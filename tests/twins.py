@@ -40,3 +40,9 @@ def load(impl: str, twin: str, ext: str) -> ModuleType:
         "`make build` compiles the Cython extensions, and `make test` does so first",
         pytrace=False,
     )
+
+
+def pair(impl: str, twin: str, ext: str) -> tuple[ModuleType, ModuleType]:
+    """``(decoder module, batch module)`` of one implementation: the twin ``twin`` with
+    ``batch_py``, or ``sensorhub._ext.<ext>`` with ``sensorhub._ext.batch``."""
+    return load(impl, twin, ext), load(impl, "sensorhub.decoders.batch_py", "batch")

@@ -10,32 +10,24 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twins import IMPLEMENTATIONS, pair
 
 from sensorhub.decoders import batch_py, lineproto_py
 from sensorhub.errors import DecodeError, InvalidValue, SyntaxError_
 
-try:
-    from sensorhub._ext import batch as batch_c
-    from sensorhub._ext import lineproto as lineproto_c
-except ImportError:  # pragma: no cover - the build is part of the test command
-    batch_c = lineproto_c = None  # type: ignore[assignment]
-
 RECV_NS = 1_764_072_000_123_456_789
 RECV_US = RECV_NS // 1000
 
-IMPLS = [
-    pytest.param((lineproto_py, batch_py), id="python"),
-    pytest.param(
-        (lineproto_c, batch_c),
-        id="cython",
-        marks=pytest.mark.skipif(lineproto_c is None, reason="Cython extension not built"),
-    ),
-]
+TWIN = "sensorhub.decoders.lineproto_py"
 
 
-@pytest.fixture(params=IMPLS)
+def _cython() -> tuple[Any, Any]:
+    return pair("cython", TWIN, "lineproto")
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
 def impl(request: pytest.FixtureRequest) -> tuple[Any, Any]:
-    return request.param  # type: ignore[no-any-return]
+    return pair(request.param, TWIN, "lineproto")
 
 
 def decode(
@@ -330,10 +322,8 @@ def _expected(lines: list[dict[str, Any]], device: str) -> tuple[list[tuple[Any,
 def test_round_trip_from_independent_encoder(lines: list[dict[str, Any]]) -> None:
     payload = b"".join(_encode_line(line) for line in lines)
     want_rows, want_strings = _expected(lines, "topicdev")
-    for p in IMPLS:
-        if any(getattr(m, "name", "") == "skipif" and m.args[0] for m in p.marks):
-            continue
-        mod, bmod = p.values[0]
+    for impl in IMPLEMENTATIONS:
+        mod, bmod = pair(impl, TWIN, "lineproto")
         d = mod.Decoder()
         batch = bmod.ReadingBatch()
         assert d.decode("topicdev", payload, RECV_NS, batch) == len(want_rows)
@@ -375,7 +365,6 @@ def _outcome(mod: Any, bmod: Any, payload: bytes, device: str | None, live: bool
 _ALPHABET = b'mvd,= "\\\n\r#.-+eEiuTtFfa01239\xff\xc3'
 
 
-@pytest.mark.skipif(lineproto_c is None, reason="Cython extension not built")
 @settings(max_examples=400, deadline=None)
 @given(
     payload=st.one_of(
@@ -398,12 +387,11 @@ _ALPHABET = b'mvd,= "\\\n\r#.-+eEiuTtFfa01239\xff\xc3'
     device=st.none() | st.just("td"),
 )
 def test_cython_and_twin_agree(payload: bytes, device: str | None) -> None:
-    assert _outcome(lineproto_c, batch_c, payload, device, live=True) == _outcome(
+    assert _outcome(*_cython(), payload, device, live=True) == _outcome(
         lineproto_py, batch_py, payload, device, live=True
     )
 
 
-@pytest.mark.skipif(lineproto_c is None, reason="Cython extension not built")
 @settings(max_examples=500, deadline=None)
 @given(
     tok=st.from_regex(
@@ -416,9 +404,9 @@ def test_float_values_are_correctly_rounded(tok: str) -> None:
     payload = f"m v={tok}".encode()
     if not math.isfinite(want):
         with pytest.raises(InvalidValue):
-            decode((lineproto_c, batch_c), payload)
+            decode(_cython(), payload)
         return
-    (row,) = decode((lineproto_c, batch_c), payload)
+    (row,) = decode(_cython(), payload)
     assert math.copysign(1.0, row[3]) == math.copysign(1.0, want)
     assert row[3] == want
 
@@ -451,7 +439,6 @@ GOLDEN = (
 )
 
 
-@pytest.mark.skipif(lineproto_c is None, reason="Cython extension not built")
 def test_every_prefix_and_every_deleted_byte_agree() -> None:
     """Boundary values: each truncation point and each one-byte deletion of a golden payload."""
     variants = [GOLDEN[:cut] for cut in range(len(GOLDEN) + 1)]
@@ -459,7 +446,7 @@ def test_every_prefix_and_every_deleted_byte_agree() -> None:
     kinds = set()
     for v in variants:
         for device in ("td", None):
-            a = _outcome(lineproto_c, batch_c, v, device)
+            a = _outcome(*_cython(), v, device)
             assert a == _outcome(lineproto_py, batch_py, v, device), v
             kinds.add(a[0] if isinstance(a[0], type) else "ok")
     assert {"ok", SyntaxError_, InvalidValue} <= kinds

@@ -13,15 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kit.encoders import pb_key, uvarint
 from sparkplug_schema import load_schema
+from twins import IMPLEMENTATIONS, pair
 
 from sensorhub.decoders import batch_py, sparkplug_py
 from sensorhub.errors import DecodeError, InvalidValue, Truncated, UnknownAlias
-
-try:
-    from sensorhub._ext import batch as batch_c
-    from sensorhub._ext import sparkplug as sparkplug_c
-except ImportError:  # pragma: no cover - the build is part of the test command
-    batch_c = sparkplug_c = None  # type: ignore[assignment]
 
 RECV_NS = 1_764_072_000_123_456_789
 RECV_US = RECV_NS // 1000
@@ -46,20 +41,16 @@ def pb_module() -> ModuleType:
     return _PB
 
 
-IMPLS = [
-    pytest.param((sparkplug_py, batch_py), id="python"),
-    pytest.param(
-        (sparkplug_c, batch_c),
-        id="cython",
-        marks=pytest.mark.skipif(sparkplug_c is None, reason="Cython extension not built"),
-    ),
-]
-BOTH = [(sparkplug_py, batch_py)] + ([(sparkplug_c, batch_c)] if sparkplug_c is not None else [])
+TWIN = "sensorhub.decoders.sparkplug_py"
 
 
-@pytest.fixture(params=IMPLS)
+def _both() -> list[tuple[Any, Any]]:
+    return [pair(impl, TWIN, "sparkplug") for impl in IMPLEMENTATIONS]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
 def impl(request: pytest.FixtureRequest) -> tuple[Any, Any]:
-    return request.param  # type: ignore[no-any-return]
+    return pair(request.param, TWIN, "sparkplug")
 
 
 def rows_of(batch: Any) -> list[tuple[Any, ...]]:
@@ -378,7 +369,7 @@ def test_every_truncation_of_a_payload(pb: ModuleType) -> None:
         boundaries.add(i)
     assert len(boundaries) == 7
     for cut in range(len(raw) + 1):
-        outcomes = {_outcome(m, b, raw[:cut]) for m, b in BOTH}
+        outcomes = {_outcome(m, b, raw[:cut]) for m, b in _both()}
         assert len(outcomes) == 1, (cut, outcomes)
         (o,) = outcomes
         if cut in boundaries:
@@ -492,14 +483,13 @@ def test_round_trip_from_protobuf_runtime(
                 (ts or 0) * 256 + (seq or 0),
             )
         )
-    for impl in BOTH:
+    for impl in _both():
         assert decode(impl, raw) == want
 
 
 # ---------------------------------------------------------------- twin equivalence
 
 
-@pytest.mark.skipif(sparkplug_c is None, reason="Cython extension not built")
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     data=st.one_of(
@@ -530,7 +520,7 @@ def test_cython_and_twin_agree(data: Any, use_aliases: bool) -> None:
     aliases = (
         {0: ("zero", DT["Int8"]), 1: ("one", 0), 5: ("five", DT["Double"])} if use_aliases else None
     )
-    assert _outcome(sparkplug_c, batch_c, raw, aliases, live=True) == _outcome(
+    assert _outcome(*pair("cython", TWIN, "sparkplug"), raw, aliases, live=True) == _outcome(
         sparkplug_py, batch_py, raw, aliases, live=True
     )
 

@@ -12,16 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sparkplug_schema import load_schema
+from twins import IMPLEMENTATIONS, pair
 
 from sensorhub.decoders import batch_py, sparkplug_py
 from sensorhub.decoders.sparkplug_host import REBIRTH_METRIC, SparkplugHost
 from sensorhub.errors import CountTooLarge, InvalidValue, Truncated, UnknownAlias
-
-try:
-    from sensorhub._ext import batch as batch_c
-    from sensorhub._ext import sparkplug as sparkplug_c
-except ImportError:  # pragma: no cover - the build is part of the test command
-    batch_c = sparkplug_c = None  # type: ignore[assignment]
 
 TS = 1_764_072_000_000
 RECV_NS = 1_764_072_001_000_000_000
@@ -33,18 +28,12 @@ def pb(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
     return load_schema(tmp_path_factory.mktemp("pb"))
 
 
-@pytest.fixture(
-    params=[
-        pytest.param((sparkplug_py, batch_py), id="python"),
-        pytest.param(
-            (sparkplug_c, batch_c),
-            id="cython",
-            marks=pytest.mark.skipif(sparkplug_c is None, reason="Cython extension not built"),
-        ),
-    ]
-)
+TWIN = "sensorhub.decoders.sparkplug_py"
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
 def impl(request: pytest.FixtureRequest) -> tuple[Any, Any]:
-    return request.param  # type: ignore[no-any-return]
+    return pair(request.param, TWIN, "sparkplug")
 
 
 class Node:
@@ -357,13 +346,12 @@ def _story(pb: ModuleType, impl: tuple[Any, Any], steps: list[tuple[str, int, in
     return told, batch.rows(), host.counters(), host.take_outgoing()
 
 
-@pytest.mark.skipif(sparkplug_c is None, reason="Cython extension not built")
 @settings(max_examples=200, deadline=None)
 @given(steps=_STEPS)
 def test_cython_and_twin_hosts_tell_the_same_story(
     pb: ModuleType, steps: list[tuple[str, int, int, int]]
 ) -> None:
     """Random lifecycles of three nodes: both hosts store, count and ask the same."""
-    a = _story(pb, (sparkplug_c, batch_c), steps)
+    a = _story(pb, pair("cython", TWIN, "sparkplug"), steps)
     b = _story(pb, (sparkplug_py, batch_py), steps)
     assert a == b
