@@ -363,6 +363,59 @@ def faults(results: dict[str, dict[str, Any]]) -> list[str]:
     )
 
 
+# ---------------------------------------------------------------- storage (benchmarks/storage.py)
+
+
+def _bpr(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def storage(doc: dict[str, Any]) -> list[str]:
+    """Bytes per reading after merges, per candidate schema of ``readings`` and signal shape."""
+    rows = []
+    for signal, res in doc["readings"].items():
+        for cand, r in res["candidates"].items():
+            c = r["columns"]
+            rest = sum(c.get(k, 0.0) for k in ("device", "metric", "source", "quality")) + r["other"]
+            rows.append([
+                signal, f"`{cand}`", f"**{_bpr(r['bytes_per_row'])}**",
+                *(_bpr(c[k]) for k in ("value", "ts", "seq", "recv", "inserted")), _bpr(rest),
+                fixed(r["insert_cpu_ms_per_insert"], 1), fixed(r["merge_cpu_s"], 1),
+            ])
+    return [
+        f"{doc['readings_per_signal']:,} readings per signal, INSERTs of {doc['rows_per_insert']:,} rows, "
+        f"{doc['engine']}; the run took {doc['elapsed_s']:g} s.",
+        "",
+        *table(
+            ["signal", "candidate", "bytes/reading", "value", "ts", "seq", "recv", "inserted",
+             "device, metric, source, quality, index", "insert CPU ms/INSERT", "merge CPU s"],
+            "llrrrrrrrrr", rows,
+        ),
+    ]
+
+
+def storage_trades(doc: dict[str, Any]) -> list[str]:
+    """Bytes per trade after merges, per candidate schema of ``trades``."""
+    rows = []
+    for cand, r in doc["trades"]["candidates"].items():
+        c = r["columns"]
+        rest = sum(c.get(k, 0.0) for k in ("venue", "symbol", "side")) + r["other"]
+        rows.append([
+            f"`{cand}`", f"**{_bpr(r['bytes_per_row'])}**",
+            *(_bpr(c[k]) for k in ("trade_id", "price", "amount", "ts", "recv", "inserted")), _bpr(rest),
+            fixed(r["insert_cpu_ms_per_insert"], 1), fixed(r["merge_cpu_s"], 2),
+        ])
+    return [
+        f"{doc['trades_rows']:,} synthetic trades, INSERTs of {doc['rows_per_insert']:,} rows.",
+        "",
+        *table(
+            ["candidate", "bytes/trade", "trade_id", "price", "amount", "ts", "recv", "inserted",
+             "venue, symbol, side, index", "insert CPU ms/INSERT", "merge CPU s"],
+            "lrrrrrrrrrr", rows,
+        ),
+    ]
+
+
 RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "pipeline": pipeline,
     "pipeline-hops": pipeline_hops,
@@ -376,6 +429,8 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "simulator-clients": simulator_clients,
     "exchanges": exchanges,
     "faults": faults,
+    "storage": storage,
+    "storage-trades": storage_trades,
 }
 
 

@@ -276,3 +276,33 @@ def test_faults_table_in_the_scenarios_order(tmp_path: Path) -> None:
     assert rows[2] == "| ingest kill -9, twice | 74,970 | 0 | 0 | back READY in 1.1 s | 5.0k/s | 965 ms | 61 / 178 / 476 MB |"
     assert "outage 7.5 s; drained 3,099 entries in 1.8 s, 25.7 k rows/s (5.1× live)" in rows[3]
     assert "|  | 5.0k/s |" in rows[5]
+
+
+def _storage_candidate(bytes_per_row: float, **columns: float) -> dict[str, Any]:
+    return {
+        "rows": 1000, "bytes_per_row": bytes_per_row, "columns": columns, "other": 0.01,
+        "parts_before_merge": 10, "parts_after_merge": 1, "insert_cpu_s": 0.5, "insert_cpu_ms_per_insert": 14.04,
+        "insert_wall_s": 0.6, "merge_cpu_s": 4.96, "merge_wall_s": 5.0, "codecs": {}, "order_by": "(device)",
+    }
+
+
+STORAGE = {
+    "benchmark": "storage: bytes per row after merges by column codec", "engine": "chdb (ClickHouse 26.9.2.1)",
+    "readings_per_signal": 2_500_000, "trades_rows": 300_000, "rows_per_insert": 4000, "elapsed_s": 422.7,
+    "readings": {"walk": {"generated_s": 10.8, "candidates": {"delta_delta_zstd1": _storage_candidate(
+        2.884, value=0.652, ts=0.802, seq=0.239, recv=0.844, inserted=0.306, device=0.002, metric=0.004,
+        source=0.001, quality=0.024)}}},
+    "trades": {"candidates": {"zstd3": _storage_candidate(
+        8.19, trade_id=0.63, price=0.77, amount=1.69, ts=1.94, recv=2.5, inserted=0.4, venue=0.1, symbol=0.1,
+        side=0.05)}},
+}
+
+
+def test_storage_tables() -> None:
+    rows = dt.storage(STORAGE)
+    assert rows[0] == ("2,500,000 readings per signal, INSERTs of 4,000 rows, chdb (ClickHouse 26.9.2.1); "
+                       "the run took 422.7 s.")
+    assert rows[4] == "| walk | `delta_delta_zstd1` | **2.88** | 0.65 | 0.80 | 0.24 | 0.84 | 0.31 | 0.04 | 14.0 | 5.0 |"
+    trades = dt.storage_trades(STORAGE)
+    assert trades[0] == "300,000 synthetic trades, INSERTs of 4,000 rows."
+    assert trades[4] == "| `zstd3` | **8.19** | 0.63 | 0.77 | 1.69 | 1.94 | 2.50 | 0.40 | 0.26 | 14.0 | 4.96 |"
