@@ -51,7 +51,8 @@ fuzz: setup
 	@$(PY) -m pip install --quiet atheris || echo "atheris not installable here: the harnesses run their bounded plain random loop"
 	@for f in tests/fuzz/fuzz_*.py; do echo "== $$f"; $(PY) $$f --seconds $${FUZZ_SECONDS:-60} || exit 1; done
 
-BENCHMARKS := $(filter-out benchmarks/docs_tables.py,$(wildcard benchmarks/*.py))
+# soak.py has its own target (make soak): it runs for minutes
+BENCHMARKS := $(filter-out benchmarks/docs_tables.py benchmarks/soak.py,$(wildcard benchmarks/*.py))
 
 bench: setup
 	@mkdir -p benchmarks/results
