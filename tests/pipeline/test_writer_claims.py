@@ -100,7 +100,7 @@ def test_a_writer_that_woke_up_inserts_only_entries_it_still_owns(
     On waking the first writer must not insert the claimed entries again
     (they would be duplicates under another token).
     """
-    from sensorhub.pipeline.writer import _Batch
+    from sensorhub.pipeline.columns import Batch
     from sensorhub.sinks.schema import apply_schema
 
     settings = load_settings(
@@ -116,13 +116,13 @@ def test_a_writer_that_woke_up_inserts_only_entries_it_still_owns(
     apply_schema(ch_client, ch_database)
     w = Writer(settings)
     w.ch = ch_client
-    batch = _Batch()
+    batch = Batch()
     for entry_id, fields in redis_client.xreadgroup("writers", "sleepy", {stream: ">"})[0][1]:
-        w._add(batch, stream, entry_id.decode(), fields, time.time_ns())
+        w.columns.add(batch, stream, entry_id.decode(), fields, time.time_ns())
     assert len(batch.entries) == 4
     # while "sleepy" was stopped, another writer claimed the first two
     redis_client.xclaim(stream, "writers", "other", 0, ids[:2], justid=True)
-    w._flush(batch)
+    w.delivery.flush(batch)
     rows = ch_client.query(f"SELECT device FROM {ch_database}.readings GROUP BY device ORDER BY device").result_rows
     assert rows == [("dev-2",), ("dev-3",)]
     pend = redis_client.xpending_range(stream, "writers", min="-", max="+", count=10)

@@ -31,12 +31,21 @@ from kit import services
 
 from sensorhub.config import load_settings
 from sensorhub.decoders import ReadingBatch
+from sensorhub.errors import SinkError
 from sensorhub.pipeline.audit import reconcile
+from sensorhub.pipeline.clickhouse_errors import (
+    ROW_CAUSED_ERRORS,
+    SINK_FAILURES,
+    ClickHouseFailed,
+    refused_for_rows,
+    sink_boundary,
+)
+from sensorhub.pipeline.columns import Batch
 from sensorhub.pipeline.dlq import replay_dead_letters
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.rejected import READING_TOPIC, DeviceTimeWindow, reading_payload
 from sensorhub.pipeline.streams import F_BLOCK, F_KIND, F_SOURCE, KIND_READINGS, encode_block
-from sensorhub.pipeline.writer import ROW_CAUSED_ERRORS, Writer, _Batch, refused_for_rows
+from sensorhub.pipeline.writer import Writer
 from sensorhub.sinks.schema import apply_schema
 
 DAY_US = 86_400_000_000
@@ -268,14 +277,14 @@ def test_a_batch_refused_for_some_rows_stores_the_rest_and_dead_letters_exactly_
     assert not redis_client.exists(layout.intent("w1"))
 
 
-def _drive(w: Writer, r: Any, layout: StreamLayout) -> _Batch:
+def _drive(w: Writer, r: Any, layout: StreamLayout) -> Batch:
     """Read every entry into one batch and flush it (as the writer's loop does, in one go)."""
-    batch = _Batch()
+    batch = Batch()
     for s in layout.all_streams():
         for stream, got in r.xreadgroup("writers", w.consumer, {s: ">"}) or []:
             for entry_id, fields in got:
-                w._add(batch, stream.decode(), entry_id.decode(), fields, time.time_ns())
-    w._flush(batch)
+                w.columns.add(batch, stream.decode(), entry_id.decode(), fields, time.time_ns())
+    w.delivery.flush(batch)
     return batch
 
 
@@ -333,6 +342,31 @@ def test_refused_for_rows_tells_row_errors_from_the_rest() -> None:
     assert not refused_for_rows(DatabaseError("Code: 60. ... (UNKNOWN_TABLE)", code=60))
     assert not refused_for_rows(OperationalError("Connection refused"))
     assert not refused_for_rows(OSError("timed out"))
+
+
+def test_sink_boundary_classifies_what_comes_out_of_clickhouse() -> None:
+    from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+    def through(exc: BaseException) -> BaseException:
+        try:
+            with sink_boundary():
+                raise exc
+        except BaseException as out:
+            return out
+        raise AssertionError("nothing raised")
+
+    row = through(DatabaseError("Code: 469. DB::Exception: Constraint violated (VIOLATED_CONSTRAINT)", code=469))
+    assert isinstance(row, ClickHouseFailed) and row.row_caused
+    assert row.why == "Code: 469. DB::Exception: Constraint violated (VIOLATED_CONSTRAINT)"
+    for retryable in (OperationalError("Connection refused"), DatabaseError("Code: 243. (NOT_ENOUGH_SPACE)", code=243)):
+        out = through(retryable)
+        assert isinstance(out, ClickHouseFailed) and not out.row_caused and str(out) == str(retryable)
+    # ours already, or the socket's: retryable as they are
+    for passed in (SinkError("ClickHouse at x unreachable"), OSError("timed out")):
+        assert through(passed) is passed
+    bug = KeyError("a bug")
+    assert through(bug) is bug
+    assert not isinstance(bug, SINK_FAILURES)
 
 
 # ---------------------------------------------------------------- waited out, never dead-lettered
