@@ -29,16 +29,14 @@ from backports import zstd
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 from kit.services import ManagedProcess, start_chdb_server
 
-from sensorhub.chdb_server import protocol
-from sensorhub.chdb_server.protocol import (
-    ClickHouseError,
-    compress_body,
-    make_decoder,
+from sensorhub.chdb_server.codecs import compress_body, make_decoder
+from sensorhub.chdb_server.errors import CODES, ClickHouseError
+from sensorhub.chdb_server.params import split_params
+from sensorhub.chdb_server.sql import (
     output_format,
     parse_insert_head,
     parse_set,
     parse_use,
-    split_params,
     statement_count,
 )
 
@@ -371,10 +369,10 @@ def test_readonly_requests_cannot_write(chdb_server: Any, ch_client: Any, ch_dat
 
 
 def test_error_codes_match_the_engine(chdb_server: Any) -> None:
-    codes = ",".join(str(c) for c in protocol.CODES.values())
+    codes = ",".join(str(c) for c in CODES.values())
     _, _, body = raw(chdb_server, f"SELECT n, errorCodeToName(n) FROM (SELECT arrayJoin([{codes}]) AS n)".encode())
     engine_names = {int(n): name for n, name in (line.split("\t") for line in body.decode().splitlines())}
-    assert {name: code for code, name in engine_names.items()} == protocol.CODES
+    assert {name: code for code, name in engine_names.items()} == CODES
 
 
 def test_ping_answers_while_a_long_insert_runs(chdb_server: Any, ch_client: Any, ch_database: str) -> None:

@@ -9,5 +9,5 @@ from __future__ import annotations
 
 __all__ = ["ClickHouseError", "ServerConfig"]
 
-from sensorhub.chdb_server.protocol import ClickHouseError
+from sensorhub.chdb_server.errors import ClickHouseError
 from sensorhub.chdb_server.server import ServerConfig

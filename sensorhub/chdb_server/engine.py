@@ -31,12 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sensorhub.chdb_server.protocol import (
-    ClickHouseError,
-    error_from_engine,
-    insert_from_file,
-    quote_string,
-)
+from sensorhub.chdb_server.errors import ClickHouseError, error_from_engine
+from sensorhub.chdb_server.sql import insert_from_file, quote_string
 
 __all__ = ["Engine", "Outcome"]
 

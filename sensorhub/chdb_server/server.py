@@ -30,20 +30,17 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlsplit
 
+from sensorhub.chdb_server.codecs import compress_body, form_fields, make_decoder
 from sensorhub.chdb_server.engine import Engine, Outcome
-from sensorhub.chdb_server.protocol import (
-    ClickHouseError,
-    RequestParams,
-    compress_body,
-    form_fields,
+from sensorhub.chdb_server.errors import ClickHouseError
+from sensorhub.chdb_server.params import RequestParams, split_params
+from sensorhub.chdb_server.sql import (
     has_infile,
     is_read_only,
-    make_decoder,
     parse_insert_head,
     parse_set,
     parse_use,
     scan_statements,
-    split_params,
 )
 
 __all__ = ["ChdbHTTPServer", "QueryRunner", "ServerConfig", "SessionStore"]

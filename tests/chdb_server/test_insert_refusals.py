@@ -34,7 +34,7 @@ from backports import zstd
 from clickhouse_connect.driver.exceptions import DatabaseError
 from kit.services import ManagedProcess, start_chdb_server
 
-from sensorhub.chdb_server.protocol import has_infile, insert_from_file
+from sensorhub.chdb_server.sql import has_infile, insert_from_file
 from sensorhub.varint import uvarint
 
 # Three rows in three months of a table partitioned by month.
