@@ -37,6 +37,8 @@ from pydantic_settings import (
 from sensorhub.errors import ConfigError
 
 __all__ = [
+    "AlertRule",
+    "AlertsSettings",
     "BackoffSettings",
     "ClickHouseSettings",
     "IngestSettings",
@@ -265,6 +267,111 @@ class MetricsSettings(_Section):
     prometheus_host: str = "127.0.0.1"
 
 
+class AlertRule(_Section):
+    """One alert rule: which series it watches (globs over device ids and metric names) and what fires it.
+
+    Exactly one condition: ``above`` or ``below`` (a limit on the value),
+    ``rate_above`` or ``rate_below`` (change per second over ``window_s``), or
+    ``silent_s`` (no reading of a matching metric from a matching device for that
+    long). ``clear_at`` is the hysteresis level at which an open alert closes
+    (default: the limit itself); ``for_s`` is how long the condition must hold,
+    in reading time, before the alert opens.
+    """
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+    device: str = Field("*", min_length=1, description="glob over device ids")
+    metric: str = Field("*", min_length=1, description="glob over metric names")
+    above: float | None = None
+    below: float | None = None
+    rate_above: float | None = Field(None, description="per second, over window_s")
+    rate_below: float | None = Field(None, description="per second, over window_s (negative: falling)")
+    silent_s: float | None = Field(None, gt=0)
+    window_s: float = Field(10.0, gt=0, le=86400, description="span of the rate rules' change")
+    clear_at: float | None = None
+    for_s: float = Field(0.0, ge=0, le=86400)
+    severity: Literal["info", "warning", "critical"] = "warning"
+
+    @model_validator(mode="after")
+    def _one_condition(self) -> AlertRule:
+        given = [k for k in ALERT_CONDITIONS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"rule {self.name!r}: exactly one of {', '.join(ALERT_CONDITIONS)} (got "
+                + (", ".join(given) if given else "none") + ")"
+            )
+        kind = given[0]
+        limit = getattr(self, kind)
+        if kind != "silent_s" and limit != limit:  # NaN
+            raise ValueError(f"rule {self.name!r}: {kind} must be a number")
+        if kind == "silent_s":
+            if self.clear_at is not None or self.for_s:
+                raise ValueError(f"rule {self.name!r}: silent_s takes neither clear_at nor for_s")
+        elif self.clear_at is not None:
+            rising = kind in ("above", "rate_above")
+            if (rising and not self.clear_at <= limit) or (not rising and not self.clear_at >= limit):
+                raise ValueError(
+                    f"rule {self.name!r}: clear_at {'at or below' if rising else 'at or above'} "
+                    f"{kind} ({limit}), got {self.clear_at}"
+                )
+        return self
+
+    @property
+    def kind(self) -> str:
+        """The condition: ``above``, ``below``, ``rate_above``, ``rate_below`` or ``silent_s``."""
+        return next(k for k in ALERT_CONDITIONS if getattr(self, k) is not None)
+
+
+ALERT_CONDITIONS = ("above", "below", "rate_above", "rate_below", "silent_s")
+
+
+class AlertsSettings(_Section):
+    """Threshold alerts on live readings: rules, the evaluator's bounds, the WebSocket gateway."""
+
+    rules: tuple[AlertRule, ...] = ()
+    group: str = Field("alerts", min_length=1, description="the evaluator's consumer group on the reading streams")
+    consumer: str = Field("evaluator", min_length=1, description="the evaluator's consumer name (stable across restarts)")
+    max_series: int = Field(
+        100_000, ge=1, le=10_000_000,
+        description="(rule, device, metric) states held in memory; past it the longest-unseen closed ones are dropped",
+    )
+    rate_samples: int = Field(64, ge=2, le=4096, description="samples a rate rule keeps per series over window_s")
+    read_count: int = Field(64, ge=1, description="stream entries per XREADGROUP")
+    tick_ms: int = Field(200, ge=10, le=10_000, description="how often silent_s rules are checked")
+    checkpoint_ms: int = Field(
+        1000, ge=50, le=60_000,
+        description="state saved and entries acknowledged this often; a restart re-reads at most this much",
+    )
+    events_maxlen: int = Field(100_000, ge=1000, description="alert events kept in the events stream")
+    store_batch: int = Field(1000, ge=1, le=100_000, description="alert events per INSERT into the alerts table")
+    host: str = Field("127.0.0.1", description="address of `sensorhub alerts serve`")
+    port: int = Field(8765, ge=1, le=65535, description="port of `sensorhub alerts serve`")
+    client_queue: int = Field(
+        256, ge=1, le=100_000, description="messages queued for one WebSocket client; a client past it is dropped"
+    )
+    max_clients: int = Field(1000, ge=1, le=100_000, description="WebSocket clients at once; more are refused")
+    history: int = Field(200, ge=0, le=10_000, description="recent events a client may ask for on connect")
+    token: SecretStr | None = Field(
+        None, description="the page and the WebSocket want it (?token= or Authorization: Bearer); "
+        "needed when host is not a loopback address",
+    )
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> AlertsSettings:
+        if self.token is None and self.host not in ("127.0.0.1", "::1", "localhost"):
+            raise ValueError(f"alerts.token set, to serve alerts on {self.host} (only loopback goes without one)")
+        return self
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_names(cls, v: tuple[AlertRule, ...]) -> tuple[AlertRule, ...]:
+        seen: set[str] = set()
+        for r in v:
+            if r.name in seen:
+                raise ValueError(f"rule names must be unique ({r.name!r} twice)")
+            seen.add(r.name)
+        return v
+
+
 class SourceSettings(_Section):
     """One named source: its driver and driver options."""
 
@@ -300,6 +407,7 @@ class Settings(BaseSettings):
         default_factory=dict, description="frame metric_id -> metric name; unknown ids are m<id>"
     )
     sources: dict[str, SourceSettings] = Field(default_factory=_default_sources)
+    alerts: AlertsSettings = AlertsSettings()
 
     @field_validator("dictionary")
     @classmethod
@@ -333,7 +441,7 @@ class Settings(BaseSettings):
 
 
 _CONFIG_PATH: str | None = None
-_SECRET_KEYS = {"password"}
+_SECRET_KEYS = {"password", "token"}
 
 
 def _mask(obj: Any) -> Any:
