@@ -32,6 +32,14 @@ class Command:
     arguments: Callable[[argparse.ArgumentParser], None]
 
 
+def _alerts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["evaluate", "serve", "open", "drop-group"],
+                   help="evaluate: the rules on the live streams; serve: WebSocket and page; open: list the open "
+                   "alerts; drop-group: remove the evaluator's consumer group (after removing every rule)")
+    p.add_argument("--port", type=int, help="serve: port (default alerts.port; 0: any free port)")
+    p.add_argument("--no-store", action="store_true", help="evaluate: do not store alerts in ClickHouse")
+
+
 def _audit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reconcile", action="store_true", help="compare with ClickHouse and exit 1 on a gap")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -188,6 +196,9 @@ def _writer(p: argparse.ArgumentParser) -> None:
 
 # name -> command; keep sorted. A command is listed only once it works.
 COMMANDS: dict[str, Command] = {
+    "alerts": Command(
+        "threshold alerts: evaluate the rules on live readings, serve them over WebSocket, list the open ones",
+        "sensorhub.alerts.cmd_alerts", _alerts),
     "audit": Command(
         "show per source and minute: received, written to Redis, inserted, stored; name gaps",
         "sensorhub.pipeline.cmd_audit", _audit),

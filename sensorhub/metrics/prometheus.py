@@ -17,6 +17,10 @@ Hop latencies are histograms (``sensorhub_hop_latency_seconds_bucket{le=...}``,
 so that they add up across processes (``histogram_quantile`` over a ``sum by
 (le)``); the percentiles stay in the monitor.
 
+Alerts: ``sensorhub_alerts_open{severity}`` (open now) and the counters
+``sensorhub_alerts_opened_total`` / ``sensorhub_alerts_closed_total`` by severity,
+read from the counts the evaluator keeps in Redis with each event.
+
 Names are ``sensorhub_*``; labels ``process``, ``role``, ``source`` (ingest:
 the source name), ``consumer`` (writer), ``hop``, ``le``, ``stream`` and
 ``group``. Snapshots are read with :mod:`sensorhub.metrics.snapshot`.
@@ -41,6 +45,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from sensorhub.alerts.keys import SEVERITIES, read_alerts
 from sensorhub.metrics.snapshot import read_snapshots, stream_info
 from sensorhub.pipeline.keys import StreamLayout
 
@@ -82,6 +87,7 @@ class SnapshotCollector(Collector):
         try:
             snaps = read_snapshots(self.redis, self.layout)
             streams = stream_info(self.redis, self.layout)
+            alerts = read_alerts(self.redis, self.layout, latest=0)
         except (redis_mod.RedisError, OSError):
             up.add_metric([], 0.0)
             yield up
@@ -93,6 +99,18 @@ class SnapshotCollector(Collector):
         yield from self._writer(s for s in snaps if s.get("role") == "writer")
         yield from self._latency(snaps)
         yield from self._streams(streams)
+        yield from self._alerts(alerts)
+
+    def _alerts(self, a: dict[str, Any]) -> Iterator[Metric]:
+        """Open alerts and alert events by severity, as the evaluator counts them in Redis (exactly once)."""
+        open_ = GaugeMetricFamily("sensorhub_alerts_open", "alerts open now", labels=["severity"])
+        opened = CounterMetricFamily("sensorhub_alerts_opened", "alerts opened", labels=["severity"])
+        closed = CounterMetricFamily("sensorhub_alerts_closed", "alerts closed", labels=["severity"])
+        for sev in SEVERITIES:
+            open_.add_metric([sev], float(a["open_by_severity"].get(sev, 0)))
+            opened.add_metric([sev], float(a["opened"].get(sev, 0)))
+            closed.add_metric([sev], float(a["closed"].get(sev, 0)))
+        yield from (open_, opened, closed)
 
     def _processes(self, snaps: list[dict[str, Any]]) -> Iterator[Metric]:
         labels = ["process", "role", "name"]

@@ -13,6 +13,8 @@ length, and per consumer group pending, lag entries, oldest pending age),
 ``pipeline`` (backlog, lag, alert, throughput), ``latency`` (per hop, worst
 process, with the p99 history), ``dead_letters`` {count_today, stream_len,
 latest}, ``totals`` (received vs stored today, reconciled), ``events``,
+``alerts`` (open by severity, opened and closed counts, the latest open ones, the
+evaluator and gateway processes),
 ``verdict`` (flowing, lost, delay: the three questions answered in words).
 """
 
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from sensorhub.alerts.keys import read_alerts
 from sensorhub.metrics.hops import HOPS, PIPELINE_HOPS
 from sensorhub.metrics.snapshot import entry_ms, read_snapshots, stream_info
 from sensorhub.pipeline.audit import audit_rows
@@ -290,6 +293,7 @@ class StateCollector:
         audit: list[dict[str, Any]] = []
         dlq_latest: list[dict[str, Any]] = []
         dlq_len = 0
+        alerts: dict[str, Any] = {}
         try:
             snaps = read_snapshots(self.redis, self.layout, now)
             streams = stream_info(self.redis, self.layout, now)
@@ -297,6 +301,7 @@ class StateCollector:
             audit = [r for r in audit_rows(self.redis, self.layout) if r["minute"] >= today]
             dlq_latest = self._dlq_latest()
             dlq_len = int(self.redis.xlen(self.layout.dlq))
+            alerts = read_alerts(self.redis, self.layout)
         except (redis_mod.RedisError, OSError) as exc:
             state["redis"] = {"ok": False, "url": self.redis_url, "error": f"{type(exc).__name__}: {exc}"}
         self._clickhouse(now, today)
@@ -308,6 +313,15 @@ class StateCollector:
         state["writers"] = writers
         state["streams"] = streams
         state["events"] = events
+        state["alerts"] = {
+            **alerts,
+            "processes": [
+                {"role": s.get("role"), "name": s.get("name"), "stale": s["age_s"] > self.stale_after_s,
+                 "state": (s.get("gauges") or {}).get("state"), "clients": (s.get("gauges") or {}).get("clients"),
+                 "backlog_entries": (s.get("gauges") or {}).get("backlog_entries")}
+                for s in snaps if s.get("role") in ("alerts", "gateway")
+            ],
+        }
 
         # pipeline: backlog and lag from the streams themselves (true even with no writer
         # alive), and the writers' own view

@@ -98,7 +98,25 @@ def _header(st: dict[str, Any], sort: str, focus: str | None) -> RenderableType:
     line.append("  delay: ")
     alert = st["pipeline"]["lag_alert"]
     line.append(v["delay"], style="bold white on red" if alert else "bold")
+    a = st.get("alerts") or {}
+    if a.get("processes") or a.get("open"):
+        crit = (a.get("open_by_severity") or {}).get("critical", 0)
+        line.append("  alerts: ")
+        line.append(f"{a['open']} open", style="bold white on red" if crit else ("bold yellow" if a["open"] else "green"))
     return Group(t, line)
+
+
+def _alert_lines(st: dict[str, Any]) -> list[RenderableType]:
+    """The latest open alerts, one line each."""
+    out: list[RenderableType] = []
+    for e in (st.get("alerts") or {}).get("latest") or []:
+        t = Text("  ", no_wrap=True, overflow="ellipsis")
+        t.append(f"ALERT {e['severity']}", style="bold red" if e["severity"] == "critical" else "yellow")
+        since = datetime.fromtimestamp(float(e.get("opened") or 0), UTC).strftime("%H:%M:%SZ")
+        value = "?" if e.get("value") is None else f"{e['value']:.6g}"
+        t.append(f" {e['rule']} {e['device']} {e['metric']} {value} (limit {e.get('threshold')}) since {since}")
+        out.append(t)
+    return out
 
 
 def _sources(st: dict[str, Any], sort: str, wide: bool, max_rows: int) -> RenderableType:
@@ -169,6 +187,7 @@ def _pipeline(st: dict[str, Any], wide: bool) -> RenderableType:
         lines.append(t)
     if not st["writers"]:
         lines.append(Text("  no writer publishes metrics", style="bold red"))
+    lines += _alert_lines(st)
     if wide:
         # only streams holding something: 17 empty partitions say nothing at 3 a.m.
         busy = [(s, g) for s in st["streams"] for g in s["groups"] if s["length"] or g["pending"] or g["lag_s"]]

@@ -9,6 +9,9 @@
 - dead letters: ``<prefix>:dlq``; audit counters: ``<prefix>:audit:<source>:<minute>``
   hashes; ingest dedup log: ``<prefix>:acklog:<source>``; writer insert intents:
   ``<prefix>:intent:<consumer>``; process metrics: ``<prefix>:metrics:<process>``.
+- alerts: ``<prefix>:{alerts}:<name>`` (events stream, pub/sub channel, open alerts,
+  counts, the evaluator's checkpoint; one hash tag, as one script writes them together),
+  see :mod:`sensorhub.alerts`.
 
 Only names live here, so that the monitor, the metrics exporter and tests read
 the layout without loading the entry codec (:mod:`sensorhub.pipeline.streams`).
@@ -77,6 +80,10 @@ class StreamLayout:
     def hops(self) -> str:
         """Per-interval hop percentiles posted by ingest processes (capped)."""
         return f"{self.prefix}:hops"
+
+    def alerts(self, name: str) -> str:
+        """A key of the alert evaluator and gateway (``events``, ``open``, ``counts``, ...)."""
+        return f"{self.prefix}:{{alerts}}:{name}"
 
     @property
     def events(self) -> str:

@@ -7,6 +7,10 @@ returns once everything is ready and prints::
 
     {"mqtt": {"host", "port"}, "redis_url", "clickhouse_url", "clickhouse_database", "pids": {name: pid}, ...}
 
+With alert rules in the configuration (``[[alerts.rules]]``) it also runs the
+alert evaluator and gateway (children ``alerts-evaluator`` and
+``alerts-gateway``), and the JSON gains ``"alerts_url": "ws://HOST:PORT/alerts"``.
+
 ``clickhouse_url`` names the database (``http://HOST:PORT/sensorhub``), so a
 clickhouse-connect client of that URL (``get_client(dsn=...)``) lands in it.
 The configuration is checked before anything starts (the first bad key ends
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "stack.json"
 HOST = "127.0.0.1"
 CHILDREN = ("mosquitto", "redis", "chdb-server", "ingest", "writer")
+ALERT_CHILDREN = ("alerts-evaluator", "alerts-gateway")  # when alert rules are configured
 DEFAULT_DATABASE = "sensorhub"
 
 
@@ -107,6 +112,19 @@ def _specs(d: Path, ports: dict[str, int], opts: dict[str, Any]) -> list[ChildSp
                   output=str(logs / "ingest.log"), start_timeout_s=60),
         ChildSpec("writer", (py, "-m", "sensorhub", *cfg, "writer", "--consumer", "writer-1"), env=env,
                   output=str(logs / "writer.log"), start_timeout_s=120),
+        *_alert_specs(py, cfg, env, logs, ports),
+    ]
+
+
+def _alert_specs(py: str, cfg: list[str], env: dict[str, str], logs: Path, ports: dict[str, int]) -> list[ChildSpec]:
+    if "alerts" not in ports:
+        return []
+    env = {**env, "SENSORHUB_ALERTS_HOST": HOST, "SENSORHUB_ALERTS_PORT": str(ports["alerts"])}
+    return [
+        ChildSpec("alerts-evaluator", (py, "-m", "sensorhub", *cfg, "alerts", "evaluate"), env=env,
+                  output=str(logs / "alerts-evaluator.log"), start_timeout_s=60),
+        ChildSpec("alerts-gateway", (py, "-m", "sensorhub", *cfg, "alerts", "serve"), env=env,
+                  output=str(logs / "alerts-gateway.log"), start_timeout_s=60),
     ]
 
 
@@ -125,6 +143,7 @@ def _public(state: dict[str, Any], sup: Supervisor | None = None) -> dict[str, A
         "dir": state.get("dir"),
         "ready": state.get("ready", False),
         "restarts": state.get("restarts", {}),
+        **({"alerts_url": f"ws://{HOST}:{state['ports']['alerts']}/alerts"} if "alerts" in state["ports"] else {}),
     }
 
 
@@ -136,6 +155,10 @@ def supervise(d: Path, opts: dict[str, Any]) -> int:
         "redis": stack_services.free_port(HOST),
         "clickhouse": stack_services.free_port(HOST),
     }
+    if opts.get("alerts"):
+        ports.setdefault("alerts", stack_services.free_port(HOST))
+    else:
+        ports.pop("alerts", None)
     state.update({"ports": ports, "supervisor_pid": os.getpid(), "dir": str(d), "ready": False,
                   "database": opts.get("database", DEFAULT_DATABASE)})
     state.pop("failed", None)
@@ -223,6 +246,7 @@ def stack_up(d: Path, timeout_s: float = 120.0, opts: dict[str, Any] | None = No
     opts = dict(opts or {})
     settings = load_settings(opts.get("config"))
     opts.setdefault("database", settings.clickhouse.database)
+    opts["alerts"] = bool(settings.alerts.rules)
     d = d.resolve()
     d.mkdir(parents=True, exist_ok=True)
     state = _read_state(d)

@@ -139,7 +139,32 @@ HOP_LATENCY = Table(
     "(hop, interval_start, process)",
 )
 
-TABLES: tuple[Table, ...] = (READINGS, TRADES, DEAD_LETTERS, DEAD_LETTER_REPLAYS, INGEST_AUDIT, HOP_LATENCY)
+# One row per alert event: the open row, then the closed row that replaces it on merge
+# (version `closed`, 1970-01-01 while open); FINAL or argMax reads one row per alert.
+ALERTS = Table(
+    "alerts",
+    (
+        ("id", "String"),
+        ("rule", "LowCardinality(String)"),
+        ("kind", "LowCardinality(String)"),
+        ("device", "LowCardinality(String)"),
+        ("metric", "LowCardinality(String)"),
+        ("severity", "LowCardinality(String)"),
+        ("state", "LowCardinality(String)"),
+        ("opened", "DateTime64(6, 'UTC')"),
+        ("closed", "DateTime64(6, 'UTC')"),
+        ("value", "Float64"),
+        ("close_value", "Nullable(Float64)"),
+        ("threshold", "Float64"),
+        ("inserted", "DateTime64(6, 'UTC') DEFAULT now64(6)"),
+    ),
+    "ReplacingMergeTree(closed)",
+    "(rule, device, metric, opened, id)",
+)
+
+TABLES: tuple[Table, ...] = (
+    READINGS, TRADES, DEAD_LETTERS, DEAD_LETTER_REPLAYS, INGEST_AUDIT, HOP_LATENCY, ALERTS,
+)
 
 
 def _engine(t: Table, cluster: str | None) -> str:
