@@ -416,6 +416,67 @@ def storage_trades(doc: dict[str, Any]) -> list[str]:
     ]
 
 
+def _codec_key(codec: str) -> str:
+    """A codec chain as both the benchmark and the schema write it: ``Delta(8), ZSTD(1)`` is ``Delta,ZSTD(1)``."""
+    return re.sub(r"\b(Delta|DoubleDelta|Gorilla)\(\d+\)", r"\1", codec).replace(" ", "")
+
+
+def _measured(candidates: dict[str, Any], column: str, codec: str, order_by: str) -> tuple[str, float] | None:
+    """The first candidate sorted like the schema that gave ``column`` the codec ``codec``, and its bytes."""
+    for name, r in candidates.items():
+        if _codec_key(r["order_by"]) == _codec_key(order_by) and _codec_key(r["codecs"][column]) == _codec_key(codec):
+            return name, r["columns"][column]
+    return None
+
+
+def storage_schema(doc: dict[str, Any]) -> list[str]:
+    """What the schema's own codecs store (sensorhub/sinks/schema.py), column by column, from the
+    candidates of the result that gave a column the same codec and sort order: columns compress
+    independently. A column other than ``value`` not measured on one signal takes the other's
+    figure (``*``): the simulator makes it the same for both."""
+    from sensorhub.sinks.schema import READINGS, TRADES
+
+    signals = list(doc["readings"])
+    rows, totals, starred = [], dict.fromkeys(signals, 0.0), False
+    for column, _ in READINGS.columns:
+        codec = READINGS.codec(column) or "LZ4"
+        cells, where = [], ""
+        for signal in signals:
+            got = _measured(doc["readings"][signal]["candidates"], column, codec, READINGS.order_by)
+            mark = ""
+            if got is None and column != "value":
+                got = next(filter(None, (_measured(doc["readings"][o]["candidates"], column, codec, READINGS.order_by)
+                                         for o in signals if o != signal)), None)
+                mark = "*" if got else ""
+            if got is None:
+                cells.append("–")
+                totals[signal] = math.nan
+                continue
+            starred = starred or bool(mark)
+            where = where or got[0]
+            totals[signal] += got[1]
+            cells.append(_bpr(got[1]) + mark)
+        rows.append([f"`{column}`", codec, *cells, f"`{where}`"])
+    others = {s: next(iter(doc["readings"][s]["candidates"].values()))["other"] for s in signals}
+    rows.append(["index, marks, checksums", "", *(_bpr(others[s]) for s in signals), ""])
+    rows.append(["**all columns**", "", *(f"**{_bpr(totals[s] + others[s])}**" for s in signals), ""])
+    out = table(["readings column", "codec", *(f"{s} bytes/reading" for s in signals), "measured in"],
+                "ll" + "r" * len(signals) + "l", rows)
+    if starred:
+        out += ["", "\\* measured on the other signal's rows: the column is the same in both."]
+    trows, ttotal = [], 0.0
+    trades = doc["trades"]["candidates"]
+    for column, _ in TRADES.columns:
+        codec = TRADES.codec(column) or "LZ4"
+        got = _measured(trades, column, codec, TRADES.order_by)
+        ttotal += got[1] if got else math.nan
+        trows.append([f"`{column}`", codec, _bpr(got[1]) if got else "–", f"`{got[0]}`" if got else ""])
+    tother = next(iter(trades.values()))["other"]
+    trows.append(["index, marks, checksums", "", _bpr(tother), ""])
+    trows.append(["**all columns**", "", f"**{_bpr(ttotal + tother)}**", ""])
+    return [*out, "", *table(["trades column", "codec", "bytes/trade", "measured in"], "llrl", trows)]
+
+
 RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "pipeline": pipeline,
     "pipeline-hops": pipeline_hops,
@@ -431,6 +492,7 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "faults": faults,
     "storage": storage,
     "storage-trades": storage_trades,
+    "storage-schema": storage_schema,
 }
 
 

@@ -176,7 +176,11 @@ def _replay(p: argparse.ArgumentParser) -> None:
 
 
 def _schema(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", nargs="?", choices=["print", "apply"], default="print")
+    p.add_argument(
+        "action", nargs="?", choices=["print", "apply", "migrate"], default="print",
+        help="print the DDL; apply it (create what is missing); migrate a database an older sensorhub "
+        "wrote, or whose retention settings changed, to this version (stop the writers first)",
+    )
     p.add_argument("--clickhouse", metavar="URL", help="override clickhouse.url (http://HOST:PORT[/DATABASE])")
     p.add_argument("--database", help="override clickhouse.database")
     p.add_argument("--cluster", help="generate Replicated*/Distributed DDL for this cluster")
@@ -230,7 +234,7 @@ COMMANDS: dict[str, Command] = {
         "serve a recorded exchange capture on a loopback WebSocket, as the venue would",
         "sensorhub.replay.cmd_replay", _replay),
     "schema": Command(
-        "print or apply the ClickHouse schema (idempotent)",
+        "print, apply or migrate the ClickHouse schema (idempotent)",
         "sensorhub.sinks.cmd_schema", _schema),
     "stack": Command(
         "run the whole appliance on private loopback ports (up, status, down)",

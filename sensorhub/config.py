@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -162,6 +163,20 @@ class ClickHouseSettings(_Section):
     connect_timeout_s: float = Field(5.0, gt=0)
     send_receive_timeout_s: float = Field(60.0, gt=0)
     cluster: str | None = Field(None, description="generate Replicated*/Distributed DDL for this cluster")
+    # Days rows are kept after they were stored (the tables' TTL); `sensorhub schema migrate` applies a change.
+    retention_days: int = Field(30, ge=1, le=36_500, description="raw readings (readings)")
+    trades_retention_days: int = Field(90, ge=1, le=36_500, description="trades")
+    dead_letters_retention_days: int = Field(
+        60, ge=7, le=36_500, description="dead letters and their replays: time to fix the cause and replay them"
+    )
+    audit_retention_days: int = Field(400, ge=1, le=36_500, description="ingest_audit")
+    hop_latency_retention_days: int = Field(30, ge=1, le=36_500, description="hop_latency")
+    rollup_minute_retention_days: int = Field(
+        730, ge=1, le=36_500, description="readings_by_minute, by the minute's device time; at least retention_days"
+    )
+    rollup_hour_retention_days: int = Field(
+        1830, ge=1, le=36_500, description="readings_by_hour, by the hour's device time; at least retention_days"
+    )
 
     @field_validator("url")
     @classmethod
@@ -186,6 +201,16 @@ class ClickHouseSettings(_Section):
                 f"database is {data['database']!r})"
             )
         return data
+
+    @field_validator("rollup_minute_retention_days", "rollup_hour_retention_days")
+    @classmethod
+    def _rollups_outlive_readings(cls, v: int, info: ValidationInfo) -> int:
+        raw = info.data.get("retention_days")
+        if raw is not None and v < raw:
+            raise ValueError(
+                f"at least clickhouse.retention_days ({raw}): the rollups are the history once the raw readings expire"
+            )
+        return v
 
     @property
     def server_url(self) -> str:

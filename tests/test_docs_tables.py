@@ -306,3 +306,30 @@ def test_storage_tables() -> None:
     trades = dt.storage_trades(STORAGE)
     assert trades[0] == "300,000 synthetic trades, INSERTs of 4,000 rows."
     assert trades[4] == "| `zstd3` | **8.19** | 0.63 | 0.77 | 1.69 | 1.94 | 2.50 | 0.40 | 0.26 | 14.0 | 4.96 |"
+
+
+def test_storage_schema_table_takes_each_column_from_a_candidate_with_the_schemas_codec() -> None:
+    from sensorhub.sinks.schema import READINGS, TRADES
+
+    def spelled(codec: str | None) -> str:  # as the benchmark writes them: Delta, not Delta(8)
+        return (codec or "LZ4 (default)").replace("Delta(8)", "Delta")
+
+    def candidate(table: Any, bytes_each: float, **codecs: str) -> dict[str, Any]:
+        c = _storage_candidate(0.0, **{col: bytes_each for col, _ in table.columns})
+        c["codecs"] = {col: codecs.get(col, spelled(table.codec(col))) for col, _ in table.columns}
+        c["order_by"] = table.order_by
+        return c
+
+    doc = {
+        "readings": {
+            "walk": {"candidates": {"mixed": candidate(READINGS, 0.1), "lz4": candidate(READINGS, 9.0, seq="LZ4")}},
+            "random": {"candidates": {"no_seq": candidate(READINGS, 0.5, seq="T64, ZSTD(1)")}},
+        },
+        "trades": {"candidates": {"same": candidate(TRADES, 0.2)}},
+    }
+    rows = dt.storage_schema(doc)
+    assert "| `seq` | DoubleDelta, ZSTD(1) | 0.10 | 0.10* | `mixed` |" in rows
+    assert "| `value` | Delta(8), ZSTD(1) | 0.10 | 0.50 | `mixed` |" in rows
+    assert f"| **all columns** |  | **{0.1 * 9 + 0.01:.2f}** | **{0.5 * 8 + 0.1 + 0.01:.2f}** |  |" in rows
+    assert "\\* measured on the other signal's rows: the column is the same in both." in rows
+    assert f"| **all columns** |  | **{0.2 * 9 + 0.01:.2f}** |  |" in rows

@@ -1,14 +1,29 @@
-"""The ClickHouse client sensorhub uses: clickhouse-connect over HTTP, from settings."""
+"""The ClickHouse client sensorhub uses: clickhouse-connect over HTTP, from settings.
+
+Every client sends :data:`INSERT_SETTINGS` with each statement (where the
+account may change them): ``readings`` feeds the rollups' materialized views,
+and an INSERT repeated with the same ``insert_deduplication_token`` (a writer
+replaying its intent after a crash) must be deduplicated in those views too,
+not only in ``readings``. Without it, once an attempt has reached
+``readings`` but not every view, each repeat of that INSERT adds its block to
+the views again (measured on ClickHouse 26.9).
+"""
 
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any
 
 from sensorhub.config import ClickHouseSettings
 from sensorhub.errors import SinkError
 
-__all__ = ["connect", "reason"]
+__all__ = ["INSERT_SETTINGS", "connect", "reason", "settings_of"]
+
+INSERT_SETTINGS: dict[str, int] = {"deduplicate_blocks_in_dependent_materialized_views": 1}
+
+# the settings each client was made from, for what needs more of them than the URL (the schema's retention)
+_CONNECTED: weakref.WeakKeyDictionary[Any, ClickHouseSettings] = weakref.WeakKeyDictionary()
 
 
 def connect(settings: ClickHouseSettings, database: str | None = None, **kwargs: Any) -> Any:
@@ -21,7 +36,7 @@ def connect(settings: ClickHouseSettings, database: str | None = None, **kwargs:
     )
 
     try:
-        return clickhouse_connect.get_client(
+        client = clickhouse_connect.get_client(
             dsn=settings.url,
             username=settings.user,
             password=settings.password.get_secret_value(),
@@ -41,6 +56,17 @@ def connect(settings: ClickHouseSettings, database: str | None = None, **kwargs:
         raise SinkError(
             f"ClickHouse at {settings.url} unreachable: {reason(exc)} (is it running? check clickhouse.url)"
         ) from exc
+    for key, value in INSERT_SETTINGS.items():
+        known = client.server_settings.get(key)
+        if known is not None and not known.readonly:  # a read-only account inserts nothing anyway
+            client.set_client_setting(key, value)
+    _CONNECTED[client] = settings
+    return client
+
+
+def settings_of(client: Any) -> ClickHouseSettings | None:
+    """The settings :func:`connect` made ``client`` from (None for a client made elsewhere)."""
+    return _CONNECTED.get(client)
 
 
 def reason(exc: BaseException) -> str:
