@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import zstandard
 
-from sensorhub.errors import InvalidValue, SyntaxError_
+from sensorhub.errors import ConfigError, InvalidValue, SyntaxError_
 
 __all__ = ["Capture", "CaptureConnection", "CaptureRecord", "HttpExchange", "read_capture"]
 
@@ -152,7 +152,10 @@ def read_capture(path: str | Path) -> Capture:
 
 def default_capture_dir() -> Path:
     """Where the recorded exchange captures are: ``SENSORHUB_CAPTURES``, else the
-    ``shared/captures`` folder beside the project checkout."""
+    ``shared/captures`` folder beside the project checkout.
+
+    Raises :class:`ConfigError` naming ``SENSORHUB_CAPTURES`` when neither exists.
+    """
     env = os.environ.get("SENSORHUB_CAPTURES")
     if env:
         return Path(env)
@@ -161,4 +164,8 @@ def default_capture_dir() -> Path:
         cand = parent.parent / "shared" / "captures"
         if (parent / "pyproject.toml").exists() and cand.is_dir():
             return cand
-    return Path("/work/shared/captures")
+    raise ConfigError(
+        "SENSORHUB_CAPTURES",
+        "a folder of recorded exchange captures (found by default at shared/captures beside the checkout)",
+        "not set, and no shared/captures beside the checkout",
+    )

@@ -492,21 +492,6 @@ class ReplayThread:
         if self._thread is not None:
             self._thread.join(10)
 
-    def wait_all_sent(self, timeout_s: float) -> bool:
-        """True once every recorded connection was sent to its end (within ``timeout_s``)."""
-        loop = self._loop
-        if loop is None:
-            return False
-        fut = asyncio.run_coroutine_threadsafe(self._wait(timeout_s), loop)
-        return fut.result(timeout_s + 5)
-
-    async def _wait(self, timeout_s: float) -> bool:
-        try:
-            await asyncio.wait_for(self.server.all_sent.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
     def _run(self) -> None:
         asyncio.run(self._main())
 

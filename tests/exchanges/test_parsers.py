@@ -166,3 +166,22 @@ def test_a_venue_registered_later_is_a_source_driver_too() -> None:
     finally:
         VENUES.pop("late-venue-test", None)
 
+
+
+def test_captures_are_found_beside_the_checkout_or_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No fixed absolute path: SENSORHUB_CAPTURES, else shared/captures beside the checkout, else a clear error."""
+    import sensorhub.replay.capture as capture
+    from sensorhub.errors import ConfigError
+
+    monkeypatch.setenv("SENSORHUB_CAPTURES", str(tmp_path))
+    assert capture.default_capture_dir() == tmp_path
+    monkeypatch.delenv("SENSORHUB_CAPTURES")
+    beside = Path(__file__).resolve().parents[2].parent / "shared" / "captures"
+    if beside.is_dir():
+        assert capture.default_capture_dir() == beside
+    # a package installed outside any checkout has no shared/ beside it
+    fake = tmp_path / "site-packages" / "sensorhub" / "replay" / "capture.py"
+    monkeypatch.setattr(capture, "__file__", str(fake))
+    with pytest.raises(ConfigError) as e:
+        capture.default_capture_dir()
+    assert "SENSORHUB_CAPTURES" in str(e.value)
