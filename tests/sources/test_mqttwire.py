@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kit.encoders import uvarint
 
 from sensorhub import errors
 from sensorhub.sources.mqtt import wire_py as mqttwire_py
@@ -28,13 +29,7 @@ def w(request: pytest.FixtureRequest) -> ModuleType:
     return m
 
 
-def _rl(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+_rl = uvarint  # MQTT's remaining length is the unsigned LEB128 varint
 
 
 def _s(x: bytes) -> bytes:
