@@ -12,6 +12,8 @@ server instead of the embedded chdb-server.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,6 +96,22 @@ def chdb_server(session_spawner: Spawner) -> Any:
     if EXTERNAL_CH:
         return _External(EXTERNAL_CH)
     return session_spawner.chdb()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MiB tmpfs: a data disk that fills up in a moment."""
+    d = tmp_path / "disk"
+    d.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(d)], capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 @pytest.fixture

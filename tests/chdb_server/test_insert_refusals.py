@@ -16,14 +16,13 @@ import gzip
 import http.client
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -290,22 +289,6 @@ def test_insert_from_file_and_has_infile() -> None:
 
 def _server(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> ManagedProcess:
     return start_chdb_server(run_dir, extra=extra, env=env)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 20 MiB tmpfs: a data disk that fills up in a moment."""
-    d = tmp_path / "disk"
-    d.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(d)], capture_output=True, text=True)
-    if out.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 def _fill(path: Path) -> None:
