@@ -206,15 +206,17 @@ class Gateway:
     def _history(self, c: _Client, n: int) -> None:
         """The alerts open now, then the last ``n`` events, as far as the client's queue allows."""
         room = max(0, self.cfg.client_queue - 8)  # leave room for live events
-        seen: set[tuple[str, str]] = set()
-        picked: list[tuple[str, dict[str, Any]]] = []
-        for raw, ev in list(self.open.values()) + list(self.recent)[-n:]:
+        opened = [(raw, ev) for raw, ev in self.open.values() if c.filter.wants(ev)][-room:] if room else []
+        seen = {(str(ev.get("id")), "open") for _raw, ev in opened}
+        recent: list[tuple[str, dict[str, Any]]] = []
+        for raw, ev in reversed(list(self.recent)[-n:]):  # newest first, as many as fit
+            if len(opened) + len(recent) >= room:
+                break
             key = (str(ev.get("id")), str(ev.get("state")))
-            if key in seen or not c.filter.wants(ev):
-                continue
-            seen.add(key)
-            picked.append((raw, ev))
-        for raw, _ev in picked[-room:] if room else []:
+            if key not in seen and c.filter.wants(ev):
+                seen.add(key)
+                recent.append((raw, ev))
+        for raw, _ev in opened + recent[::-1]:
             c.queue.put_nowait(_message(raw, history=True))
 
     def _on_message(self, c: _Client, msg: str | bytes) -> None:

@@ -25,7 +25,8 @@ class AlertKeys:
 
 
 def read_alerts(redis: Any, layout: StreamLayout, latest: int = 5) -> dict[str, Any]:
-    """Open alerts by severity, opened and closed counts, and the ``latest`` open ones (newest first).
+    """Open alerts by severity, opened and closed counts, and the ``latest`` open ones (newest first,
+    by the receive time of the reading that opened them).
 
     Bounded: at most 200 open alerts are read to pick the latest from.
     """
@@ -44,7 +45,7 @@ def read_alerts(redis: Any, layout: StreamLayout, latest: int = 5) -> dict[str, 
                 open_alerts.append(json.loads(raw))
             except ValueError:
                 continue
-    open_alerts.sort(key=lambda e: -float(e.get("opened") or 0))
+    open_alerts.sort(key=lambda e: -float(e.get("recv") or 0))  # newest by receive time
     return {
         "open": int(n_open),
         "open_by_severity": {s: max(0, counts.get(f"open:{s}", 0)) for s in SEVERITIES},

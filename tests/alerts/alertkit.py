@@ -135,13 +135,14 @@ class AlertStack:
         return out
 
     def metrics(self, role: str) -> dict[str, Any]:
-        """The live metrics snapshot of the stack's process in ``role`` (alerts, gateway)."""
+        """The freshest metrics snapshot of a process in ``role`` (alerts, gateway); {} if none."""
+        best: dict[str, Any] = {}
         for key in self.redis.scan_iter("sh:metrics:*"):
             raw = self.redis.hget(key, "state")
             snap = json.loads(raw) if raw else {}
-            if snap.get("role") == role:
-                return dict(snap)
-        return {}
+            if snap.get("role") == role and snap.get("heartbeat", 0) > best.get("heartbeat", 0):
+                best = snap
+        return best
 
     def close(self) -> None:
         self._mqtt.loop_stop()

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import socket
+import subprocess
 import threading
+import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import clickhouse_connect
@@ -213,3 +219,81 @@ def test_the_monitor_and_prometheus_show_open_alerts(alert_stack: AlertStack) ->
     opened = {s.labels["severity"]: s.value for s in fams["sensorhub_alerts_opened"].samples
               if s.name == "sensorhub_alerts_opened_total"}
     assert opened["critical"] >= crit >= 1
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class _Page:
+    """One page in headless Chromium, driven over the DevTools protocol (a WebSocket)."""
+
+    def __init__(self, url: str, profile: Path) -> None:
+        assert CHROMIUM is not None
+        argv = [CHROMIUM, "--headless", "--disable-gpu", "--no-first-run", "--remote-debugging-port=0",
+                "--remote-allow-origins=*", f"--user-data-dir={profile}", url]
+        if os.geteuid() == 0:
+            argv.insert(1, "--no-sandbox")  # Chromium refuses to run as root inside its sandbox
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._conn = contextlib.ExitStack()
+        try:
+            self._open(profile)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, profile: Path) -> None:
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            assert self.proc.poll() is None, f"chromium exited with {self.proc.returncode}"
+            assert time.monotonic() < deadline, "chromium did not open its DevTools port"
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            targets = json.loads(r.read())
+        page = next(t for t in targets if t["type"] == "page")
+        self.ws = self._conn.enter_context(connect(page["webSocketDebuggerUrl"], open_timeout=10, max_size=None))
+        self._id = 0
+
+    def eval(self, expression: str) -> Any:
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": "Runtime.evaluate",
+                                 "params": {"expression": expression, "returnByValue": True}}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=30))
+            if msg.get("id") == self._id:
+                return msg["result"]["result"].get("value")
+
+    def close(self) -> None:
+        self._conn.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium)")
+def test_the_page_shows_an_alert_open_then_closed(alert_stack: AlertStack, wait_for: Any, tmp_path: Path) -> None:
+    with urllib.request.urlopen(alert_stack.page_url, timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/html")
+    page = _Page(alert_stack.page_url, tmp_path / "chromium")
+    try:
+        wait_for(lambda: page.eval("document.getElementById('status').textContent") == "live",
+                 what="the page's WebSocket", timeout=60)
+        alert_stack.publish("hot-page", temps([99.0], T0))
+        alert_stack.mark("hot-page")
+        (opened,) = alert_stack.events("hot-page")
+        row = f"document.getElementById('alert-{opened['id']}')"
+        state = f"(() => {{ const tr = {row}; return tr ? tr.dataset.state : null; }})()"
+        wait_for(lambda: page.eval(state) == "open", what="the open alert on the page")
+        cells = page.eval(f"Array.from({row}.cells).map(td => td.textContent)")
+        assert cells[:5] == ["open", "critical", "hot", "hot-page", "temp_c"] and cells[5] == "99"
+        alert_stack.publish("hot-page", temps([60.0], T0 + 1))
+        wait_for(lambda: page.eval(state) == "closed", what="the closed alert on the page")
+        # the page counts what it was sent: every alert open now (history on connect, then live)
+        assert page.eval("document.getElementById('open-count').textContent") == str(
+            alert_stack.redis.hlen(alert_stack.keys.open))
+    finally:
+        page.close()

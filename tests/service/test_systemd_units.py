@@ -14,9 +14,11 @@ from svc_helpers import REPO
 from sensorhub.config import load_settings
 
 UNITS_DIR = REPO / "systemd"
-SERVICES = ["sensorhub-ingest@.service", "sensorhub-writer@.service", "sensorhub-chdb.service"]
+ALERT_SERVICES = ["sensorhub-alerts-evaluator.service", "sensorhub-alerts-gateway.service"]
+SERVICES = ["sensorhub-ingest@.service", "sensorhub-writer@.service", "sensorhub-chdb.service", *ALERT_SERVICES]
 UNITS = [*SERVICES, "sensorhub.target"]
-INSTANCES = ["sensorhub-ingest@mqtt.service", "sensorhub-writer@1.service", "sensorhub-chdb.service", "sensorhub.target"]
+INSTANCES = ["sensorhub-ingest@mqtt.service", "sensorhub-writer@1.service", "sensorhub-chdb.service",
+             *ALERT_SERVICES, "sensorhub.target"]
 BINARY = "/opt/sensorhub/.venv/bin/sensorhub"
 MAX_EXPOSURE = 2.0
 
@@ -166,6 +168,18 @@ def test_commands_and_hardening() -> None:
     # W^X: on where Python and our extensions run, off where chdb compiles expressions.
     assert ingest["Service.MemoryDenyWriteExecute"] == writer["Service.MemoryDenyWriteExecute"] == ["yes"]
     assert chdb["Service.MemoryDenyWriteExecute"] == ["no"]
+
+
+def test_the_alert_units_run_their_commands_hardened_like_the_writer() -> None:
+    writer = parse_unit(UNITS_DIR / "sensorhub-writer@.service")
+    sandbox = {k: v for k, v in writer.items() if k.startswith("Service.") and k not in (
+        "Service.ExecStart", "Service.SyslogIdentifier", "Service.MemoryMax", "Service.TimeoutStopSec")}
+    for unit, command in zip(ALERT_SERVICES, (" alerts evaluate", " alerts serve"), strict=True):
+        u = parse_unit(UNITS_DIR / unit)
+        assert u["Service.ExecStart"][0].endswith(command)
+        for key, value in sandbox.items():
+            if key not in ("Service.TimeoutStartSec",):
+                assert u.get(key) == value, f"{unit}: {key}"
 
 
 def test_target_pulls_in_nothing_that_could_restart_siblings() -> None:
