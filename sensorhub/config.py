@@ -290,6 +290,10 @@ class MetricsSettings(_Section):
         9108, ge=0, le=65535, description="port of `sensorhub metrics-exporter`'s /metrics; 0: no endpoint"
     )
     prometheus_host: str = "127.0.0.1"
+    disk_alert_days: float = Field(
+        7.0, gt=0, description="the monitor alerts when ClickHouse's disk is full in fewer days than this at the current rate"
+    )
+    disk_alert_free_pct: float = Field(5.0, ge=0, le=100, description="... or has less than this share free")
 
 
 class AlertRule(_Section):

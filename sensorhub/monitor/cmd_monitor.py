@@ -58,6 +58,8 @@ def build_collector(args: argparse.Namespace) -> StateCollector:
         stale_after_s=args.stale_after,
         lag_alert_s=s.writer.lag_alert_s,
         ch_interval_s=2.0,
+        disk_alert_days=s.metrics.disk_alert_days,
+        disk_alert_free_pct=s.metrics.disk_alert_free_pct,
     )
 
 

@@ -195,6 +195,8 @@ class StateCollector:
         history_len: int = 150,
         history_interval_s: float = 2.0,
         ch_interval_s: float = 5.0,
+        disk_alert_days: float = 7.0,
+        disk_alert_free_pct: float = 5.0,
     ) -> None:
         self.redis = redis
         self.layout = layout
@@ -207,6 +209,8 @@ class StateCollector:
         self.lag_alert_s = lag_alert_s
         self.history_interval_s = history_interval_s
         self.ch_interval_s = ch_interval_s
+        self.disk_alert_days = disk_alert_days
+        self.disk_alert_free_pct = disk_alert_free_pct
         self.history: dict[str, deque[float]] = {h: deque(maxlen=history_len) for h in ALL_HOPS}
         self._history_len = history_len
         self._last_hist = 0.0
@@ -245,9 +249,18 @@ class StateCollector:
                 {"source": s, "topic": t, "error": e, "time": int(us) / 1e6, "where": "clickhouse"}
                 for s, t, e, us in q.result_rows
             ]
+            # the database's parts, and the disk ClickHouse keeps them on
+            parts = self._ch.query(
+                "SELECT table, sum(bytes_on_disk), sum(rows) FROM system.parts "
+                "WHERE active AND database = {db:String} GROUP BY table",
+                parameters={"db": db},
+            ).result_rows
+            disks = self._ch.query("SELECT free_space, total_space FROM system.disks WHERE name = 'default'").result_rows
             self._ch_figures = {
                 "readings": readings, "trades": trades, "dead": dead, "latest": latest,
                 "inserted_before": inserted_before,
+                "parts": {str(t): (int(b), int(r)) for t, b, r in parts},
+                "disk": (int(disks[0][0]), int(disks[0][1])) if disks else None,
             }
             self._ch_state = {"ok": True, "url": self.ch_url, "error": None, "checked": now}
         except Exception as exc:  # any failure means "ClickHouse down" on screen
@@ -403,8 +416,43 @@ class StateCollector:
             "reconciled": reconciled,
             "reconcile_detail": detail,
         }
+        state["disk"] = self._disk(chf, state["pipeline"])
         state["verdict"] = self._verdict(state)
         return state
+
+    def _disk(self, chf: dict[str, Any], pipeline: dict[str, Any]) -> dict[str, Any]:
+        """Bytes on disk, bytes a day at the current rate and days until the disk is full.
+
+        A day's bytes are the rows stored per second now times what a stored
+        row costs on disk today (bytes over rows of the database's active
+        parts), so merges and codecs are counted as they are.
+        """
+        parts: dict[str, tuple[int, int]] = chf.get("parts") or {}
+        disk = chf.get("disk")
+        used = sum(b for b, _ in parts.values())
+        rows = sum(r for _, r in parts.values())
+        out: dict[str, Any] = {
+            "bytes_on_disk": used if parts else None, "free_bytes": None, "total_bytes": None,
+            "bytes_per_row": round(used / rows, 2) if rows else None,
+            "bytes_per_day": None, "days_until_full": None, "alert": None,
+            "alert_days": self.disk_alert_days, "alert_free_pct": self.disk_alert_free_pct,
+        }
+        if disk is None:
+            return out
+        free, total = disk
+        out["free_bytes"], out["total_bytes"] = free, total
+        rate = float(pipeline.get("writer_rows_per_s") or 0.0)
+        if rows and rate > 0:
+            per_day = used / rows * rate * 86400
+            out["bytes_per_day"] = int(per_day)
+            out["days_until_full"] = round(free / per_day, 1)
+        alerts = []
+        if total and free / total * 100 < self.disk_alert_free_pct:
+            alerts.append(f"{free / total * 100:.1f} % free")
+        if out["days_until_full"] is not None and out["days_until_full"] < self.disk_alert_days:
+            alerts.append(f"full in {out['days_until_full']} days at this rate")
+        out["alert"] = "; ".join(alerts) or None
+        return out
 
     def _verdict(self, st: dict[str, Any]) -> dict[str, Any]:
         """Is data flowing, is anything lost, where is the delay: in words."""

@@ -107,8 +107,11 @@ def _header(st: dict[str, Any], sort: str, focus: str | None) -> RenderableType:
 
 
 def _alert_lines(st: dict[str, Any]) -> list[RenderableType]:
-    """The latest open alerts, one line each."""
+    """The latest open alerts, one line each; a disk that fills up first."""
     out: list[RenderableType] = []
+    disk_alert = (st.get("disk") or {}).get("alert")
+    if disk_alert:
+        out.append(Text(f"  DISK {disk_alert}", style="bold white on red", no_wrap=True, overflow="ellipsis"))
     for e in (st.get("alerts") or {}).get("latest") or []:
         t = Text("  ", no_wrap=True, overflow="ellipsis")
         t.append(f"ALERT {e['severity']}", style="bold red" if e["severity"] == "critical" else "yellow")
@@ -258,7 +261,27 @@ def _totals(st: dict[str, Any], wide: bool) -> RenderableType:
              style="green" if rec else ("bold red" if rec is False else "dim"))
     if t["missing"]:
         x.append(f"  MISSING {t['missing']}", style="bold white on red")
+    d = st.get("disk") or {}
+    if d.get("free_bytes") is not None:
+        x.append("\nDISK " if not wide else "\ndisk ", style="bold")
+        x.append(f"{_bytes(d['bytes_on_disk'])} stored"
+                 + (f" ({d['bytes_per_row']:.1f} B/row)" if d.get("bytes_per_row") else "")
+                 + f"  free {_bytes(d['free_bytes'])} of {_bytes(d['total_bytes'])}"
+                 + (f"  {_bytes(d['bytes_per_day'])}/day" if d.get("bytes_per_day") else ""))
+        days = d.get("days_until_full")
+        x.append(f"  full in {days:g} days" if days is not None else "  full in -",
+                 style="bold white on red" if d.get("alert") else "green")
     return Panel(x, title=f"totals {t['day']}", title_align="left") if wide else x
+
+
+def _bytes(v: float | None) -> str:
+    if v is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(v) < 1000 or unit == "TB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1000
+    return f"{v:.1f} TB"
 
 
 def render(
