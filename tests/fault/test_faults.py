@@ -275,3 +275,53 @@ def test_overload_3x(fault_run) -> None:  # type: ignore[no-untyped-def]
     r = run.finish(store_timeout=900)
     record("overload_3x", r)
     check_exactly_once(r)
+
+
+def test_clickhouse_disk_full_waits_then_drains(fault_run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """ClickHouse's disk fills up under load: it refuses inserts, the writer waits (never
+    dead-letters), Redis buffers; once space returns everything drains, each reading once."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    data = tmp_path / "stack-0" / "chdb" / "data"  # where the stack puts the engine's data
+    data.mkdir(parents=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(data)],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()}")
+    run = None
+    try:
+        run = fault_run()
+        ch = run.stack.ch()
+        run.start()
+        run.sleep(SECONDS * 0.2)
+        filler = data / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+                    f.flush()
+            except OSError:
+                pass
+        full_at = time.monotonic()
+        run.sleep(2.0)  # what was in flight lands or is refused
+        stored_full = int(ch.command("SELECT count() FROM sensorhub.readings"))
+        run.sleep(SECONDS * 0.3)
+        # nothing lands while the disk is full, and the backlog waits in Redis
+        assert int(ch.command("SELECT count() FROM sensorhub.readings")) == stored_full
+        r_ = run.stack.redis()
+        run.notes["backlog_entries_while_full"] = sum(r_.xlen(f"sh:readings:{{{p}}}") for p in range(8))
+        assert run.notes["backlog_entries_while_full"] > 0
+        filler.unlink()
+        run.notes["full_s"] = round(time.monotonic() - full_at, 1)
+        r = run.finish()
+        r["notes"]["dead_letters"] = int(ch.command("SELECT count() FROM sensorhub.dead_letters"))
+        record("clickhouse_disk_full", r)
+        check_exactly_once(r)
+        assert r["notes"]["dead_letters"] == 0  # a full disk is waited out, never dead-lettered
+        assert "NOT_ENOUGH_SPACE" in run.stack.log("chdb-server") + run.stack.log("writer")
+    finally:
+        if run is not None:
+            run.stack.down()
+        subprocess.run(["umount", "-l", str(data)], check=False)
