@@ -149,6 +149,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if up.returncode != 0:
             raise SystemExit(f"stack up failed: {up.stderr[-2000:]}")
         info = json.loads(up.stdout)
+        if args.after_up:
+            import clickhouse_connect
+
+            ch = clickhouse_connect.get_client(dsn=info["clickhouse_url"])
+            for stmt in args.after_up:
+                ch.command(stmt)
+            ch.close()
         sampler = Sampler({k: v for k, v in info["pids"].items() if v})
         try:
             sampler.start()
@@ -188,6 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "label": args.label, "rate": args.rate, "per_message": args.per_message, "seconds": args.seconds,
         "format": args.format, "config": Path(args.config).read_text() if args.config else "",
+        "after_up": list(args.after_up),
         "wall_s": round(wall, 1),
         "result": {k: res.get(k) for k in ("published", "stored", "lost", "duplicated", "mismatched",
                                            "achieved_rate", "p50_ms", "p95_ms", "p99_ms", "max_ms")},
@@ -203,6 +211,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=600.0)
     p.add_argument("--format", default="frame")
     p.add_argument("--config", default=None, help="sensorhub TOML for the stack (e.g. to compare a setting)")
+    p.add_argument("--after-up", action="append", default=[], metavar="SQL",
+                   help="a statement run once the stack is up (to compare a schema variant side by side)")
     p.add_argument("--ref-seconds", type=float, default=20.0)
     p.add_argument("--label", default=None)
     args = p.parse_args()
