@@ -363,8 +363,16 @@ class AlertsSettings(_Section):
         100_000, ge=1, le=10_000_000,
         description="(rule, device, metric) states held in memory; past it the longest-unseen closed ones are dropped",
     )
-    rate_samples: int = Field(64, ge=2, le=4096, description="samples a rate rule keeps per series over window_s")
+    rate_samples: int = Field(
+        16, ge=2, le=4096,
+        description="samples a rate rule keeps per series over window_s; its rate is evaluated on each new one",
+    )
     read_count: int = Field(64, ge=1, description="stream entries per XREADGROUP")
+    read_interval_ms: float = Field(
+        4.0, ge=0, le=1000,
+        description="at most one XREADGROUP this often while entries keep coming (each read costs more than "
+        "evaluating a block); adds at most this much latency",
+    )
     tick_ms: int = Field(200, ge=10, le=10_000, description="how often silent_s rules are checked")
     checkpoint_ms: int = Field(
         1000, ge=50, le=60_000,
@@ -372,6 +380,9 @@ class AlertsSettings(_Section):
     )
     events_maxlen: int = Field(100_000, ge=1000, description="alert events kept in the events stream")
     store_batch: int = Field(1000, ge=1, le=100_000, description="alert events per INSERT into the alerts table")
+    store_interval_ms: int = Field(
+        1000, ge=0, le=60_000, description="at most one INSERT into the alerts table this often (each is a part)"
+    )
     host: str = Field("127.0.0.1", description="address of `sensorhub alerts serve`")
     port: int = Field(8765, ge=1, le=65535, description="port of `sensorhub alerts serve`")
     client_queue: int = Field(

@@ -15,10 +15,12 @@ Conditions, per rule (see :class:`~sensorhub.config.AlertRule`):
   condition must hold, in reading time (``ts``), that long before the alert
   opens; a reading not past the limit resets it. An open alert closes when the
   value is back at ``clear_at`` (hysteresis; default the limit).
-- ``rate_above``/``rate_below``: change per second between the reading and
-  the oldest sample kept within ``window_s`` before it (at most
-  ``rate_samples`` samples, evenly spaced, per series), once the samples span
-  at least half the window. Same ``for_s`` and ``clear_at``.
+- ``rate_above``/``rate_below``: change per second between a sample and the
+  oldest sample kept within ``window_s`` before it, once the samples span at
+  least half the window. A series keeps a reading as a sample when
+  ``window_s / rate_samples`` has passed since its last one, and the rate is
+  evaluated on each new sample (the readings in between cost one comparison).
+  Same ``for_s`` and ``clear_at``.
 - ``silent_s``: no reading of a matching metric from a matching device, by
   receive time, for that long. Checked by :meth:`Engine.tick` against the
   clock while the evaluator is caught up, and on the next reading (a gap
@@ -26,8 +28,11 @@ Conditions, per rule (see :class:`~sensorhub.config.AlertRule`):
   opened it live). Only devices seen at least once can be silent.
 
 A value that is not a number (NaN) neither opens nor closes an alert.
-State is bounded: past ``max_series`` states the longest-unseen ones with no
-open alert are dropped (:attr:`Engine.evicted` names them).
+A threshold series has state only while its condition holds or its alert is
+open, so a rule that matches every reading but rarely fires costs a
+comparison per reading and no memory. State is bounded: past ``max_series``
+states the longest-unseen ones with no open alert are dropped
+(:attr:`Engine.evicted` names them).
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ import fnmatch
 import hashlib
 import json
 import re
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from bisect import bisect_left
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import numpy as np
 
 from sensorhub.config import AlertRule
 
@@ -103,7 +110,7 @@ class _Rule:
 class _Series:
     """One value rule on one (device, metric)."""
 
-    __slots__ = ("open", "open_value", "opened_pos", "opened_us", "samples", "seen", "since")
+    __slots__ = ("open", "open_value", "opened_pos", "opened_us", "seen", "since", "st", "sv")
 
     def __init__(self) -> None:
         self.open = False
@@ -111,7 +118,8 @@ class _Series:
         self.opened_us = 0
         self.opened_pos = ""
         self.open_value = 0.0
-        self.samples: deque[tuple[int, float]] | None = None  # rate rules: (ts µs, value)
+        self.st: list[int] = []  # rate rules: the samples' ts (µs) and values, oldest first
+        self.sv: list[float] = []
         self.seen = 0  # recv (µs) of the last reading: what eviction goes by
 
 
@@ -135,6 +143,37 @@ def _s(us: int) -> float:
     return us / 1e6
 
 
+_NONE = -(1 << 62)  # "no sample", "never heard" in the int64 tables
+_Found = list[tuple[int, int, int, dict[str, Any]]]  # (batch row, rule index, order, event)
+
+
+def _grown(a: np.ndarray[Any, Any], cap: int, fill: Any) -> np.ndarray[Any, Any]:
+    out = np.full(cap, fill, a.dtype)
+    out[: len(a)] = a
+    return out
+
+
+class _Batch:
+    """The columns of a batch of entries, and where each row came from."""
+
+    __slots__ = ("blocks", "dev", "ent", "met", "recv", "starts", "ts", "val")
+
+    def __init__(self, blocks: list[tuple[str, Any]], starts: Any, dev: Any, met: Any, ts: Any, val: Any,
+                 recv: Any, ent: Any) -> None:
+        self.blocks, self.starts = blocks, starts
+        self.dev, self.met, self.ts, self.val, self.recv, self.ent = dev, met, ts, val, recv, ent
+
+    def rows(self, rows: Any) -> Any:
+        """(row, device id, metric id, ts, value, recv) of ``rows``, as Python numbers."""
+        return zip(rows.tolist(), self.dev[rows].tolist(), self.met[rows].tolist(), self.ts[rows].tolist(),
+                   self.val[rows].tolist(), self.recv[rows].tolist(), strict=True)
+
+    def where(self, i: int) -> tuple[str, int]:
+        """The entry id and the row within that entry of batch row ``i``."""
+        k = int(self.ent[i])
+        return self.blocks[k][0], i - int(self.starts[k])
+
+
 class Engine:
     """Evaluates ``rules`` over reading blocks; at most ``max_series`` states in memory."""
 
@@ -142,7 +181,7 @@ class Engine:
         self,
         rules: Sequence[AlertRule],
         max_series: int = 100_000,
-        rate_samples: int = 64,
+        rate_samples: int = 16,
         device_time: tuple[int, int] = _NO_WINDOW,
     ) -> None:
         self.rules = [_Rule(r, i, rate_samples) for i, r in enumerate(rules)]
@@ -155,61 +194,95 @@ class Engine:
         self.evicted: list[tuple[str, str, str]] = []
         self.readings = 0  # evaluated (matched by some rule)
         self.skipped_device_time = 0
-        self._pairs: dict[tuple[str, str], tuple[tuple[_Rule, ...], tuple[_Rule, ...]]] = {}
         self._devices: dict[str, bool] = {}
-        self._value_rules = [r for r in self.rules if r.kind != _SILENT]
-        self._silent_rules = [r for r in self.rules if r.kind == _SILENT]
         self._by_name = {r.name: r for r in self.rules}
+        self._silent_rules = [r for r in self.rules if r.kind == _SILENT]
+        self._reset_caches()
 
-    # ---- matching ----
-    def _match(self, device: str, metric: str) -> tuple[tuple[_Rule, ...], tuple[_Rule, ...]]:
-        key = (device, metric)
-        m = self._pairs.get(key)
-        if m is None:
-            if len(self._pairs) >= 4 * self.max_series:  # a cache, bounded like the states
-                self._pairs.clear()
-            m = (
-                tuple(r for r in self._value_rules if r.device(device) and r.metric(metric)),
-                tuple(r for r in self._silent_rules if r.device(device) and r.metric(metric)),
-            )
-            self._pairs[key] = m
-        return m
+    # ---- the columns of a batch, and the caches over them ----
+    def _reset_caches(self) -> None:
+        """Forget every id and table derived from the states (rebuilt as readings come)."""
+        self._dev_ids: dict[str, int] = {}
+        self._dev_names: list[str] = []
+        self._met_ids: dict[str, int] = {}
+        self._met_names: list[str] = []
+        self._pid_of: dict[tuple[int, int], int] = {}
+        self._pair_dev: list[int] = []
+        self._pair_met: list[int] = []
+        n = len(self.rules)
+        # per rule, per pair id: matches (1/0); thresholds: has state; rates: last sample's ts
+        self._match = [np.zeros(0, np.bool_) for _ in range(n)]
+        self._active = [np.zeros(0, np.bool_) for _ in range(n)]
+        self._last = [np.zeros(0, np.int64) for _ in range(n)]
+        # per rule, per device id: silent_s rules' last receive time and open flag
+        self._s_last = [np.zeros(0, np.int64) for _ in range(n)]
+        self._s_open = [np.zeros(0, np.bool_) for _ in range(n)]
+        self._any = np.zeros(0, np.bool_)
 
-    def process_block(self, entry_id: str, blk: Any) -> list[dict[str, Any]]:
-        """Evaluate every reading of one decoded stream entry block; returns the events, in order."""
-        if not self.rules or not len(blk):
-            return []
-        devices, metrics = blk.devices, blk.metrics
-        if not any(self._watched(d) for d in devices):
-            return []
-        n_met = len(metrics)
-        pairs: dict[int, tuple[tuple[_Rule, ...], tuple[_Rule, ...]]] = {}
-        events: list[dict[str, Any]] = []
-        past, future = self.max_past_us, self.max_future_us
-        row = -1
-        for d, m, ts, value, recv in zip(blk.dev, blk.met, blk.ts_us, blk.value, blk.recv_us, strict=True):
-            row += 1
-            code = d * n_met + m
-            t = pairs.get(code)
-            if t is None:
-                t = pairs[code] = self._match(devices[d], metrics[m])
-            value_rules, silent_rules = t
-            if not value_rules and not silent_rules:
-                continue
-            if ts < recv - past or ts > recv + future:
-                self.skipped_device_time += 1
-                continue
-            self.readings += 1
-            device, metric = devices[d], metrics[m]
-            for rule in value_rules:
-                ev = self._value(rule, device, metric, ts, value, recv, entry_id, row)
-                if ev is not None:
-                    events.append(ev)
-            for rule in silent_rules:
-                self._heard(rule, device, ts, recv, entry_id, row, events)
-        if len(self.series) + len(self.silences) > self.max_series:
-            self._evict()
-        return events
+    def _dev_id(self, name: str) -> int:
+        i = self._dev_ids.get(name)
+        if i is None:
+            i = self._dev_ids[name] = len(self._dev_names)
+            self._dev_names.append(name)
+            if self.rules and i >= len(self._s_last[0]):
+                cap = max(64, 2 * i)
+                self._s_last = [_grown(a, cap, _NONE) for a in self._s_last]
+                self._s_open = [_grown(a, cap, False) for a in self._s_open]
+            for r in self._silent_rules:
+                s = self.silences.get((r.index, name))
+                self._s_last[r.index][i] = s.last_recv if s is not None else _NONE
+                self._s_open[r.index][i] = s is not None and s.open
+        return i
+
+    def _met_id(self, name: str) -> int:
+        i = self._met_ids.get(name)
+        if i is None:
+            i = self._met_ids[name] = len(self._met_names)
+            self._met_names.append(name)
+        return i
+
+    def _pids(self, dev: np.ndarray[Any, Any], met: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """The pair id of each row's (device, metric); new pairs get their tables' entries here."""
+        n_met = max(1, len(self._met_names))
+        codes = dev * n_met + met
+        uniq, inverse = np.unique(codes, return_inverse=True)
+        ids = np.empty(len(uniq), np.int64)
+        new: list[tuple[int, int, int]] = []
+        for k, code in enumerate(uniq.tolist()):
+            d, m = divmod(code, n_met)
+            pid = self._pid_of.get((d, m))
+            if pid is None:
+                pid = self._pid_of[(d, m)] = len(self._pair_dev)
+                self._pair_dev.append(d)
+                self._pair_met.append(m)
+                new.append((pid, d, m))
+            ids[k] = pid
+        if new:
+            self._grow(new)
+        return ids[inverse]
+
+    def _grow(self, new: list[tuple[int, int, int]]) -> None:
+        """Fill the tables' entries of new pair ids (doubling their room when full)."""
+        series = self.series
+        first, end = new[0][0], new[-1][0] + 1
+        if end > len(self._any):
+            cap = max(256, 2 * end)
+            self._match = [_grown(a, cap, False) for a in self._match]
+            self._active = [_grown(a, cap, False) for a in self._active]
+            self._last = [_grown(a, cap, _NONE) for a in self._last]
+            self._any = _grown(self._any, cap, False)
+        for i, r in enumerate(self.rules):
+            match, active, last = self._match[i], self._active[i], self._last[i]
+            for pid, d, m in new:
+                device, metric = self._dev_names[d], self._met_names[m]
+                match[pid] = r.device(device) and r.metric(metric)
+                st = series.get((i, device, metric))
+                active[pid] = st is not None
+                last[pid] = st.st[-1] if st is not None and st.st else _NONE
+        any_ = self._any
+        any_[first:end] = False
+        for match in self._match:
+            any_[first:end] |= match[first:end]
 
     def _watched(self, device: str) -> bool:
         """Whether some rule's device glob matches ``device`` (cached)."""
@@ -220,22 +293,179 @@ class Engine:
             w = self._devices[device] = any(r.device(device) for r in self.rules)
         return w
 
-    def _value(
-        self, rule: _Rule, device: str, metric: str, ts: int, value: float, recv: int, entry_id: str, row: int
+    # ---- evaluation ----
+    def process_block(self, entry_id: str, blk: Any) -> list[dict[str, Any]]:
+        """Evaluate every reading of one decoded stream entry block; returns the events, in order."""
+        return self.process_entries([(entry_id, blk)])
+
+    def process_entries(self, entries: Sequence[tuple[str, Any]]) -> list[dict[str, Any]]:
+        """Evaluate the readings of several entries (of any streams), in order; returns the events.
+
+        The batch is one set of columns: numpy picks the readings some rule has to look
+        at (past a limit, of a series with state, due for a rate sample, of a device that
+        is or was silent), and only those go through the rules one by one.
+        """
+        if not self.rules:
+            return []
+        blocks = [(eid, blk) for eid, blk in entries if len(blk) and any(self._watched(d) for d in blk.devices)]
+        if not blocks:
+            return []
+        if len(self._pid_of) > 4 * self.max_series or len(self._dev_names) > 4 * self.max_series:
+            self._reset_caches()  # bounded like the states
+        # the blocks' own name indexes, shifted into one table of global ids per batch
+        dev_ids: list[int] = []
+        met_ids: list[int] = []
+        dev_off: list[int] = []
+        met_off: list[int] = []
+        for _eid, blk in blocks:
+            dev_off.append(len(dev_ids))
+            met_off.append(len(met_ids))
+            dev_ids += [self._dev_id(n) for n in blk.devices]
+            met_ids += [self._met_id(n) for n in blk.metrics]
+        sizes = [len(b) for _e, b in blocks]
+        ent = np.repeat(np.arange(len(blocks)), sizes)
+        raw_dev = np.concatenate([np.frombuffer(b.dev, np.uint32) for _e, b in blocks]).astype(np.int64)
+        raw_met = np.concatenate([np.frombuffer(b.met, np.uint32) for _e, b in blocks]).astype(np.int64)
+        dev = np.array(dev_ids, np.int64)[raw_dev + np.array(dev_off, np.int64)[ent]]
+        met = np.array(met_ids, np.int64)[raw_met + np.array(met_off, np.int64)[ent]]
+        ts = np.concatenate([np.frombuffer(b.ts_us, np.int64) for _e, b in blocks])
+        val = np.concatenate([np.frombuffer(b.value, np.float64) for _e, b in blocks])
+        recv = np.concatenate([np.frombuffer(b.recv_us, np.int64) for _e, b in blocks])
+        starts = np.cumsum([0, *sizes])
+        pid = self._pids(dev, met)
+        watched = self._any[pid]
+        inside = (ts >= recv - self.max_past_us) & (ts <= recv + self.max_future_us)
+        ok = watched & inside
+        self.readings += int(np.count_nonzero(ok))
+        self.skipped_device_time += int(np.count_nonzero(watched & ~inside))
+        batch = _Batch(blocks, starts, dev, met, ts, val, recv, ent)
+        found: list[tuple[int, int, int, dict[str, Any]]] = []
+        for rule in self.rules:
+            m = self._match[rule.index][pid] & ok
+            if not m.any():
+                continue
+            if rule.kind in ("above", "below"):
+                rows = self._threshold_rows(rule, pid, m, val)
+                self._thresholds(rule, batch, rows, found)
+            elif rule.kind == _SILENT:
+                self._silent(rule, batch, np.flatnonzero(m), found)
+            else:
+                due = m & (ts - self._last[rule.index][pid] >= rule.spacing_us) & ~np.isnan(val)
+                self._rates(rule, batch, np.flatnonzero(due), found)
+        found.sort(key=lambda f: f[:3])
+        if len(self.series) + len(self.silences) > self.max_series:
+            self._evict()
+        return [ev for *_k, ev in found]
+
+    def _threshold_rows(
+        self, rule: _Rule, pid: np.ndarray[Any, Any], m: np.ndarray[Any, Any], val: np.ndarray[Any, Any]
+    ) -> np.ndarray[Any, Any]:
+        """Rows the rule must see: of a series with state, or from a reading past the limit on."""
+        past = m & ((val > rule.limit) if rule.rising else (val < rule.limit))
+        need = m & self._active[rule.index][pid]
+        if past.any():
+            need |= m & np.isin(pid, pid[past])  # the rest of a series that crosses: it may clear
+        return np.flatnonzero(need)
+
+    def _thresholds(self, rule: _Rule, b: _Batch, rows: np.ndarray[Any, Any], found: _Found) -> None:
+        series, active = self.series, self._active[rule.index]
+        for i, d, m, ts, value, recv in b.rows(rows):
+            key = (rule.index, self._dev_names[d], self._met_names[m])
+            st = series.get(key)
+            if st is None:
+                if not ((value > rule.limit) if rule.rising else (value < rule.limit)):
+                    continue
+                st = series[key] = _Series()
+                active[self._pid_of[(d, m)]] = True
+            st.seen = recv
+            eid, row = b.where(i)
+            ev = self._step(rule, st, key, value, ts, recv, eid, row)
+            if ev is not None:
+                found.append((i, rule.index, len(found), ev))
+            if not st.open and st.since is None:
+                del series[key]  # nothing to remember
+                active[self._pid_of[(d, m)]] = False
+
+    def _rates(self, rule: _Rule, b: _Batch, rows: np.ndarray[Any, Any], found: _Found) -> None:
+        series, last = self.series, self._last[rule.index]
+        for i, d, m, ts, value, recv in b.rows(rows):
+            key = (rule.index, self._dev_names[d], self._met_names[m])
+            st = series.get(key)
+            if st is None:
+                st = series[key] = _Series()
+            tl = st.st
+            if tl and ts - tl[-1] < rule.spacing_us:
+                continue  # a second reading of the series in the batch, too soon for a sample
+            st.seen = recv
+            lo = ts - rule.window_us
+            if tl and tl[0] < lo:
+                k = bisect_left(tl, lo)
+                del tl[:k]
+                del st.sv[:k]
+            rate = None
+            if tl and ts - tl[0] >= rule.window_us // 2:
+                rate = (value - st.sv[0]) * 1e6 / (ts - tl[0])
+            tl.append(ts)
+            st.sv.append(value)
+            last[self._pid_of[(d, m)]] = ts
+            if rate is not None:
+                eid, row = b.where(i)
+                ev = self._step(rule, st, key, rate, ts, recv, eid, row)
+                if ev is not None:
+                    found.append((i, rule.index, len(found), ev))
+
+    def _silent(self, rule: _Rule, b: _Batch, rows: np.ndarray[Any, Any], found: _Found) -> None:
+        """Keep each device's last reading; a device that is or was silent goes row by row."""
+        ri = rule.index
+        s_last, s_open = self._s_last[ri], self._s_open[ri]
+        d = b.dev[rows]
+        order = np.argsort(d, kind="stable")
+        ds, rs, rows_s = d[order], b.recv[rows][order], rows[order]
+        first = np.empty(len(ds), np.bool_)
+        first[0] = True
+        first[1:] = ds[1:] != ds[:-1]
+        prev = np.where(first, s_last[ds], np.roll(rs, 1))
+        gap = rs - prev
+        slow_rows = s_open[ds] | ((prev != _NONE) & ((gap > rule.silent_us) | (gap < 0)))
+        slow = set(ds[slow_rows].tolist())
+        last_of = np.empty(len(ds), np.bool_)
+        last_of[-1] = True
+        last_of[:-1] = ds[1:] != ds[:-1]
+        for dv, i in zip(ds[last_of].tolist(), rows_s[last_of].tolist(), strict=True):
+            if dv in slow:
+                continue
+            device = self._dev_names[dv]
+            s = self.silences.get((ri, device))
+            if s is None:
+                s = self.silences[(ri, device)] = _Silence()
+            s.last_recv, s.last_ts = int(b.recv[i]), int(b.ts[i])
+            s.last_eid, s.last_row = b.where(i)
+            s_last[dv] = s.last_recv
+        if not slow:
+            return
+        for i, dv, _m, ts, _value, recv in b.rows(np.sort(rows_s[np.isin(ds, list(slow))])):
+            device = self._dev_names[dv]
+            s = self.silences.get((ri, device))
+            eid, row = b.where(i)
+            if s is None:
+                s = self.silences[(ri, device)] = _Silence()
+            elif recv > s.last_recv and (s.open or recv - s.last_recv > rule.silent_us):
+                events: list[dict[str, Any]] = []
+                self._heard(rule, device, s, ts, recv, eid, row, events)
+                found.extend((i, ri, len(found) + k, ev) for k, ev in enumerate(events))
+            if recv >= s.last_recv:
+                s.last_recv, s.last_ts, s.last_eid, s.last_row = recv, ts, eid, row
+            s_last[dv] = s.last_recv
+            s_open[dv] = s.open
+
+    def _step(
+        self, rule: _Rule, st: _Series, key: tuple[int, str, str], x: float, ts: int, recv: int, entry_id: str,
+        row: int,
     ) -> dict[str, Any] | None:
-        key = (rule.index, device, metric)
-        st = self.series.get(key)
-        if st is None:
-            st = self.series[key] = _Series()
-        st.seen = recv
-        if rule.kind in ("rate_above", "rate_below"):
-            x = self._rate(rule, st, ts, value)
-            if x is None:
-                return None
-        else:
-            x = value
+        """One value ``x`` (the reading's, or a rate) through the rule's open/close logic."""
         if x != x:  # NaN
             return None
+        device, metric = key[1], key[2]
         if not st.open:
             if (x > rule.limit) if rule.rising else (x < rule.limit):
                 if st.since is None:
@@ -257,50 +487,26 @@ class Engine:
                                position(entry_id, row), st.opened_pos, st.opened_us, ts, st.open_value)
         return None
 
-    def _rate(self, rule: _Rule, st: _Series, ts: int, value: float) -> float | None:
-        """Change per second from the oldest sample within the window; keeps the samples."""
-        if value != value:
-            return None
-        q = st.samples
-        if q is None:
-            q = st.samples = deque(maxlen=self.rate_samples + 1)
-        if q and ts <= q[-1][0]:
-            return None  # out of order or the same instant: no rate from it
-        lo = ts - rule.window_us
-        while q and q[0][0] < lo:
-            q.popleft()
-        rate = None
-        if q and ts - q[0][0] >= rule.window_us // 2:
-            t0, v0 = q[0]
-            rate = (value - v0) * 1e6 / (ts - t0)
-        if not q or ts - q[-1][0] >= rule.spacing_us:
-            q.append((ts, value))
-        return rate
-
     def _heard(
-        self, rule: _Rule, device: str, ts: int, recv: int, entry_id: str, row: int, events: list[dict[str, Any]]
+        self, rule: _Rule, device: str, s: _Silence, ts: int, recv: int, entry_id: str, row: int,
+        events: list[dict[str, Any]],
     ) -> None:
-        key = (rule.index, device)
-        s = self.silences.get(key)
-        if s is None:
-            s = self.silences[key] = _Silence()
-        elif recv > s.last_recv:
-            gap = recv - s.last_recv
-            if not s.open and gap > rule.silent_us:
-                # silent longer than the rule allows, and nobody saw it live (the evaluator
-                # was behind or down): the alert opened and closes now
-                events.append(self._silent_open(rule, device, s, _s(gap)))
-            if s.open:
-                s.open = False
-                events.append(self._event(rule, device, rule.glob, "closed", _s(gap), _s(rule.silent_us), ts,
-                                          recv, position(entry_id, row), s.opened_pos, s.opened_us, recv,
-                                          s.open_value))
-        if recv >= s.last_recv:
-            s.last_recv, s.last_ts, s.last_eid, s.last_row = recv, ts, entry_id, row
+        """A reading from a device that is silent, or was for longer than the rule allows."""
+        gap = recv - s.last_recv
+        if not s.open:
+            # silent longer than the rule allows, and nobody saw it live (the evaluator
+            # was behind or down): the alert opened and closes now
+            events.append(self._silent_open(rule, device, s, _s(gap)))
+        s.open = False
+        events.append(self._event(rule, device, rule.glob, "closed", _s(gap), _s(rule.silent_us), ts, recv,
+                                  position(entry_id, row), s.opened_pos, s.opened_us, recv, s.open_value))
 
     def _silent_open(self, rule: _Rule, device: str, s: _Silence, silent_for_s: float) -> dict[str, Any]:
         pos = position(s.last_eid, s.last_row, 1)  # just after the last reading
         s.open = True
+        d = self._dev_ids.get(device)
+        if d is not None:
+            self._s_open[rule.index][d] = True
         s.opened_us = s.last_recv + rule.silent_us
         s.opened_pos = pos
         s.open_value = silent_for_s
@@ -359,6 +565,7 @@ class Engine:
             else:
                 del self.silences[k]
                 self.evicted.append((rule.name, k[1], rule.glob))
+        self._reset_caches()
 
     # ---- open alerts, checkpoint ----
     def open_alerts(self) -> dict[str, tuple[str, str, str]]:
@@ -378,8 +585,7 @@ class Engine:
         """The whole state as plain data (lists, numbers, strings) for the checkpoint."""
         rules = self.rules
         series = [
-            [rules[ri].name, d, m, st.open, st.since, st.opened_us, st.opened_pos, st.open_value, st.seen,
-             [t for t, _ in st.samples] if st.samples else [], [v for _, v in st.samples] if st.samples else []]
+            [rules[ri].name, d, m, st.open, st.since, st.opened_us, st.opened_pos, st.open_value, st.seen, st.st, st.sv]
             for (ri, d, m), st in self.series.items()
         ]
         silences = [
@@ -403,9 +609,7 @@ class Engine:
             st = _Series()
             st.open, st.since, st.opened_us, st.opened_pos = bool(is_open), since, int(opened_us), str(opened_pos)
             st.open_value, st.seen = float(open_value), int(seen)
-            if ts_l:
-                st.samples = deque(zip((int(t) for t in ts_l), (float(v) for v in v_l), strict=True),
-                                   maxlen=self.rate_samples + 1)
+            st.st, st.sv = [int(t) for t in ts_l], [float(v) for v in v_l]
             self.series[(rule.index, d, m)] = st
             n += 1
         for name, d, last_recv, last_ts, last_eid, last_row, is_open, opened_us, opened_pos, open_value in snap.get(
@@ -420,15 +624,5 @@ class Engine:
                 open_value)
             self.silences[(rule.index, d)] = s
             n += 1
+        self._reset_caches()
         return n
-
-    def forget(self, keys: Iterable[tuple[str, str, str]]) -> None:
-        """Drop the states of these (rule, device, metric) series (their alert was closed from outside)."""
-        for name, d, m in keys:
-            rule = self._by_name.get(name)
-            if rule is None:
-                continue
-            if rule.kind == _SILENT:
-                self.silences.pop((rule.index, d), None)
-            else:
-                self.series.pop((rule.index, d, m), None)

@@ -184,13 +184,38 @@ def test_a_changed_rule_starts_without_the_old_state() -> None:
     assert changed.restore(eng.snapshot()) == 0 and changed.open_alerts() == {}
 
 
-def test_state_is_bounded_and_open_alerts_are_kept() -> None:
+def test_a_quiet_threshold_series_holds_no_state() -> None:
     eng = Engine([AlertRule(name="hot", above=80.0)], max_series=100)
-    run(eng, [("hot-dev", "temp_c", T0, 99.0)])
-    run(eng, [(f"d{i}", "temp_c", T0 + 1 + i * 0.001, 10.0) for i in range(1000)], per_entry=50, first_ms=10)
+    run(eng, [(f"d{i}", "temp_c", T0 + i * 0.001, 10.0) for i in range(1000)], per_entry=50)
+    assert eng.series == {} and eng.readings == 1000
+
+
+def test_state_is_bounded_and_open_alerts_are_kept() -> None:
+    # for_s keeps a pending state for every series above the limit
+    eng = Engine([AlertRule(name="hot", above=80.0, for_s=60)], max_series=100)
+    run(eng, [("hot-dev", "temp_c", T0, 99.0), ("hot-dev", "temp_c", T0 + 61, 99.0)], per_entry=2)
+    run(eng, [(f"d{i}", "temp_c", T0 + 100 + i * 0.001, 90.0) for i in range(1000)], per_entry=50, first_ms=10)
     assert len(eng.series) <= 100
     assert [k for k in eng.open_alerts().values()] == [("hot", "hot-dev", "temp_c")]
     assert len(eng.evicted) >= 900
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_entries_evaluated_together_or_one_by_one_give_the_same_events(seed: int) -> None:
+    readings = _random_readings(seed, n=800)
+    one = Engine(RULES)
+    singly = run(one, readings, per_entry=5)
+    together = Engine(RULES)
+    entries = [(f"{1 + k}-0", block(readings[k : k + 5])) for k in range(0, len(readings), 5)]
+    batched: list[dict[str, Any]] = []
+    for j in range(0, len(entries), 16):
+        batched += together.process_entries(entries[j : j + 16])
+    key = [(e["id"], e["state"], e["pos"], e["value"]) for e in singly]
+    assert len(key) > 20
+    assert sorted(key) == sorted((e["id"], e["state"], e["pos"], e["value"]) for e in batched)
+    a, b = together.snapshot(), one.snapshot()
+    assert sorted(map(repr, a["series"])) == sorted(map(repr, b["series"]))
+    assert sorted(map(repr, a["silences"])) == sorted(map(repr, b["silences"]))
 
 
 def test_readings_the_writer_would_not_store_are_not_evaluated() -> None:
