@@ -60,7 +60,7 @@ STORE_GROUP = "store"
 
 # KEYS: last, events, open, counts. ARGV: channel, events maxlen, then 6 per event:
 # series field, position ('' = after whatever was last), alert id, state, severity, JSON.
-_EMIT_SCRIPT = """
+_EMIT_SCRIPT = """#!lua flags=allow-oom
 local out = {}
 for i = 3, #ARGV, 6 do
   local field, pos, id, state, sev, ev = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
@@ -88,6 +88,30 @@ for i = 3, #ARGV, 6 do
 end
 return out
 """
+
+# KEYS: checkpoint, last. ARGV: state, group, n evicted, the evicted series fields,
+# then per stream: stream, n, ids. The state and the acknowledgements land together.
+_CHECKPOINT_SCRIPT = """#!lua flags=allow-oom
+redis.call('SET', KEYS[1], ARGV[1])
+local group, n = ARGV[2], tonumber(ARGV[3])
+local i = 4
+for j = 1, n do
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  i = i + 1
+end
+while i <= #ARGV do
+  local stream, k = ARGV[i], tonumber(ARGV[i + 1])
+  for lo = 1, k, 1000 do  -- unpack() is bounded by Lua's stack: a thousand at a time
+    local ids = {}
+    for j = lo, math.min(k, lo + 999) do ids[#ids + 1] = ARGV[i + 1 + j] end
+    redis.call('XACK', stream, group, unpack(ids))
+  end
+  i = i + 2 + k
+end
+return 1
+"""
+# allow-oom, both: when Redis is full (noeviction) the evaluator must still acknowledge,
+# or the writer could never trim below the entries this group holds and memory never frees.
 
 
 def series_field(rule: str, device: str, metric: str) -> str:
@@ -119,6 +143,7 @@ class Evaluator:
             socket_connect_timeout=settings.redis.socket_timeout_s,
         )
         self._emit = self.redis.register_script(_EMIT_SCRIPT)
+        self._save = self.redis.register_script(_CHECKPOINT_SCRIPT)
         w = settings.writer
         self._device_time = (int(w.device_time_max_past_s * 1e6), int(w.device_time_max_future_s * 1e6))
         self.engine = self._new_engine()
@@ -312,16 +337,13 @@ class Evaluator:
         """Save the engine's state and acknowledge every entry it has seen, atomically."""
         eng = self.engine
         blob = self._zstd.compress(msgspec.msgpack.encode(eng.snapshot()))  # rate samples: ~3x smaller
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.keys.checkpoint, blob)
+        args: list[Any] = [blob, self.group, len(eng.evicted), *(series_field(*k) for k in eng.evicted)]
         acked = 0
         for stream, ids in self._unacked.items():
             if ids:
-                pipe.xack(stream, self.group, *ids)
+                args += [stream, len(ids), *ids]
                 acked += len(ids)
-        if eng.evicted:
-            pipe.hdel(self.keys.last, *(series_field(*k) for k in eng.evicted))
-        pipe.execute()
+        self._save(keys=[self.keys.checkpoint, self.keys.last], args=args)
         self._unacked.clear()
         self.metrics.inc("series_evicted", len(eng.evicted))
         eng.evicted.clear()
