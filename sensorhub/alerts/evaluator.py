@@ -45,6 +45,7 @@ from sensorhub.alerts.engine import Engine
 from sensorhub.alerts.keys import AlertKeys
 from sensorhub.config import Settings
 from sensorhub.errors import ConfigError, DecodeError, SensorhubError, SinkError
+from sensorhub.metrics import hops
 from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.streams import F_BLOCK, F_KIND, KIND_READINGS, decode_block
@@ -329,7 +330,7 @@ class Evaluator:
             if int(new):
                 m.inc(f"{ev['state']}_{ev['severity']}")
                 if ev["state"] == "open" and ev["kind"] != "silent_s":
-                    m.record_us("recv_to_alert", now_us - ev["recv"] * 1e6)
+                    m.record_us(hops.RECV_TO_ALERT, now_us - ev["recv"] * 1e6)
             else:
                 m.inc("events_repeated")  # re-evaluated after a restart: already emitted
 

@@ -48,6 +48,7 @@ from websockets.http11 import Request, Response
 from sensorhub.alerts.keys import SEVERITIES, AlertKeys
 from sensorhub.alerts.page import PAGE
 from sensorhub.config import Settings
+from sensorhub.metrics import hops
 from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.service.lifecycle import Lifecycle
@@ -292,7 +293,7 @@ class Gateway:
                 self._enqueue(c, base)
         evaluated = ev.get("evaluated")
         if isinstance(evaluated, int | float):
-            self.metrics.record_us("alert_to_gateway", (time.time() - evaluated) * 1e6)
+            self.metrics.record_us(hops.ALERT_TO_GATEWAY, (time.time() - evaluated) * 1e6)
 
     async def _load(self, r: Any) -> None:
         """The alerts open now and the last events, before following the stream."""

@@ -1,6 +1,6 @@
 """The hops of the data path whose latency the processes record: the one list of their names.
 
-Ingest and the writers record these (``Metrics.record_us``), the monitor
+Ingest, the writers and the alert processes record these (``Metrics.record_us``), the monitor
 shows them and names the worst, the Prometheus exporter labels its
 histograms with them and the writer stores them in ``hop_latency``. A test
 checks that every ``record_us`` call in ``sensorhub/`` names a hop of
@@ -10,12 +10,15 @@ checks that every ``record_us`` call in ``sensorhub/`` names a hop of
 from __future__ import annotations
 
 __all__ = [
+    "ALERT_HOPS",
+    "ALERT_TO_GATEWAY",
     "DECODE_TO_XADD",
     "DEVICE_TO_INSERT",
     "HOPS",
     "INSERT",
     "PIPELINE_HOPS",
     "READ_TO_INSERT",
+    "RECV_TO_ALERT",
     "RECV_TO_INSERT",
     "RECV_TO_XADD",
     "XADD_TO_READ",
@@ -30,6 +33,9 @@ READ_TO_INSERT = "read_to_insert"  # XREADGROUP -> INSERT acknowledged by ClickH
 INSERT = "insert"  # the INSERT call alone (per INSERT)
 RECV_TO_INSERT = "recv_to_insert"  # frame received -> INSERT done: what the pipeline adds (sampled readings)
 DEVICE_TO_INSERT = "device_to_insert"  # device time -> INSERT done: end to end, with clock skew (sampled)
+# recorded by the alert evaluator and the gateway (a side path: not among PIPELINE_HOPS)
+RECV_TO_ALERT = "recv_to_alert"  # frame received -> alert event emitted (per event that opens)
+ALERT_TO_GATEWAY = "alert_to_gateway"  # alert event emitted -> the gateway has it (per event)
 
 #: Every hop, in data-path order (the monitor's latency panel shows them so).
 HOPS: tuple[str, ...] = (
@@ -40,7 +46,12 @@ HOPS: tuple[str, ...] = (
     INSERT,
     RECV_TO_INSERT,
     DEVICE_TO_INSERT,
+    RECV_TO_ALERT,
+    ALERT_TO_GATEWAY,
 )
+
+#: The hops only a stack with alert rules records.
+ALERT_HOPS: tuple[str, ...] = (RECV_TO_ALERT, ALERT_TO_GATEWAY)
 
 #: The stages the pipeline itself adds, among which the monitor names the worst p99.
 #: Left out: the end-to-end hops, which sum the stages (and ``device_to_*`` includes

@@ -196,6 +196,7 @@ def test_the_alerts_table_holds_each_alert_once(alert_stack: AlertStack, wait_fo
 def test_the_monitor_and_prometheus_show_open_alerts(alert_stack: AlertStack) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
+    from sensorhub.metrics.hops import ALERT_HOPS
     from sensorhub.metrics.prometheus import SnapshotCollector
     from sensorhub.monitor.state import StateCollector
     from sensorhub.pipeline.keys import StreamLayout
@@ -208,6 +209,7 @@ def test_the_monitor_and_prometheus_show_open_alerts(alert_stack: AlertStack) ->
     assert st["alerts"]["open"] == len(open_now) and st["alerts"]["open_by_severity"]["critical"] == crit
     assert any(a["device"] == "hot-mon" for a in st["alerts"]["latest"])
     assert {p["role"] for p in st["alerts"]["processes"]} == {"alerts", "gateway"}
+    assert set(ALERT_HOPS) <= set(st["latency"])  # the hops only a stack with rules records
 
     from prometheus_client import CollectorRegistry, generate_latest
 
