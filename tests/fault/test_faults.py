@@ -72,8 +72,27 @@ def test_dead_writer_entries_claimed_by_another(fault_run, tmp_path) -> None:  #
     )
     run.start()
     run.sleep(SECONDS * 0.3)
-    # the stack's writer hangs (alive, holding pending entries and maybe an intent)
-    run.stack.signal("writer", signal.SIGSTOP)
+    # the stack's writer hangs (alive, holding pending entries and maybe an intent); stopped
+    # between an acknowledgement and its next read it would hold none, so stop it again until
+    # it does (bounded)
+    r_ = run.stack.redis()
+
+    def held() -> int:
+        total = 0
+        for p in range(8):
+            for c in r_.xinfo_consumers(f"sh:readings:{{{p}}}", "writers"):
+                if c["name"] in (b"writer-1", "writer-1"):
+                    total += int(c["pending"])
+        return total
+
+    for _ in range(200):
+        run.stack.signal("writer", signal.SIGSTOP)
+        if held():
+            break
+        run.stack.signal("writer", signal.SIGCONT)
+        time.sleep(0.013)
+    run.notes["pending_held_by_the_stopped_writer"] = held()
+    assert run.notes["pending_held_by_the_stopped_writer"] > 0, "the writer never held an entry when stopped"
     log = open(tmp_path / "writer-2.log", "w")  # noqa: SIM115 - the child writes it until the end
     w2 = subprocess.Popen(
         [sys.executable, "-m", "sensorhub", "writer", "--consumer", "writer-2"], env=env,
