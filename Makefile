@@ -70,7 +70,7 @@ soak: setup
 	$(PY) benchmarks/soak.py --rate $(SOAK_RATE) --per-message 10 --seconds $(SOAK_SECONDS)
 
 faults: setup
-	SENSORHUB_FAULT_RATE=40000 SENSORHUB_FAULT_SECONDS=60 SENSORHUB_FAULT_OVERLOAD=1 \
+	SENSORHUB_FAULT_RATE=40000 SENSORHUB_FAULT_SECONDS=60 SENSORHUB_FAULT_OVERLOAD=1 SENSORHUB_FAULT_DISK_FULL=1 \
 	  SENSORHUB_FAULT_RESULTS=benchmarks/results/faults-40k $(PY) -m pytest tests/fault -v $(PYTEST_ARGS)
 
 demo: setup
