@@ -31,6 +31,7 @@ import lz4.frame
 import pytest
 from backports import zstd
 from clickhouse_connect.driver.exceptions import DatabaseError
+from kit.disk import fill
 from kit.services import ManagedProcess, start_chdb_server
 
 from sensorhub.chdb_server.sql import has_infile, insert_from_file
@@ -291,14 +292,6 @@ def _server(run_dir: Path, *extra: str, env: dict[str, str] | None = None) -> Ma
     return start_chdb_server(run_dir, extra=extra, env=env)
 
 
-def _fill(path: Path) -> None:
-    with open(path, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * (1 << 20))
-                f.flush()
-        except OSError:
-            pass
 
 
 def test_a_full_data_disk_answers_not_enough_space_and_stores_nothing(small_disk: Path, tmp_path: Path) -> None:
@@ -309,7 +302,7 @@ def test_a_full_data_disk_answers_not_enough_space_and_stores_nothing(small_disk
     try:
         client.command("CREATE TABLE t (a UInt64, s String) ENGINE = MergeTree ORDER BY a")
         filler = small_disk / "filler"
-        _fill(filler)
+        fill(filler)
         rows = [[i, f"row {i}"] for i in range(1000)]
         with pytest.raises(DatabaseError) as full:
             client.insert("t", rows, column_names=["a", "s"])
@@ -333,7 +326,7 @@ def test_a_full_spool_directory_answers_not_enough_space(small_disk: Path, tmp_p
     client = clickhouse_connect.get_client(dsn=server.url)
     try:
         client.command("CREATE TABLE t (a UInt64) ENGINE = MergeTree ORDER BY a")
-        _fill(small_disk / "filler")
+        fill(small_disk / "filler")
         status, got, text = raw(server.url, b"1\n2\n", {"query": "INSERT INTO t FORMAT TSV"})
         assert (status, got["x-clickhouse-exception-code"]) == (500, "243"), text
         assert b"Cannot spool the data of an INSERT" in text

@@ -20,6 +20,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from faultkit import RATE, SECONDS, check_exactly_once, record
+from kit.disk import fill
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_sim.encoders import FrameReading, encode_frame
@@ -320,13 +321,7 @@ def test_clickhouse_disk_full_waits_then_drains(fault_run, tmp_path) -> None:  #
         run.start()
         run.sleep(SECONDS * 0.2)
         filler = data / "filler"
-        with open(filler, "wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * (1 << 20))
-                    f.flush()
-            except OSError:
-                pass
+        fill(filler)
         full_at = time.monotonic()
         run.sleep(2.0)  # what was in flight lands or is refused
         stored_full = int(ch.command("SELECT count() FROM sensorhub.readings"))

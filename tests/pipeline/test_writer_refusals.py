@@ -25,6 +25,7 @@ from typing import Any
 import clickhouse_connect
 import pytest
 from kit import services
+from kit.disk import fill
 
 from sensorhub.config import load_settings
 from sensorhub.decoders import ReadingBatch
@@ -391,13 +392,7 @@ def test_a_full_disk_is_waited_out_and_nothing_is_dead_lettered(
                 time.sleep(0.1)
             assert w.state == "inserting"  # schema applied, streams read: now the disk fills up
             filler = small_disk / "filler"
-            with open(filler, "wb") as f:
-                try:
-                    while True:
-                        f.write(b"\0" * (1 << 20))
-                        f.flush()
-                except OSError:
-                    pass
+            fill(filler)
             entries, good, _ = _mixed_entries(set(), n_entries=4, per_entry=200)
             _publish(redis_client, layout, entries)
             deadline = time.monotonic() + 60
