@@ -46,6 +46,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "tests"))
 
 from kit.results import write_results  # noqa: E402
+from kit.services import mqtt_login  # noqa: E402
 
 RULES = """
 [[alerts.rules]]
@@ -166,6 +167,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cpu0 = _cpu(pids)
             t_cpu0 = time.monotonic()
             pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"bench-probe-{os.getpid()}")
+            mqtt_login(pub, info)
             pub.connect("127.0.0.1", info["mqtt"]["port"])
             pub.loop_start()
             probes = 0

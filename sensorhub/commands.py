@@ -186,12 +186,25 @@ def _schema(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster", help="generate Replicated*/Distributed DDL for this cluster")
 
 
+def _device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["add", "remove", "list"])
+    p.add_argument("name", nargs="?", help="device id: its MQTT user name")
+    p.add_argument("--stack", metavar="DIR", help="the broker of a running `sensorhub stack`")
+    p.add_argument("--password-file", metavar="FILE", help="an installed broker's mosquitto password file")
+    p.add_argument("--reload-pid", type=int, help="with --password-file: the broker's pid, sent SIGHUP")
+    p.add_argument("--json", action="store_true", help="print JSON ({\"username\", \"password\"} for add)")
+
+
 def _stack(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["up", "status", "down", "_supervise"])
+    p.add_argument("action", choices=["up", "status", "down", "rotate", "_supervise"])
     p.add_argument("--dir", required=True, type=Path, help="run directory (data, logs, state)")
     p.add_argument("--json", action="store_true", help="print JSON (up and status)")
     p.add_argument("--timeout", type=float, default=120.0)
     p.add_argument("--redis-maxmemory", help="e.g. 64mb: Redis refuses writes past it (noeviction)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no passwords, no TLS, anonymous MQTT (debugging only; the default is secured)")
+    p.add_argument("--secret", metavar="NAME", help="rotate: the account, as named under DIR/secrets "
+                   "(mqtt-sensorhub-ingest, redis-writer, clickhouse-writer, ...)")
 
 
 def _writer(p: argparse.ArgumentParser) -> None:
@@ -215,6 +228,9 @@ COMMANDS: dict[str, Command] = {
     "decode": Command(
         "decode one payload (file or stdin) and print its readings as JSON lines",
         "sensorhub.decoders.cmd_decode", _decode),
+    "device": Command(
+        "add, remove or list the broker accounts of devices (a device publishes only as itself)",
+        "sensorhub.security.cmd_device", _device),
     "dlq": Command(
         "list dead letters, or replay them through the decoders after a fix (no duplicates)",
         "sensorhub.pipeline.cmd_dlq", _dlq),

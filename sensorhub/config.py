@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,6 +52,8 @@ __all__ = [
     "TopicRoute",
     "WriterSettings",
     "load_settings",
+    "mask_url",
+    "read_secret_file",
 ]
 
 FORMATS = ("frame", "json", "ilp", "sparkplug")
@@ -58,6 +61,44 @@ FORMATS = ("frame", "json", "ilp", "sparkplug")
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def secret(self, name: str) -> str | None:
+        """The secret setting ``name``: read from ``<name>_file`` when that is set, else the value itself.
+
+        The file is read at each call (its first line, without the line end), so a process that
+        reconnects picks up a rotated secret. ``<name>_file`` is how secrets reach the services:
+        a file of mode 0600, or a systemd credential (``LoadCredential=``, ``%d/<name>`` in the unit).
+        """
+        path = getattr(self, f"{name}_file", None)
+        if path is not None:
+            return read_secret_file(path)
+        value = getattr(self, name, None)
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        return value if isinstance(value, str) else None
+
+
+def read_secret_file(path: str | os.PathLike[str]) -> str:
+    """The first line of ``path``, without the line end: how every sensorhub process reads a secret."""
+    with open(path, encoding="utf-8") as f:
+        return f.readline().rstrip("\r\n")
+
+
+def _check_secret_file(v: Path | None) -> Path | None:
+    """A ``*_file`` setting names a readable file; its content is not kept in the settings."""
+    if v is None:
+        return v
+    try:
+        read_secret_file(v)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"a readable file holding the secret on its first line ({v}: {exc.__class__.__name__})")
+    return v
+
+
+def _check_tls_file(v: Path | None) -> Path | None:
+    if v is not None and not Path(v).is_file():
+        raise ValueError(f"a readable PEM file ({v} does not exist)")
+    return v
 
 
 class BackoffSettings(_Section):
@@ -109,6 +150,12 @@ class MqttSettings(_Section):
     )
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="file holding the password (first line); wins over password")
+    tls: bool = Field(False, description="connect with TLS (1.2 or later), checking the broker's certificate")
+    ca_file: Path | None = Field(None, description="CA certificates (PEM) the broker's certificate must chain to; "
+                                 "unset: the system's")
+    cert_file: Path | None = Field(None, description="client certificate (PEM), when the broker asks for one")
+    key_file: Path | None = Field(None, description="private key of cert_file (PEM)")
     qos: Literal[0, 1] = 1
     keepalive_s: int = Field(30, ge=5, le=3600)
     session_expiry_s: int = Field(
@@ -126,9 +173,28 @@ class MqttSettings(_Section):
     sparkplug_group_filter: str = "spBv1.0/#"
     max_payload_bytes: int = Field(1 << 20, ge=64, description="larger payloads are dead-lettered")
 
+    _password_file = field_validator("password_file")(_check_secret_file)
+    _tls_files = field_validator("ca_file", "cert_file", "key_file")(_check_tls_file)
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> MqttSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("mqtt.cert_file and mqtt.key_file together, or neither")
+        if (self.ca_file or self.cert_file) and not self.tls:
+            raise ValueError("mqtt.tls = true when mqtt.ca_file or mqtt.cert_file is set")
+        return self
+
 
 class RedisSettings(_Section):
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="redis://[USER:PASSWORD@]HOST:PORT/DB, rediss:// for TLS, or unix://PATH; "
+        "username and password below win over the URL's",
+    )
+    username: str | None = Field(None, description="Redis ACL user")
+    password: SecretStr | None = None
+    password_file: Path | None = Field(None, description="file holding the password (first line); wins over password")
+    ca_file: Path | None = Field(None, description="CA certificates (PEM) for rediss://; unset: the system's")
     partitions: int = Field(8, ge=1, le=1024, description="P partition streams for readings")
     prefix: str = Field("sh", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     group: str = Field("writers", min_length=1)
@@ -140,6 +206,9 @@ class RedisSettings(_Section):
         if not re.match(r"^(redis|rediss|unix)://", v):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return v
+
+    _password_file = field_validator("password_file")(_check_secret_file)
+    _ca_file = field_validator("ca_file")(_check_tls_file)
 
 
 _DATABASE = r"[A-Za-z_][A-Za-z0-9_]*"
@@ -160,6 +229,8 @@ class ClickHouseSettings(_Section):
     database: str = Field("sensorhub", pattern=rf"^{_DATABASE}$")
     user: str = "default"
     password: SecretStr = SecretStr("")
+    password_file: Path | None = Field(None, description="file holding the password (first line); wins over password")
+    ca_file: Path | None = Field(None, description="CA certificates (PEM) for an https:// url; unset: the system's")
     connect_timeout_s: float = Field(5.0, gt=0)
     send_receive_timeout_s: float = Field(60.0, gt=0)
     cluster: str | None = Field(None, description="generate Replicated*/Distributed DDL for this cluster")
@@ -181,9 +252,30 @@ class ClickHouseSettings(_Section):
     @field_validator("url")
     @classmethod
     def _valid_url(cls, v: str) -> str:
-        if not re.match(rf"^https?://[^/:]+(:\d+)?(/({_DATABASE})?)?/?$", v):
-            raise ValueError("must look like http://HOST:PORT or http://HOST:PORT/DATABASE")
+        if not re.match(rf"^https?://([^/@]*@)?[^/:@]+(:\d+)?(/({_DATABASE})?)?/?$", v):
+            raise ValueError("must look like http://HOST:PORT or http://[USER:PASSWORD@]HOST:PORT/DATABASE")
         return v
+
+    _password_file = field_validator("password_file")(_check_secret_file)
+    _ca_file = field_validator("ca_file")(_check_tls_file)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_from_url(cls, data: Any) -> Any:
+        """``http://USER:PASSWORD@HOST:PORT/DB``: the user and password move to ``user`` and ``password``
+        (percent-decoded), and ``url`` keeps the rest, so no client prints them with the URL."""
+        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+            return data
+        m = re.match(r"^(https?://)([^/@]*)@(.*)$", data["url"])
+        if not m:
+            return data
+        user, _, password = m.group(2).partition(":")
+        out = {**data, "url": m.group(1) + m.group(3)}
+        if user:
+            out["user"] = urllib.parse.unquote(user)
+        if password:
+            out["password"] = urllib.parse.unquote(password)
+        return out
 
     @model_validator(mode="before")
     @classmethod
@@ -217,12 +309,17 @@ class ClickHouseSettings(_Section):
         """``url`` without the database: the HTTP endpoint alone."""
         return re.sub(r"^(https?://[^/]+).*$", r"\1", self.url)
 
+    @property
+    def secure(self) -> bool:
+        return self.url.startswith("https://")
+
     def at(self, url: str) -> ClickHouseSettings:
         """These settings pointed at another server ``url`` (a ``--clickhouse`` argument);
         a database in ``url`` replaces ``database``. Raises :class:`ConfigError` for a bad URL."""
         data = self.model_dump()
         data["url"] = url
-        if _url_database(url) is not None:
+        data["password"] = self.password.get_secret_value()
+        if _url_database(re.sub(r"^(https?://)[^/@]*@", r"\1", url)) is not None:
             del data["database"]
         try:
             return ClickHouseSettings.model_validate(data)
@@ -481,7 +578,7 @@ class Settings(BaseSettings):
 
 
 _CONFIG_PATH: str | None = None
-_SECRET_KEYS = {"password", "token"}
+_SECRET_KEYS = {"password", "token"}  # *_file settings are paths, shown as they are
 
 
 def _mask(obj: Any) -> Any:
@@ -492,8 +589,13 @@ def _mask(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_mask(v) for v in obj]
     if isinstance(obj, str):
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", obj)
+        return mask_url(obj)
     return obj
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its ``USER:PASSWORD@`` part as ``***``: for screens and logs."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 def _env_name(loc: tuple[Any, ...]) -> str:

@@ -41,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
     from sensorhub.alerts.keys import AlertKeys
     from sensorhub.pipeline.keys import StreamLayout
+    from sensorhub.pipeline.redisconn import redis_client
 
     layout = StreamLayout(settings.redis.prefix, settings.redis.partitions)
-    r = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s)
+    r = redis_client(settings.redis, socket_timeout=settings.redis.socket_timeout_s)
     if args.action == "open":
         for _aid, raw in r.hscan_iter(AlertKeys(layout).open, count=1000):
             print(raw.decode())

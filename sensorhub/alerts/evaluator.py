@@ -48,6 +48,7 @@ from sensorhub.errors import ConfigError, DecodeError, SensorhubError, SinkError
 from sensorhub.metrics import hops
 from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.keys import StreamLayout
+from sensorhub.pipeline.redisconn import redis_client
 from sensorhub.pipeline.streams import F_BLOCK, F_KIND, KIND_READINGS, decode_block
 from sensorhub.service import notify
 from sensorhub.service.lifecycle import Lifecycle
@@ -138,8 +139,8 @@ class Evaluator:
         self.consumer = self.cfg.consumer
         self.life = life or Lifecycle("alerts evaluate")
         self.metrics = metrics or Metrics("alerts", self.consumer)
-        self.redis: Any = redis.Redis.from_url(
-            settings.redis.url,
+        self.redis: Any = redis_client(
+            settings.redis,
             socket_timeout=max(settings.redis.socket_timeout_s, self.cfg.tick_ms / 1000 + 5),
             socket_connect_timeout=settings.redis.socket_timeout_s,
         )
@@ -385,7 +386,7 @@ class Store(threading.Thread):
         self.stop = stop
         self.metrics = metrics
         self.keys = AlertKeys(StreamLayout(settings.redis.prefix, settings.redis.partitions))
-        self.redis: Any = redis.Redis.from_url(settings.redis.url, socket_timeout=settings.redis.socket_timeout_s + 2,
+        self.redis: Any = redis_client(settings.redis, socket_timeout=settings.redis.socket_timeout_s + 2,
                                                socket_connect_timeout=settings.redis.socket_timeout_s)
         self.db = settings.clickhouse.database
         self.ch: Any = None

@@ -40,7 +40,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import redis
-import redis.asyncio as aioredis
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
@@ -51,6 +50,7 @@ from sensorhub.config import Settings
 from sensorhub.metrics import hops
 from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.keys import StreamLayout
+from sensorhub.pipeline.redisconn import redis_client
 from sensorhub.service.lifecycle import Lifecycle
 
 __all__ = ["SEVERITIES", "Filter", "Gateway"]
@@ -320,7 +320,7 @@ class Gateway:
         delay = b.initial_s
         stop = self.life.stop
         while not stop.is_set():
-            r: Any = aioredis.Redis.from_url(self.settings.redis.url, socket_connect_timeout=self.settings.redis.socket_timeout_s,
+            r: Any = redis_client(self.settings.redis, asyncio=True, socket_connect_timeout=self.settings.redis.socket_timeout_s,
                                         socket_timeout=self.settings.redis.socket_timeout_s + 2)
             try:
                 await self._load(r)
@@ -349,7 +349,7 @@ class Gateway:
                 await r.aclose()
 
     async def _publish(self) -> None:
-        r = redis.Redis.from_url(self.settings.redis.url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        r = redis_client(self.settings.redis, socket_timeout=2.0, socket_connect_timeout=2.0)
         key = self.layout.metrics_key(self.metrics.process)
         ttl = self.settings.metrics.ttl_s
         try:

@@ -253,12 +253,11 @@ def serve(redis: Any, layout: StreamLayout, host: str, port: int, stale_after_s:
 
 # ---- command line ----
 def run(args: argparse.Namespace) -> int:
-    import redis
-
     from sensorhub.config import load_settings
+    from sensorhub.pipeline.redisconn import redis_client
 
     s = load_settings(args.config)
-    r = redis.Redis.from_url(args.redis or s.redis.url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    r = redis_client(s.redis, args.redis or s.redis.url, socket_timeout=2.0, socket_connect_timeout=2.0)
     host = args.host or s.metrics.prometheus_host
     port = args.port if args.port is not None else s.metrics.prometheus_port
     if port == 0:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from sensorhub.config import load_settings
+from sensorhub.config import load_settings, mask_url
 from sensorhub.monitor.state import StateCollector
 from sensorhub.monitor.view import SORTS, render
 from sensorhub.pipeline.keys import StreamLayout
@@ -28,7 +28,7 @@ __all__ = ["build_collector", "run"]
 
 def build_collector(args: argparse.Namespace) -> StateCollector:
     """The collector for the URLs the arguments (or the stack, or the settings) name."""
-    import redis
+    from sensorhub.pipeline.redisconn import redis_client
 
     s = load_settings(getattr(args, "config", None))
     redis_url = args.redis or s.redis.url
@@ -37,10 +37,11 @@ def build_collector(args: argparse.Namespace) -> StateCollector:
         from sensorhub.service.stack import stack_status
 
         st = stack_status(args.stack)
-        redis_url = args.redis or st["redis_url"]
-        ch_url = args.clickhouse or st["clickhouse_url"]
+        ro = st.get("monitor", st)  # the read-only accounts
+        redis_url = args.redis or ro["redis_url"]
+        ch_url = args.clickhouse or ro["clickhouse_url"]
     ch_cfg = s.clickhouse.at(ch_url).model_copy(update={"connect_timeout_s": 1.0, "send_receive_timeout_s": 3.0})
-    r = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    r = redis_client(s.redis, redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
 
     def ch_factory() -> Any:
         from sensorhub.sinks.clickhouse import connect
@@ -53,8 +54,8 @@ def build_collector(args: argparse.Namespace) -> StateCollector:
         group=s.redis.group,
         database=ch_cfg.database,
         ch_factory=None if args.no_clickhouse else ch_factory,
-        ch_url="" if args.no_clickhouse else ch_url,
-        redis_url=redis_url,
+        ch_url="" if args.no_clickhouse else mask_url(ch_url),  # shown on screen and in --json
+        redis_url=mask_url(redis_url),
         stale_after_s=args.stale_after,
         lag_alert_s=s.writer.lag_alert_s,
         ch_interval_s=2.0,

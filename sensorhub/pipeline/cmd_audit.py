@@ -13,6 +13,7 @@ from sensorhub.config import load_settings
 from sensorhub.errors import ConfigError, StreamError
 from sensorhub.pipeline.audit import reconcile
 from sensorhub.pipeline.keys import StreamLayout
+from sensorhub.pipeline.redisconn import redis_client
 from sensorhub.sinks.clickhouse import connect
 
 
@@ -20,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     s = load_settings(args.config)
     url = args.redis or s.redis.url
     try:
-        r = redis.Redis.from_url(url, socket_timeout=s.redis.socket_timeout_s,
+        r = redis_client(s.redis, url, socket_timeout=s.redis.socket_timeout_s,
                                  socket_connect_timeout=s.redis.socket_timeout_s)
     except ValueError:
         raise ConfigError("--redis" if args.redis else "redis.url", "a redis:// or rediss:// URL", url) from None

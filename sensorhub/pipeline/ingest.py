@@ -60,6 +60,7 @@ from sensorhub.metrics import hops
 from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.lag import LagAlarm, stream_states
+from sensorhub.pipeline.redisconn import redis_client
 from sensorhub.pipeline.streams import (
     F_BLOCK,
     F_KIND,
@@ -138,8 +139,8 @@ class Ingest:
         self.name = source.name
         self.layout = StreamLayout(settings.redis.prefix, settings.redis.partitions)
         self.metrics = metrics or Metrics("ingest", source.name)
-        self.redis: Any = redis.Redis.from_url(
-            settings.redis.url,
+        self.redis: Any = redis_client(
+            settings.redis,
             socket_timeout=settings.redis.socket_timeout_s,
             socket_connect_timeout=settings.redis.socket_timeout_s,
         )

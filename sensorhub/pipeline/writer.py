@@ -45,6 +45,7 @@ from sensorhub.pipeline.delivery import Delivery, insert_settings
 from sensorhub.pipeline.exports import store_audit, store_hop_latency
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.lag import LagAlarm, stream_states
+from sensorhub.pipeline.redisconn import redis_client
 from sensorhub.pipeline.rejected import DeviceTimeWindow
 from sensorhub.service import notify
 from sensorhub.sinks import schema
@@ -65,8 +66,8 @@ class Writer:
         self.layout = StreamLayout(settings.redis.prefix, settings.redis.partitions)
         self.group = settings.redis.group
         self.metrics = metrics or Metrics("writer", self.consumer)
-        self.redis: Any = redis.Redis.from_url(
-            settings.redis.url,
+        self.redis: Any = redis_client(
+            settings.redis,
             socket_timeout=max(settings.redis.socket_timeout_s, self.cfg.batch_ms / 1000 + 5),
             socket_connect_timeout=settings.redis.socket_timeout_s,
         )

@@ -17,11 +17,13 @@ import socket
 import sys
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from sensorhub.errors import SensorhubError
 
 __all__ = [
+    "BrokerSecurity",
     "chdb_argv",
     "free_port",
     "http_ready",
@@ -48,6 +50,46 @@ def _binary(name: str, *extra_dirs: str) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """What makes the broker default-deny: accounts, ACLs, and a TLS listener.
+
+    ``password_file`` holds mosquitto hashes, ``acl_file`` the per-account and per-device rules
+    (:mod:`sensorhub.security.broker`). ``tls_port`` is the TLS listener (TLS 1.2 or later) on
+    ``tls_host``; with ``require_client_cert`` a client must also present a certificate the CA
+    signed, and its common name becomes its user name.
+    """
+
+    password_file: Path
+    acl_file: Path
+    tls_port: int | None = None
+    tls_host: str = "127.0.0.1"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    require_client_cert: bool = False
+
+    def lines(self) -> list[str]:
+        out = [
+            "per_listener_settings false",
+            "allow_anonymous false",
+            f"password_file {self.password_file}",
+            f"acl_file {self.acl_file}",
+        ]
+        if self.tls_port:
+            out += [
+                f"listener {self.tls_port} {self.tls_host}",
+                f"cafile {self.ca_file}",
+                f"certfile {self.cert_file}",
+                f"keyfile {self.key_file}",
+                "tls_version tlsv1.2",
+                f"require_certificate {'true' if self.require_client_cert else 'false'}",
+            ]
+            if self.require_client_cert:
+                out.append("use_identity_as_username true")
+        return out
+
+
 def mosquitto_config(
     port: int,
     data_dir: Path,
@@ -55,6 +97,7 @@ def mosquitto_config(
     max_queued_messages: int = 2_000_000,
     max_queued_bytes: int = 2 << 30,
     session_expiry: str = "7d",
+    security: BrokerSecurity | None = None,
 ) -> str:
     """The broker configuration sensorhub runs with (tests, demo, and what operators should use).
 
@@ -70,12 +113,16 @@ def mosquitto_config(
       it would otherwise switch to the ``mosquitto`` user and could not write
       its persistence file under a run directory it does not own, losing
       every queued message on restart.
+    - with ``security`` (the default of ``sensorhub stack``): no anonymous
+      client, every account checked against the password file and the ACL,
+      and a TLS listener beside the plain one; without it (``--insecure``)
+      anyone who reaches the port may publish and subscribe to anything.
     """
+    listeners = [f"listener {port} {host}", *(security.lines() if security else ["allow_anonymous true"])]
     return "\n".join(
         [
             f"user {pwd.getpwuid(os.geteuid()).pw_name}",
-            f"listener {port} {host}",
-            "allow_anonymous true",
+            *listeners,
             "persistence true",
             f"persistence_location {data_dir}/",
             "autosave_interval 1",
@@ -93,17 +140,24 @@ def mosquitto_config(
     )
 
 
-def mosquitto_argv(run_dir: Path, port: int, host: str = "127.0.0.1") -> list[str]:
+def mosquitto_argv(
+    run_dir: Path, port: int, host: str = "127.0.0.1", security: BrokerSecurity | None = None
+) -> list[str]:
     """Write the broker configuration under ``run_dir/mosquitto`` and return its command line."""
     d = run_dir / "mosquitto"
     d.mkdir(parents=True, exist_ok=True)
     conf = d / "mosquitto.conf"
-    conf.write_text(mosquitto_config(port, d, host))
+    conf.write_text(mosquitto_config(port, d, host, security=security))
     return [_binary("mosquitto", "/usr/sbin"), "-c", str(conf)]
 
 
-def redis_argv(run_dir: Path, port: int, host: str = "127.0.0.1", maxmemory: str | None = None) -> list[str]:
-    """redis-server with AOF (appendfsync everysec) and noeviction, data under ``run_dir/redis``."""
+def redis_argv(
+    run_dir: Path, port: int, host: str = "127.0.0.1", maxmemory: str | None = None, aclfile: Path | None = None
+) -> list[str]:
+    """redis-server with AOF (appendfsync everysec) and noeviction, data under ``run_dir/redis``.
+
+    With ``aclfile`` (the default of ``sensorhub stack``) its users are those of the file, the
+    default user off (:func:`sensorhub.security.credentials.redis_acl_text`)."""
     d = run_dir / "redis"
     d.mkdir(parents=True, exist_ok=True)
     argv = [
@@ -121,6 +175,8 @@ def redis_argv(run_dir: Path, port: int, host: str = "127.0.0.1", maxmemory: str
     ]
     if maxmemory:
         argv += ["--maxmemory", maxmemory]
+    if aclfile is not None:
+        argv += ["--aclfile", str(aclfile)]
     return argv
 
 
@@ -140,11 +196,12 @@ def chdb_argv(
 
 
 def redis_ready(host: str, port: int) -> bool:
-    """True when redis-server on ``host:port`` answers PING."""
+    """True when redis-server on ``host:port`` answers PING (or refuses it for want of credentials:
+    it is up)."""
     try:
         with socket.create_connection((host, port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
+            return s.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 

@@ -35,15 +35,17 @@ def connect(settings: ClickHouseSettings, database: str | None = None, **kwargs:
         OperationalError,
     )
 
+    tls: dict[str, Any] = {"ca_cert": str(settings.ca_file)} if settings.secure and settings.ca_file else {}
     try:
         client = clickhouse_connect.get_client(
             dsn=settings.url,
             username=settings.user,
-            password=settings.password.get_secret_value(),
+            password=settings.secret("password") or "",
             database=database or "default",
             connect_timeout=settings.connect_timeout_s,
             send_receive_timeout=settings.send_receive_timeout_s,
             autogenerate_session_id=False,
+            **tls,
             **kwargs,
         )
     except DatabaseError as exc:

@@ -20,6 +20,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import redis as redis_mod
+from kit.services import mqtt_login
 from paho.mqtt.enums import CallbackAPIVersion
 
 from sensorhub.alerts.keys import AlertKeys
@@ -92,6 +93,7 @@ class AlertStack:
         self.keys = AlertKeys(StreamLayout())
         self._mqtt = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
                                  client_id=f"alerts-test-{time.monotonic_ns()}")
+        mqtt_login(self._mqtt, info)
         self._mqtt.connect("127.0.0.1", self.mqtt_port)
         self._mqtt.loop_start()
         self._marks = 0

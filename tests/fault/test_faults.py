@@ -21,6 +21,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from faultkit import RATE, SECONDS, check_exactly_once, record
 from kit.disk import fill
+from kit.services import mqtt_login
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_sim.encoders import FrameReading, encode_frame
@@ -245,6 +246,7 @@ def test_device_with_a_broken_clock_among_the_fleet(fault_run) -> None:  # type:
     run.start()
     run.sleep(1.0)
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="broken-clock")
+    mqtt_login(c, run.stack.info)
     c.connect("127.0.0.1", run.stack.mqtt_port)
     c.loop_start()
     now_us = time.time_ns() // 1000

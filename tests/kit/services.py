@@ -19,9 +19,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from sensorhub.config import DEFAULT_ROUTES
 from sensorhub.errors import SensorhubError
+from sensorhub.security.broker import INGEST_ACCOUNT, TOOLS_ACCOUNT
+from sensorhub.security.credentials import Credentials, ensure_credentials
 from sensorhub.service.stack_services import (
+    BrokerSecurity,
     chdb_argv,
     free_port,
     http_ready,
@@ -32,12 +37,23 @@ from sensorhub.service.stack_services import (
 
 __all__ = [
     "ManagedProcess",
+    "SecureBroker",
     "free_port",
+    "mqtt_login",
     "start_chdb_server",
     "start_mosquitto",
     "start_redis",
     "wait_tcp",
 ]
+
+
+def mqtt_login(client: Any, info: dict[str, Any]) -> Any:
+    """Give a paho client the credentials of a stack's JSON (``info["mqtt"]``): the tools
+    account, which may publish to every device topic. An ``--insecure`` stack has none."""
+    mq = info.get("mqtt", {})
+    if mq.get("username"):
+        client.username_pw_set(mq["username"], mq["password"])
+    return client
 
 
 def wait_tcp(host: str, port: int, timeout: float) -> bool:
@@ -160,12 +176,71 @@ def _start(
     return mp.start(timeout)
 
 
-def start_mosquitto(run_dir: Path, port: int = 0, host: str = "127.0.0.1") -> ManagedProcess:
+@dataclass
+class SecureBroker(ManagedProcess):
+    """mosquitto as ``sensorhub stack`` runs it: accounts, per-device ACLs, a TLS listener.
+
+    ``accounts`` maps the service accounts (``sensorhub-ingest`` reads everything,
+    ``sensorhub-tools`` reads and writes everything) to their passwords; ``add_device`` and
+    ``remove_device`` change the password file and have the broker reload it (SIGHUP).
+    """
+
+    tls_port: int = 0
+    creds: Credentials | None = None
+
+    @property
+    def ca_file(self) -> Path:
+        assert self.creds is not None
+        return self.creds.ca_file
+
+    @property
+    def accounts(self) -> dict[str, str]:
+        assert self.creds is not None
+        return {name: self.creds.password("mqtt", name) for name in (INGEST_ACCOUNT, TOOLS_ACCOUNT)}
+
+    def password_file(self, account: str) -> Path:
+        assert self.creds is not None
+        return self.creds.password_file("mqtt", account)
+
+    def reload(self) -> None:
+        self.signal(signal.SIGHUP)
+        time.sleep(0.2)  # mosquitto reloads between two network loop passes
+
+    def add_device(self, name: str) -> str:
+        assert self.creds is not None
+        password = self.creds.add_device(name)
+        self.reload()
+        return password
+
+    def remove_device(self, name: str) -> None:
+        assert self.creds is not None
+        self.creds.remove_device(name)
+        self.reload()
+
+
+def start_mosquitto(
+    run_dir: Path, port: int = 0, host: str = "127.0.0.1", *, secure: bool = False
+) -> ManagedProcess:
+    """mosquitto on ``port``; with ``secure`` a :class:`SecureBroker` (accounts, ACLs, TLS on ``tls_port``)."""
     port = port or free_port(host)
-    return _start(
-        "mosquitto", mosquitto_argv(run_dir, port, host), lambda: wait_tcp(host, port, 0.2),
-        run_dir / "mosquitto" / "mosquitto.log", host, port, f"mqtt://{host}:{port}",
+    if not secure:
+        return _start(
+            "mosquitto", mosquitto_argv(run_dir, port, host), lambda: wait_tcp(host, port, 0.2),
+            run_dir / "mosquitto" / "mosquitto.log", host, port, f"mqtt://{host}:{port}",
+        )
+    creds = ensure_credentials(run_dir, DEFAULT_ROUTES)
+    tls_port = free_port(host)
+    security = BrokerSecurity(
+        creds.mqtt_password_file, creds.mqtt_acl_file, tls_port, host, creds.ca_file,
+        creds.server_cert.cert, creds.server_cert.key,
     )
+    mp = SecureBroker(
+        "mosquitto", mosquitto_argv(run_dir, port, host, security), ready=lambda: wait_tcp(host, tls_port, 0.2),
+        log_path=run_dir / "mosquitto" / "mosquitto.log", host=host, port=port, url=f"mqtt://{host}:{port}",
+        tls_port=tls_port, creds=creds,
+    )
+    mp.start()
+    return mp
 
 
 def start_redis(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from kit.services import mqtt_login
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_sim.encoders import FrameReading, encode_frame
@@ -56,9 +57,10 @@ def _messages(now_us: int) -> tuple[list[tuple[str, bytes]], dict[tuple[str, str
     return msgs, healthy, broken
 
 
-def _publish(port: int, msgs: list[tuple[str, bytes]]) -> None:
+def _publish(stack: Any, msgs: list[tuple[str, bytes]]) -> None:
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"clock-test-{time.monotonic_ns()}")
-    c.connect("127.0.0.1", port)
+    mqtt_login(c, stack.info)
+    c.connect("127.0.0.1", stack.mqtt_port)
     c.loop_start()
     try:
         infos = [c.publish(t, p, qos=1) for t, p in msgs]
@@ -108,7 +110,7 @@ def test_a_broken_clock_loses_nothing_and_stops_no_one(stack_factory, tmp_path: 
     stack = stack_factory()
     now_us = time.time_ns() // 1000
     msgs, healthy, broken = _messages(now_us)
-    _publish(stack.mqtt_port, msgs)
+    _publish(stack, msgs)
     ch = stack.ch()
 
     def all_in() -> bool:

@@ -9,6 +9,7 @@ import time
 
 import paho.mqtt.client as mqtt
 from kit.encoders import frame
+from kit.services import mqtt_login
 from paho.mqtt.enums import CallbackAPIVersion
 
 
@@ -30,6 +31,7 @@ def test_replay_after_a_configuration_fix_stores_each_reading_once(stack_factory
     # the stack runs with a payload limit too small for 40-reading frames
     stack = stack_factory("[mqtt]\nmax_payload_bytes = 256\n")
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="dlq-test")
+    mqtt_login(c, stack.info)
     c.connect("127.0.0.1", stack.mqtt_port)
     c.loop_start()
     msgs = [_frame("big-1", s, 40) for s in range(5)] + [_frame("small-1", s, 2) for s in range(3)]

@@ -7,6 +7,7 @@ Publishers are real MQTT clients: the simulator (its own encoders), paho, and
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from kit.encoders import frame
+from kit.services import mqtt_login
 from kit.store import count, wait_count
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -27,6 +29,7 @@ T0_US = T0_S * 1_000_000
 
 def _publisher(stack: Any) -> mqtt.Client:
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"test-pub-{time.monotonic_ns()}")
+    mqtt_login(c, stack.info)
     c.connect("127.0.0.1", stack.mqtt_port)
     c.loop_start()
     return c
@@ -136,14 +139,18 @@ def test_order_within_a_device_is_send_order(stack_factory) -> None:  # type: ig
 
 
 @pytest.mark.skipif(shutil.which("mosquitto_pub") is None, reason="mosquitto_pub not installed")
-def test_mosquitto_pub_json_and_audit_reconciles(stack_factory) -> None:  # type: ignore[no-untyped-def]
+def test_mosquitto_pub_json_and_audit_reconciles(stack_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
     stack = stack_factory()
+    # the stack's credentials in mosquitto_pub's options file, not on its command line
+    if stack.info.get("secure"):
+        (tmp_path / "mosquitto_pub").write_text(f"-u {stack.info['mqtt']['username']}\n-P {stack.info['mqtt']['password']}\n")
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
     for i in range(20):
         doc = json.dumps({"ts": T0_S + i, "seq": i, "values": {"rh": 40 + i, "temp_c": 20.5}})
         subprocess.run(
             ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(stack.mqtt_port), "-q", "1",
              "-t", "sensors/l3/hvac-1/json", "-m", doc],
-            check=True, timeout=10,
+            check=True, timeout=10, env=env,
         )
     ch = stack.ch()
     assert wait_count(ch, "SELECT count() FROM sensorhub.readings WHERE device = 'hvac-1'", 40) == 40

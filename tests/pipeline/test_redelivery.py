@@ -18,8 +18,12 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from kit.services import mqtt_login
 from kit.store import count, wait_count
 from paho.mqtt.enums import CallbackAPIVersion
+
+from sensorhub.security.broker import INGEST_ACCOUNT
+from sensorhub.security.credentials import Credentials
 
 DEVICES = [f"press-{i}" for i in range(8)]  # per test line: <line>-press-<i>
 REPEATS = 15
@@ -27,10 +31,11 @@ JSON_PAYLOAD = json.dumps({"metric": "temp_c", "value": 21.5}).encode()
 ILP_PAYLOAD = b"env temp_c=21.5"
 
 
-def _publisher(port: int, name: str) -> mqtt.Client:
+def _publisher(stack: Any, name: str) -> mqtt.Client:
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"{name}-{time.monotonic_ns()}")
     c.max_inflight_messages_set(1000)
-    c.connect("127.0.0.1", port)
+    mqtt_login(c, stack.info)
+    c.connect("127.0.0.1", stack.mqtt_port)
     c.loop_start()
     return c
 
@@ -69,7 +74,7 @@ def _audit(redis: Any, field: str) -> int:
 @pytest.mark.parametrize("client", ["native", "paho"])
 def test_repeated_timestampless_payloads_are_all_stored(stack_factory, client: str) -> None:  # type: ignore[no-untyped-def]
     stack = stack_factory(f'[mqtt]\nclient = "{client}"\n')
-    pub = _publisher(stack.mqtt_port, "repeat")
+    pub = _publisher(stack, "repeat")
     try:
         for qos, line in ((1, "q1"), (0, "q0")):
             for batch in _repeated(line):
@@ -103,7 +108,7 @@ def test_long_topics_sharing_a_prefix_are_told_apart(stack_factory) -> None:  # 
     line = "l" * 80
     # an hour ago: inside the writer's device-time window
     payload = json.dumps({"metric": "temp_c", "value": 1.0, "ts": int(time.time()) - 3600 + 0.5, "seq": 3}).encode()
-    pub = _publisher(stack.mqtt_port, "long")
+    pub = _publisher(stack, "long")
     try:
         _publish(pub, [(f"sensors/{line}/{d}/json", payload) for d in ("a", "b")], 1)
     finally:
@@ -123,7 +128,7 @@ def test_ingest_killed_between_redis_and_ack_stores_each_message_once(stack_fact
     """
     stack = stack_factory("[ingest]\nfault_crash_after_flush = 5\n")
     old = stack.pid("ingest")
-    pub = _publisher(stack.mqtt_port, "crash")
+    pub = _publisher(stack, "crash")
     rounds = _repeated("k", rounds=40)
     try:
         for batch in rounds:
@@ -146,7 +151,7 @@ def test_ingest_killed_between_redis_and_ack_stores_each_message_once(stack_fact
 def test_kill_9_while_repeated_payloads_flow(stack_factory) -> None:  # type: ignore[no-untyped-def]
     """kill -9 at an arbitrary moment of a stream of identical payloads: each stored exactly once."""
     stack = stack_factory()
-    pub = _publisher(stack.mqtt_port, "kill")
+    pub = _publisher(stack, "kill")
     rounds = _repeated("x", rounds=60)
     try:
         for i, batch in enumerate(rounds):
@@ -166,7 +171,7 @@ def test_kill_9_while_repeated_payloads_flow(stack_factory) -> None:  # type: ig
 def test_retained_message_is_one_reading_across_restarts(stack_factory) -> None:  # type: ignore[no-untyped-def]
     """A retained reading is handed to every new subscription; restarts do not make it new readings."""
     stack = stack_factory()
-    pub = _publisher(stack.mqtt_port, "retain")
+    pub = _publisher(stack, "retain")
     payload = json.dumps({"metric": "setpoint", "value": 42.0}).encode()
     topic = "sensors/r/valve-1/json"
     try:
@@ -197,6 +202,8 @@ def _drop_session(stack: Any) -> None:
     """End the ingest's broker session: take its client id over with a clean start."""
     cid = f"sensorhub-ingest-{stack.mqtt_port}"  # the stack's ingest (SENSORHUB_MQTT_CLIENT_ID)
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+    if stack.info.get("secure"):  # the ingest's own account: its client id is taken over by its owner
+        c.username_pw_set(INGEST_ACCOUNT, Credentials(stack.dir).password("mqtt", INGEST_ACCOUNT))
     c.connect("127.0.0.1", stack.mqtt_port, clean_start=True)
     c.loop_start()
     deadline = time.monotonic() + 10

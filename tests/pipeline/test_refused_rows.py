@@ -15,6 +15,7 @@ import time
 from decimal import Decimal
 
 import paho.mqtt.client as mqtt
+from kit.services import mqtt_login
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_sim.encoders import FrameReading, encode_frame
@@ -41,6 +42,7 @@ def test_rows_clickhouse_refuses_are_dead_lettered_and_the_rest_stored(stack_fac
             for i, r in enumerate(readings):
                 (bad if r.value >= 1000 else good)[(dev, f"m{r.metric_id}", base + i, f * 65536 + i)] = r.value
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="refused-rows-test")
+    mqtt_login(c, stack.info)
     c.connect("127.0.0.1", stack.mqtt_port)
     c.loop_start()
     try:

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sensorhub.security.broker import INGEST_ACCOUNT
+from sensorhub.security.credentials import Credentials
 from sensorhub.service.supervisor import ChildSpec, Supervisor
 
 CONFIG = """
@@ -52,6 +54,9 @@ def test_killed_ingest_is_ready_again_while_another_source_flows(stack_factory, 
         "SENSORHUB_MQTT_PORT": str(stack.mqtt_port),
         "PATH": os.environ.get("PATH", ""),
     }
+    if stack.info.get("secure"):  # the second ingest runs as the stack's ingest account
+        env["SENSORHUB_MQTT_USERNAME"] = INGEST_ACCOUNT
+        env["SENSORHUB_MQTT_PASSWORD_FILE"] = str(Credentials(stack.dir).password_file("mqtt", INGEST_ACCOUNT))
     second = ChildSpec(
         "mqtt2",
         (sys.executable, "-m", "sensorhub", "--config", str(cfg), "ingest", "--source", "mqtt2"),

@@ -1,0 +1,174 @@
+"""The credentials of one stack directory: who each service is, and where its secret lives.
+
+``ensure_credentials(DIR)`` makes, once, and keeps afterwards:
+
+- ``DIR/secrets/<account>`` (directory 0700, files 0600): one random password per account, read by
+  the services through their ``*_password_file`` settings, never passed in argv or the environment;
+- ``DIR/tls/``: the private CA and the server certificate (:mod:`sensorhub.security.pki`);
+- ``DIR/mosquitto/passwd`` and ``DIR/mosquitto/acl``: the broker's accounts and ACL
+  (:mod:`sensorhub.security.broker`);
+- ``DIR/redis/users.acl``: Redis ACL users, one per role, the default user off (:func:`redis_acl_text`);
+- ``DIR/chdb/users.json``: the chdb-server's users and roles.
+
+Restarting a stack on the same directory keeps every password, so nothing outside has to change;
+rotating one is :func:`rotate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sensorhub.config import TopicRoute, read_secret_file
+from sensorhub.security import broker, pki
+
+__all__ = ["CLICKHOUSE_USERS", "MQTT_ACCOUNTS", "REDIS_USERS", "Credentials", "ensure_credentials", "redis_acl_text"]
+
+MQTT_ACCOUNTS = broker.SERVICE_ACCOUNTS
+# Redis ACL users and what they may do (``ACL SETUSER`` rules after ``on`` and the password).
+# The ingest and writer run Lua (EVALSHA) and MULTI over the stream keys; the monitor only reads;
+# nobody but admin may run CONFIG, FLUSHALL, DEBUG, KEYS, SHUTDOWN and the rest of @dangerous
+# (INFO and CLIENT SETNAME/ID are let through explicitly).
+REDIS_USERS: dict[str, str] = {
+    "admin": "~* &* +@all",
+    "ingest": "~{prefix}:* &{prefix}:* +@all -@dangerous +info +client|setname +client|id",
+    "writer": "~{prefix}:* &{prefix}:* +@all -@dangerous +info +client|setname +client|id",
+    "alerts": "~{prefix}:* &{prefix}:* +@all -@dangerous +info +client|setname +client|id",
+    "monitor": "~{prefix}:* resetchannels &{prefix}:* -@all +@read +@connection +info "
+               "+client|setname +subscribe +psubscribe +unsubscribe +punsubscribe -@write -@dangerous +info",
+}
+# chdb-server users and roles (sensorhub/chdb_server: admin everything, writer inserts and keeps
+# the schema, reader only reads)
+CLICKHOUSE_USERS: dict[str, str] = {"admin": "admin", "writer": "writer", "monitor": "reader"}
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
+def redis_acl_text(passwords: dict[str, str], prefix: str = "sh") -> str:
+    """The Redis ACL file: ``user default off`` and one user per role, passwords as SHA-256 hashes."""
+    lines = ["user default off resetpass -@all"]
+    for name, rules in REDIS_USERS.items():
+        digest = hashlib.sha256(passwords[name].encode()).hexdigest()
+        lines.append(f"user {name} on #{digest} resetchannels {rules.format(prefix=prefix)}")
+    return "\n".join(lines) + "\n"
+
+
+def chdb_users_text(passwords: dict[str, str]) -> str:
+    users = {
+        name: {"password_sha256_hex": hashlib.sha256(passwords[name].encode()).hexdigest(), "role": role}
+        for name, role in CLICKHOUSE_USERS.items()
+    }
+    return json.dumps({"users": users}, indent=1) + "\n"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where one stack directory keeps its secrets; the passwords themselves stay in the files."""
+
+    dir: Path
+
+    @property
+    def secrets(self) -> Path:
+        return self.dir / "secrets"
+
+    def password_file(self, service: str, account: str) -> Path:
+        """``secrets/<service>-<account>``: e.g. ``mqtt-sensorhub-ingest``, ``redis-writer``."""
+        return self.secrets / f"{service}-{account}"
+
+    def password(self, service: str, account: str) -> str:
+        return read_secret_file(self.password_file(service, account))
+
+    @property
+    def tls(self) -> Path:
+        return self.dir / "tls"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.tls / "ca.crt"
+
+    @property
+    def server_cert(self) -> pki.CertPair:
+        return pki.CertPair(self.tls / "server.crt", self.tls / "server.key")
+
+    @property
+    def mqtt_password_file(self) -> Path:
+        return self.dir / "mosquitto" / "passwd"
+
+    @property
+    def mqtt_acl_file(self) -> Path:
+        return self.dir / "mosquitto" / "acl"
+
+    @property
+    def redis_acl_file(self) -> Path:
+        return self.dir / "redis" / "users.acl"
+
+    @property
+    def chdb_users_file(self) -> Path:
+        return self.dir / "chdb" / "users.json"
+
+    def devices(self) -> list[str]:
+        return broker.list_devices(self.mqtt_password_file)
+
+    def add_device(self, name: str) -> str:
+        """A new password for device ``name`` (replacing an earlier one); only its hash is kept."""
+        return broker.add_device(self.mqtt_password_file, name)
+
+    def remove_device(self, name: str) -> bool:
+        return broker.remove_device(self.mqtt_password_file, name)
+
+    def rotate(self, service: str, account: str) -> str:
+        """A new password for a service account, written to its secret file and to the server's file.
+
+        The server must then reload (mosquitto: SIGHUP; Redis: ``ACL LOAD``; chdb-server: reads its
+        users file again when it changes); clients read the secret file again when they reconnect.
+        """
+        password = broker.new_password()
+        _write_private(self.password_file(service, account), password + "\n")
+        self._write_server_files()
+        return password
+
+    def _passwords(self, service: str, names: Iterable[str]) -> dict[str, str]:
+        return {n: self.password(service, n) for n in names}
+
+    def _write_server_files(self, routes: Iterable[TopicRoute] | None = None, prefix: str | None = None) -> None:
+        accounts = broker.read_password_file(self.mqtt_password_file)
+        for name in MQTT_ACCOUNTS:
+            hashed = accounts.get(name)
+            password = self.password("mqtt", name)
+            if hashed is None or not broker.verify_password(password, hashed):
+                accounts[name] = broker.hash_password(password)
+        broker.write_password_file(self.mqtt_password_file, accounts)
+        if routes is not None:
+            _write_private(self.mqtt_acl_file, broker.acl_text(routes))
+        meta = self.dir / "secrets" / "redis-prefix"
+        if prefix is not None:
+            _write_private(meta, prefix + "\n")
+        prefix = read_secret_file(meta) if meta.exists() else "sh"
+        _write_private(self.redis_acl_file, redis_acl_text(self._passwords("redis", REDIS_USERS), prefix))
+        _write_private(self.chdb_users_file, chdb_users_text(self._passwords("clickhouse", CLICKHOUSE_USERS)))
+
+
+def ensure_credentials(d: Path, routes: Iterable[TopicRoute], redis_prefix: str = "sh") -> Credentials:
+    """Make what is missing under ``d`` (passwords, CA, certificates, server files); keep the rest."""
+    creds = Credentials(d)
+    creds.secrets.mkdir(parents=True, exist_ok=True)
+    os.chmod(creds.secrets, 0o700)
+    for service, names in (("mqtt", MQTT_ACCOUNTS), ("redis", REDIS_USERS), ("clickhouse", CLICKHOUSE_USERS)):
+        for name in names:
+            path = creds.password_file(service, name)
+            if not path.exists():
+                _write_private(path, broker.new_password() + "\n")
+    pki.ensure_pki(creds.tls)
+    creds._write_server_files(routes, redis_prefix)
+    return creds
