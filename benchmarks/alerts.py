@@ -157,8 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pids = {k: v for k, v in info["pids"].items() if v}
             pids["ws-clients"] = clients.pid
             load = subprocess.Popen(
-                [sys.executable, "-m", "firmware_sim", "loadtest", "--mqtt", f"127.0.0.1:{info['mqtt']['port']}",
-                 "--clickhouse", info["clickhouse_url"], "--rate", str(args.rate), "--per-message", "10",
+                [sys.executable, "-m", "firmware_sim", "loadtest", "--stack", info["dir"], "--rate", str(args.rate), "--per-message", "10",
                  "--duration", str(args.seconds), "--devices", "200", "--format", "frame", "--qos", "1",
                  "--drain-timeout", "30", "--json"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

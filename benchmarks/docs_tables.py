@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("docs/performance.md", "docs/reliability.md")
+DOCS = ("docs/performance.md", "docs/reliability.md", "docs/security.md")
 
 SECTION = re.compile(
     r"(?P<open><!-- bench:(?P<name>[a-z0-9-]+) (?P<source>\S+) -->\n)(?P<body>.*?)(?P<close><!-- /bench -->)",
@@ -477,7 +477,26 @@ def storage_schema(doc: dict[str, Any]) -> list[str]:
     return [*out, "", *table(["trades column", "codec", "bytes/trade", "measured in"], "llrl", trows)]
 
 
+def mqtt_tls(doc: dict[str, Any]) -> list[str]:
+    rows = []
+    for mode in ("plain", "tls"):
+        rounds = [r for r in doc["results"] if r["mode"] == mode]
+        sm = doc["summary"][mode]
+        rows.append([mode, " / ".join(fixed(r["cpu_us_per_message"], 2) for r in rounds),
+                     f"**{fixed(sm['median_cpu_us_per_message'], 2)}**", rate(sm["median_messages_per_s"]),
+                     fixed(sm["median_broker_cpu_us_per_message"], 2)])
+    sm = doc["summary"]
+    return [
+        *table(["native driver", "CPU µs/message, each round", "median", "messages/s", "broker CPU µs/message"],
+               "lrrrr", rows),
+        "",
+        f"TLS / plain: **{fixed(sm['ratio_tls_to_plain'], 3)}** (target at most {fixed(sm['target_max_ratio'], 2)}); "
+        f"{doc['tls']['version']}, {doc['tls']['cipher']}; {doc['case']}.",
+    ]
+
+
 RENDERERS: dict[str, Callable[[Any], list[str]]] = {
+    "mqtt-tls": mqtt_tls,
     "pipeline": pipeline,
     "pipeline-hops": pipeline_hops,
     "pipeline-drivers": pipeline_drivers,

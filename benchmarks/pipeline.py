@@ -78,7 +78,7 @@ def run_case(rate: int, per_message: int, seconds: float, fmt: str, mode: str, m
             t0 = time.monotonic()
             lt = subprocess.run(
                 [sys.executable, "-m", "firmware_sim", "loadtest",
-                 "--mqtt", f"127.0.0.1:{info['mqtt']['port']}", "--clickhouse", info["clickhouse_url"],
+                 "--stack", info["dir"],
                  "--rate", str(rate), "--duration", str(seconds), "--devices", "200",
                  "--format", fmt, "--per-message", str(per_message), "--qos", "1", "--mode", mode,
                  "--drain-timeout", "240", "--json"],

@@ -178,7 +178,7 @@ def ingest_restart(rounds: int, rate: int) -> dict[str, Any]:
         def load() -> None:
             lt = subprocess.run(
                 [sys.executable, "-m", "firmware_sim", "loadtest",
-                 "--mqtt", f"127.0.0.1:{info['mqtt']['port']}", "--clickhouse", info["clickhouse_url"],
+                 "--stack", info["dir"],
                  "--rate", str(rate), "--duration", str(seconds), "--per-message", "5", "--qos", "1", "--json"],
                 capture_output=True, text=True, timeout=seconds + 300, cwd=ROOT,
             )

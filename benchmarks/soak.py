@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t0 = time.monotonic()
             lt = subprocess.run(
                 [sys.executable, "-m", "firmware_sim", "loadtest",
-                 "--mqtt", f"127.0.0.1:{info['mqtt']['port']}", "--clickhouse", info["clickhouse_url"],
+                 "--stack", info["dir"],
                  "--rate", str(args.rate), "--duration", str(args.seconds), "--devices", "200",
                  "--format", args.format, "--per-message", str(args.per_message), "--qos", "1",
                  "--drain-timeout", "300", "--full-limit", "0", "--json"],

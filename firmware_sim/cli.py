@@ -6,6 +6,13 @@ Subcommands:
 - ``verify``: compare a truth file with ClickHouse.
 - ``loadtest``: run, wait until the store holds everything (bounded), verify; ``--json``
   prints one JSON object.
+
+Broker, credentials and TLS: ``--mqtt HOST:PORT``, ``--username`` with
+``--password-file`` (secrets never go on the command line: there is no
+``--password``), ``--device-credentials FILE`` (each device connects as
+itself), ``--tls`` with ``--ca-file`` and ``--cert-file``/``--key-file``; or
+``--stack DIR``, which takes the broker, its account, the TLS port and CA and
+the ClickHouse URL from a running ``sensorhub stack`` (options given as well win).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +76,44 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+class _NoSecretInArgv(argparse.Action):
+    """``--password``: refused without echoing it (and so no prefix of ``--password-file`` matches)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error(f"{option_string}: secrets never go on the command line (other users see it in the "
+                     "process list); put the password on the first line of a file of mode 0600 and pass "
+                     "--password-file FILE")
+
+
+STACK_HELP = ("a `sensorhub stack` directory: its broker, account, TLS port and CA, and its ClickHouse URL "
+              "(options given as well win)")
+
+
+def add_broker_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the broker is and how to authenticate: shared by the commands that publish."""
+    g = p.add_argument_group("broker, credentials and TLS")
+    g.add_argument("--mqtt", type=_hostport, default=None, metavar="HOST:PORT",
+                   help="the broker (default: the stack's, else 127.0.0.1:1883; with --tls the TLS port)")
+    g.add_argument("--stack", type=Path, default=None, metavar="DIR", help=STACK_HELP)
+    g.add_argument("--username", default=None, help="the account every connection authenticates as")
+    g.add_argument("--password-file", type=Path, default=None, metavar="FILE",
+                   help="the password of --username, on the first line of FILE")
+    g.add_argument("--password", nargs="?", action=_NoSecretInArgv, help=argparse.SUPPRESS)
+    g.add_argument("--device-credentials", type=Path, default=None, metavar="FILE",
+                   help='JSON {"device-id": "password"}: each device connects as itself (user name = '
+                        "device id; per-device connections)")
+    g.add_argument("--tls", action="store_true", help="TLS 1.2+, the broker's certificate checked")
+    g.add_argument("--ca-file", type=Path, default=None, metavar="FILE",
+                   help="CA certificates (PEM) the broker's must chain to (default: the stack's, else the system's)")
+    g.add_argument("--cert-file", type=Path, default=None, metavar="FILE", help="client certificate (PEM)")
+    g.add_argument("--key-file", type=Path, default=None, metavar="FILE", help="its private key (PEM)")
+
+
 def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``run`` and ``loadtest``."""
+    add_broker_arguments(p)
     g = p.add_argument_group("load")
-    g.add_argument("--mqtt", type=_hostport, default=("127.0.0.1", 1883), metavar="HOST:PORT")
     g.add_argument("--devices", type=int, default=200)
     g.add_argument("--lines", type=int, default=4, help="devices are spread over line1..lineN")
     g.add_argument(
@@ -87,9 +129,10 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--duration", type=float, default=10.0, help="seconds of publishing (0: until --count)")
     g.add_argument("--count", type=int, default=None, help="stop after this many readings")
     g.add_argument("--profile", choices=PROFILES, default="steady")
-    g.add_argument("--mode", choices=("per-device", "pooled"), default="pooled",
+    g.add_argument("--mode", choices=("per-device", "pooled"), default=None,
                    help="a shared pool of connections (default: about 3x less CPU per message), "
-                        "or one MQTT connection per device (Sparkplug nodes always have their own)")
+                        "or one MQTT connection per device (Sparkplug nodes always have their own; "
+                        "the default with --device-credentials)")
     g.add_argument("--pool", type=int, default=4, help="connections in pooled mode")
     g.add_argument("--procs", type=int, default=1, help="publishing processes")
     g.add_argument("--shard", type=_shard, default=(0, 1), help=argparse.SUPPRESS)
@@ -115,11 +158,95 @@ def add_sim_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-prefix", default="dev", help="device ids are PREFIX-0001..")
 
 
+def _read_secret(path: Path) -> str:
+    """The first line of ``path`` without its line end (as every sensorhub process reads a secret)."""
+    with open(path, encoding="utf-8") as f:
+        return f.readline().rstrip("\r\n")
+
+
+def _device_credentials(path: Path) -> dict[str, str]:
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"--device-credentials {path}: not JSON ({exc.__class__.__name__})") from None
+    if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
+        raise ValueError(f'--device-credentials {path}: expected a JSON object {{"device-id": "password"}}')
+    return d
+
+
+def _stack(args: argparse.Namespace) -> dict[str, Any]:
+    """The public state of ``--stack`` (empty without it)."""
+    if getattr(args, "stack", None) is None:
+        return {}
+    from sensorhub.errors import SensorhubError
+    from sensorhub.service.stack import stack_status
+
+    try:
+        return stack_status(Path(args.stack))
+    except SensorhubError as exc:
+        raise ValueError(f"--stack {args.stack}: {exc}") from None
+
+
+def resolve_targets(args: argparse.Namespace, stack: dict[str, Any] | None = None) -> None:
+    """Fill in the broker, credentials, TLS files and ClickHouse URL: the options given, else
+    the stack's (``stack``: its public JSON, read from ``--stack`` when not given), else the
+    defaults. Raises ValueError for what cannot be had."""
+    st = _stack(args) if stack is None else stack
+    mq = st.get("mqtt") or {}
+    if hasattr(args, "mqtt"):
+        if args.mqtt is None:
+            host = str(mq.get("host") or "127.0.0.1")
+            if args.tls and st:
+                if not mq.get("tls_port"):
+                    raise ValueError(f"--stack {args.stack} --tls: the stack has no TLS listener (no tls_port)")
+                args.mqtt = (host, int(mq["tls_port"]))
+            else:
+                args.mqtt = (host, int(mq.get("port") or (8883 if args.tls else 1883)))
+        if args.ca_file is None and args.tls and mq.get("ca_file"):
+            args.ca_file = Path(mq["ca_file"])
+        if (args.cert_file is None) != (args.key_file is None):
+            raise ValueError("--cert-file and --key-file together, or neither")
+        if (args.ca_file or args.cert_file) and not args.tls:
+            raise ValueError("--ca-file and --cert-file need --tls")
+        args.password = None
+        if args.username is not None:
+            if args.password_file is not None:
+                args.password = _read_secret(args.password_file)
+        elif args.password_file is not None:
+            raise ValueError("--password-file needs --username")
+        elif mq.get("username"):
+            args.username, args.password = str(mq["username"]), mq.get("password")
+        args.device_passwords = (
+            _device_credentials(args.device_credentials) if args.device_credentials is not None else None
+        )
+        if args.mode is None:
+            args.mode = "per-device" if args.device_passwords is not None else "pooled"
+    if hasattr(args, "clickhouse"):
+        if args.clickhouse is None:
+            if not st.get("clickhouse_url"):
+                raise ValueError("--clickhouse URL or --stack DIR is needed")
+            args.clickhouse = str(st["clickhouse_url"])
+        if args.database is None:
+            args.database = _url_database(args.clickhouse) or st.get("clickhouse_database") or "sensorhub"
+
+
+def _url_database(url: str) -> str | None:
+    path = urllib.parse.urlsplit(url).path.strip("/")
+    return path or None
+
+
 def _config(args: argparse.Namespace, truth: Path | None, shard: tuple[int, int], rate: float) -> SimConfig:
     faults = dict(parse_fault(f) for f in args.fault)
     return SimConfig(
         host=args.mqtt[0],
         port=args.mqtt[1],
+        username=args.username,
+        password=args.password,
+        device_credentials=args.device_passwords,
+        tls=args.tls,
+        ca_file=str(args.ca_file) if args.ca_file else None,
+        cert_file=str(args.cert_file) if args.cert_file else None,
+        key_file=str(args.key_file) if args.key_file else None,
         devices=args.devices,
         mix=parse_mix(args.mix),
         per_message=args.per_message,
@@ -339,16 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(_run=cmd_run)
 
     p = sub.add_parser("verify", help="compare a truth file with ClickHouse")
-    p.add_argument("--clickhouse", required=True, metavar="URL")
-    p.add_argument("--database", default="sensorhub")
+    p.add_argument("--clickhouse", default=None, metavar="URL",
+                   help="http://[USER:PASSWORD@]HOST:PORT[/DATABASE] (default: the --stack's)")
+    p.add_argument("--stack", type=Path, default=None, metavar="DIR", help=STACK_HELP)
+    p.add_argument("--database", default=None, help="default: the stack's, the URL's, else sensorhub")
     p.add_argument("--truth", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(_run=cmd_verify)
 
     p = sub.add_parser("loadtest", help="run, wait for the store, verify")
     add_sim_arguments(p)
-    p.add_argument("--clickhouse", required=True, metavar="URL")
-    p.add_argument("--database", default="sensorhub")
+    p.add_argument("--clickhouse", default=None, metavar="URL",
+                   help="http://[USER:PASSWORD@]HOST:PORT[/DATABASE] (default: the --stack's)")
+    p.add_argument("--database", default=None, help="default: the stack's, the URL's, else sensorhub")
     p.add_argument("--truth", default=None, help="keep the truth file here")
     p.add_argument("--drain-timeout", dest="drain_timeout_store", type=float, default=60.0,
                    help="seconds to wait at most for the store to hold everything")
@@ -367,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=str(args.log_level).upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        resolve_targets(args)
         rc: int = args._run(args, raw)
     except (ValueError, OSError, RuntimeError, MqttError) as exc:
         print(f"sensorhub-sim: error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 from collections.abc import Callable
 
 import aiomqtt
@@ -95,17 +96,23 @@ async def listen(
     *,
     backoff_s: float = 0.2,
     backoff_max_s: float = 5.0,
+    username: str | None = None,
+    password: str | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> None:
     """Call ``on_rebirth(group, edge_node)`` for every rebirth NCMD, until cancelled.
 
     Subscribes to :data:`NCMD_FILTER` at QoS 1 on a clean session; ``ready`` is set
     once the subscription is acknowledged. A lost connection is retried forever,
-    with capped exponential backoff and jitter.
+    with capped exponential backoff and jitter. ``username``/``password`` and
+    ``tls_context`` (from :func:`sensorhub.security.tlsctx.client_context`) as for
+    the publishing connections.
     """
     delay = backoff_s
     while True:
         try:
-            async with aiomqtt.Client(host, port, identifier=client_id, clean_session=True, keepalive=30) as client:
+            async with aiomqtt.Client(host, port, identifier=client_id, clean_session=True, keepalive=30,
+                                      username=username, password=password, tls_context=tls_context) as client:
                 await client.subscribe(NCMD_FILTER, qos=1)
                 delay = backoff_s
                 if ready is not None:

@@ -15,11 +15,16 @@ called with its token); a QoS 0 message when it was handed to the socket
 (``on_ack`` right after the write) — the broker may still drop it after that.
 Messages unacknowledged when the connection drops stay queued and are sent
 again, with the DUP flag, after :meth:`MqttConnection.connect`.
+
+A connection may authenticate (user name and password in CONNECT) and run over
+TLS (an :class:`ssl.SSLContext` from :func:`sensorhub.security.tlsctx.client_context`,
+the broker's certificate checked against the host dialled).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -41,6 +46,14 @@ CONNACK_CODES = {
     3: "server unavailable",
     4: "bad user name or password",
     5: "not authorized",
+    # MQTT 5 reason codes
+    0x80: "unspecified error",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x88: "server unavailable",
+    0x89: "server busy",
+    0x8A: "banned",
 }
 
 _U16 = struct.Struct(">H")
@@ -172,6 +185,9 @@ class MqttConnection(asyncio.Protocol):
         max_inflight: int = 64,
         connect_timeout_s: float = 5.0,
         write_buffer_bytes: int = 16384,
+        username: str | None = None,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -185,6 +201,9 @@ class MqttConnection(asyncio.Protocol):
         self.max_inflight = max_inflight
         self.connect_timeout_s = connect_timeout_s
         self.write_buffer_bytes = write_buffer_bytes
+        self.username = username
+        self.password = password
+        self.ssl_context = ssl_context
         self.transport: asyncio.Transport | None = None
         self.connected = False
         self.paused = False
@@ -299,12 +318,19 @@ class MqttConnection(asyncio.Protocol):
         self._buf = b""
         self._connack = loop.create_future()
         self._closed = loop.create_future()
+        tls = self.ssl_context
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: self, self.host, self.port), self.connect_timeout_s
+                loop.create_connection(
+                    lambda: self, self.host, self.port, ssl=tls,
+                    server_hostname=self.host if tls is not None else None,
+                    ssl_handshake_timeout=self.connect_timeout_s if tls is not None else None,
+                ),
+                self.connect_timeout_s,
             )
         except (OSError, TimeoutError) as exc:
-            raise MqttError(f"{self.client_id}: cannot connect to {self.host}:{self.port}: {exc}") from exc
+            how = " over TLS" if tls is not None else ""
+            raise MqttError(f"{self.client_id}: cannot connect to {self.host}:{self.port}{how}: {exc}") from exc
         assert self.transport is not None
         self.transport.write(
             encode_connect(
@@ -314,6 +340,8 @@ class MqttConnection(asyncio.Protocol):
                 clean=self.clean,
                 will=self.will,
                 session_expiry_s=self.session_expiry_s,
+                username=self.username,
+                password=self.password,
             )
         )
         try:
@@ -323,7 +351,8 @@ class MqttConnection(asyncio.Protocol):
             raise MqttError(f"{self.client_id}: no CONNACK within {self.connect_timeout_s}s") from exc
         if rc != 0:
             self.abort()
-            raise MqttError(f"{self.client_id}: connection refused: {CONNACK_CODES.get(rc, rc)}")
+            who = f" for user {self.username!r}" if self.username else ""
+            raise MqttError(f"{self.client_id}: connection refused{who}: {CONNACK_CODES.get(rc, rc)}")
         self.connected = True
         self.last_write = time.monotonic()
         if self.inflight:

@@ -12,6 +12,14 @@ real devices have); ``pooled`` shares ``pool`` connections among the devices
 (a device always uses the same one, which keeps its messages in order).
 Sparkplug devices are edge nodes and always have their own connection, since
 their NDEATH is the will of that connection.
+
+Credentials: every connection authenticates with the one account
+(``username``/``password``), or, with ``device_credentials`` (device id ->
+password), each device with its own (user name = device id), as real devices
+do where the broker lets a device publish only as itself. That needs
+``per-device`` connections: a pooled one carries many devices. The control
+connection (rebirth commands) keeps the one account. ``tls`` puts every
+connection on TLS (:func:`sensorhub.security.tlsctx.client_context`).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import contextlib
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +40,7 @@ from firmware_sim.devices import Device, Message, make_devices
 from firmware_sim.encoders import FRAME_RULES, corrupt_frame
 from firmware_sim.mqtt import MqttConnection, MqttError, Will, topic_field
 from firmware_sim.truth import FLAG_SKEWED, TruthWriter
+from sensorhub.security.tlsctx import client_context
 
 __all__ = ["PROFILES", "FaultConfig", "RunStats", "SimConfig", "Simulator", "parse_fault", "rate_at"]
 
@@ -110,6 +120,14 @@ class SimConfig:
     tick_s: float = 0.005
     drain_timeout_s: float = 10.0
     device_prefix: str = "dev"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    #: device id -> password; each device connects as itself (per-device mode)
+    device_credentials: dict[str, str] | None = field(default=None, repr=False)
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
 
 @dataclass
@@ -170,6 +188,9 @@ class Simulator:
             raise ValueError("per_message must be 1..1024")
         if cfg.duration_s <= 0 and not cfg.count:
             raise ValueError("a run needs a duration or a count")
+        if cfg.device_credentials is not None and cfg.mode != "per-device":
+            raise ValueError("device credentials need --mode per-device: a pooled connection publishes "
+                             "for many devices, and a device may publish only as itself")
         self.cfg = cfg
         self.progress = progress
         all_devices = make_devices(
@@ -192,6 +213,14 @@ class Simulator:
         self.metric_names = list(metric_table)
         self.metric_maps = {d.index: [metric_table[n] for n in d.names] for d in all_devices}
         self.devices = [d for d in all_devices if d.index % cfg.shards == cfg.shard]
+        if cfg.device_credentials is not None:
+            missing = [d.device_id for d in self.devices if d.device_id not in cfg.device_credentials]
+            if missing:
+                raise ValueError(f"device credentials: no password for {len(missing)} device(s), "
+                                 f"e.g. {', '.join(missing[:3])}")
+        self.ssl_context: ssl.SSLContext | None = (
+            client_context(cfg.ca_file, cfg.cert_file, cfg.key_file) if cfg.tls else None
+        )
         skew = cfg.faults.rate("clock-skew")
         self.skewed: set[int] = set()
         if skew:
@@ -246,8 +275,12 @@ class Simulator:
 
     # ------------------------------------------------------------ connections
 
-    def _new_conn(self, client_id: str, will: Will | None) -> MqttConnection:
+    def _new_conn(self, client_id: str, will: Will | None, device: Device | None = None) -> MqttConnection:
+        """A connection for ``device`` alone (its own credentials, if configured) or for a pool."""
         cfg = self.cfg
+        username, password = cfg.username, cfg.password
+        if cfg.device_credentials is not None and device is not None:
+            username, password = device.device_id, cfg.device_credentials[device.device_id]
         conn = MqttConnection(
             cfg.host,
             cfg.port,
@@ -259,6 +292,9 @@ class Simulator:
             session_expiry_s=cfg.session_expiry_s,
             will=will,
             max_inflight=cfg.max_inflight,
+            username=username,
+            password=password,
+            ssl_context=self.ssl_context,
         )
         self.all_conns.append(conn)
         return conn
@@ -278,11 +314,11 @@ class Simulator:
             raise ValueError(f"unknown connection mode {cfg.mode!r}; per-device or pooled")
         for i, d in enumerate(self.devices):
             if d.fmt == "sparkplug":
-                self.conns[d.index] = self._new_conn(f"{cfg.client_prefix}-{d.device_id}", self._will(d))
+                self.conns[d.index] = self._new_conn(f"{cfg.client_prefix}-{d.device_id}", self._will(d), d)
             elif pool:
                 self.conns[d.index] = pool[i % len(pool)]
             else:
-                self.conns[d.index] = self._new_conn(f"{cfg.client_prefix}-{d.device_id}", None)
+                self.conns[d.index] = self._new_conn(f"{cfg.client_prefix}-{d.device_id}", None, d)
         # Connect in bounded batches: a few hundred simultaneous CONNECTs are fine for
         # mosquitto, but bounding keeps a slow broker from timing them all out.
         sem = asyncio.Semaphore(64)
@@ -291,7 +327,14 @@ class Simulator:
             async with sem:
                 await c.connect()
 
-        await asyncio.gather(*(one(c) for c in self.all_conns))
+        results = await asyncio.gather(*(one(c) for c in self.all_conns), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            # one refused device (a wrong password) fails the run: close what did connect
+            for c in self.all_conns:
+                c.abort()
+            await asyncio.sleep(0)  # the transports close their sockets on the next loop pass
+            raise failed[0]
         if any(d.fmt == "sparkplug" for d in self.devices):
             await self._start_control()
         for d in self.devices:
@@ -314,7 +357,8 @@ class Simulator:
 
         ready = asyncio.Event()
         cfg = self.cfg
-        self._spawn(control.listen(cfg.host, cfg.port, f"{cfg.client_prefix}-control-{cfg.shard}", on_rebirth, ready),
+        self._spawn(control.listen(cfg.host, cfg.port, f"{cfg.client_prefix}-control-{cfg.shard}", on_rebirth, ready,
+                                   username=cfg.username, password=cfg.password, tls_context=self.ssl_context),
                     "sparkplug-control")
         try:
             await asyncio.wait_for(ready.wait(), 10.0)

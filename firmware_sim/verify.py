@@ -29,6 +29,7 @@ its ``full_limit``), ``lost`` comes from per-device distinct counts and
 from __future__ import annotations
 
 import os
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any
@@ -43,14 +44,27 @@ _NAN_BITS_SQL = str(CANONICAL_NAN_BITS)
 
 
 def connect(url: str, database: str = "sensorhub", **kw: Any) -> Any:
-    """A clickhouse-connect client for ``url`` (``http://host:port``)."""
+    """A clickhouse-connect client for ``url`` (``http://[USER:PASSWORD@]host:port[/db]``).
+
+    The user and password: ``user``/``password`` given here, else the URL's, else
+    ``CLICKHOUSE_USER``/``CLICKHOUSE_PASSWORD``, else ``default`` without a password.
+    """
     import clickhouse_connect
 
+    parts = urllib.parse.urlsplit(url)
+    user = kw.pop("user", None)
+    password = kw.pop("password", None)
+    if parts.username is not None or parts.password is not None:
+        user = user or urllib.parse.unquote(parts.username or "") or None
+        password = password if password is not None else urllib.parse.unquote(parts.password or "")
+        # the credentials leave the URL, so that no client prints them with it
+        netloc = parts.netloc.rpartition("@")[2]
+        url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
     return clickhouse_connect.get_client(
         dsn=url,
         database=database,
-        user=kw.pop("user", os.environ.get("CLICKHOUSE_USER", "default")),
-        password=kw.pop("password", os.environ.get("CLICKHOUSE_PASSWORD", "")),
+        user=user or os.environ.get("CLICKHOUSE_USER", "default"),
+        password=password if password is not None else os.environ.get("CLICKHOUSE_PASSWORD", ""),
         **kw,
     )
 

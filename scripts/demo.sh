@@ -15,14 +15,18 @@ $SH stack down --dir "$DIR" >/dev/null 2>&1 || true
 rm -rf "$DIR"
 mkdir -p "$DIR"
 echo "starting mosquitto, redis-server, chdb-server, ingest and writer under $DIR ..."
-$SH stack up --dir "$DIR" --json > "$DIR/stack-info.json"
+# stack-info.json holds the stack's credentials: readable by us alone
+(umask 077 && $SH stack up --dir "$DIR" --json > "$DIR/stack-info.json")
 trap '$SH stack down --dir "$DIR" >/dev/null 2>&1 || true' EXIT
-MQTT_PORT=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['mqtt']['port'])" "$DIR/stack-info.json")
-CH_URL=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1]))['clickhouse_url'])" "$DIR/stack-info.json")
-echo "stack up: MQTT 127.0.0.1:$MQTT_PORT, ClickHouse $CH_URL"
+.venv/bin/python -c "
+import json, sys
+st = json.load(open(sys.argv[1]))
+m = st['mqtt']
+print(f\"stack up, secured: MQTT 127.0.0.1:{m['port']} (TLS on {m['tls_port']}, CA {m['ca_file']}), \"
+      f\"every account's password under {st['dir']}/secrets\")" "$DIR/stack-info.json"
 echo "driving $DEVICES devices at $RATE readings/s for $SECONDS_ s (format $FORMAT, $PER readings/message, QoS 1)"
 
-$SIM loadtest --mqtt "127.0.0.1:$MQTT_PORT" --clickhouse "$CH_URL" --rate "$RATE" --duration "$SECONDS_" \
+$SIM loadtest --stack "$DIR" --rate "$RATE" --duration "$SECONDS_" \
   --devices "$DEVICES" --format "$FORMAT" --per-message "$PER" --qos 1 --json > "$DIR/result.json" 2> "$DIR/sim.log" &
 SIM_PID=$!
 
@@ -38,7 +42,7 @@ else
 fi
 wait $SIM_PID || true
 
-.venv/bin/python - "$DIR/result.json" "$CH_URL" <<'PY'
+.venv/bin/python - "$DIR/result.json" <<'PY'
 import json, sys
 try:
     r = json.load(open(sys.argv[1]))

@@ -13,7 +13,6 @@ A default that belongs to an implementation (the chdb-server's bounds in
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,17 +46,39 @@ def _audit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clickhouse", metavar="URL")
 
 
+class _SecretRefused(argparse.Action):
+    """An option that once took a secret: refused, without repeating its value anywhere."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        parser.error(f"{option_string} is not accepted: a password on the command line is seen by every user "
+                     "of the machine (ps); give --password-file FILE or --users-file FILE")
+
+
 def _chdb_server(p: argparse.ArgumentParser) -> None:
     # names are fixed because other tools drive the command; defaults are ServerConfig's
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=8123, help="TCP port (default %(default)s)")
     p.add_argument("--data", required=True, metavar="DIR", help="database directory; kept across restarts")
+    # secrets come from files, never from the command line (ps shows it) or the environment
     p.add_argument(
-        "--password",
-        default=os.environ.get("SENSORHUB_CHDB_PASSWORD") or None,
-        help="require this password (env SENSORHUB_CHDB_PASSWORD); default: no authentication",
+        "--users-file", metavar="FILE", default=None,
+        help='users and roles, JSON {"users": {NAME: {"password_sha256_hex": ..., "role": '
+        '"admin"|"writer"|"reader"}}}; read again when it changes or on SIGHUP',
     )
-    p.add_argument("--user", default="default", help="the one user name accepted with --password")
+    p.add_argument(
+        "--password-file", metavar="FILE", default=None,
+        help="instead of --users-file: one user (--user, role admin) whose password is the file's first line",
+    )
+    p.add_argument("--user", default="default", help="the user name of --password-file (default %(default)s)")
+    p.add_argument("--password", action=_SecretRefused, dest="_password", help=argparse.SUPPRESS)
+    p.add_argument("--tls-cert", metavar="FILE", default=None, help="PEM certificate (chain): serve HTTPS only")
+    p.add_argument("--tls-key", metavar="FILE", default=None, help="the private key of --tls-cert (PEM)")
+    p.add_argument(
+        "--allow-file-functions", action="store_true",
+        help="let statements use file(), url(), s3(), remote(), INTO OUTFILE... (the server's files and "
+        "network); refused by default, for every user",
+    )
     p.add_argument(
         "--max-body-bytes", type=int, default=512 * MiB,
         help="largest request body, compressed and decompressed (default %(default)s)",

@@ -149,6 +149,9 @@ class MqttSettings(_Section):
         description="fixed MQTT client id (the persistent session is tied to it); empty: sensorhub-<source>-<hostname>",
     )
     username: str | None = None
+    username_file: Path | None = Field(
+        None, description="file holding the user name (first line); wins over username; read at each connect, "
+        "so an account can be swapped without a restart")
     password: SecretStr | None = None
     password_file: Path | None = Field(None, description="file holding the password (first line); wins over password")
     tls: bool = Field(False, description="connect with TLS (1.2 or later), checking the broker's certificate")
@@ -173,7 +176,7 @@ class MqttSettings(_Section):
     sparkplug_group_filter: str = "spBv1.0/#"
     max_payload_bytes: int = Field(1 << 20, ge=64, description="larger payloads are dead-lettered")
 
-    _password_file = field_validator("password_file")(_check_secret_file)
+    _password_file = field_validator("password_file", "username_file")(_check_secret_file)
     _tls_files = field_validator("ca_file", "cert_file", "key_file")(_check_tls_file)
 
     @model_validator(mode="after")

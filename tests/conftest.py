@@ -258,8 +258,7 @@ def run_loadtest(stack: Stack, *args: str, timeout: float = 300) -> dict[str, An
 
     argv = [
         sys.executable, "-m", "firmware_sim", "loadtest",
-        "--mqtt", f"127.0.0.1:{stack.mqtt_port}",
-        "--clickhouse", stack.clickhouse_url,
+        "--stack", str(stack.dir),  # the broker, its account and ClickHouse, from the stack
         "--json", *args,
     ]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)

@@ -419,9 +419,12 @@ def test_ping_answers_while_a_long_insert_runs(chdb_server: Any, ch_client: Any,
 
 @pytest.fixture(scope="module")
 def guarded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
-    """A server with a password and a 64 KiB body limit."""
+    """A server with a password (from a file: never on the command line) and a 64 KiB body limit."""
     run_dir = tmp_path_factory.mktemp("guarded")
-    p = start_chdb_server(run_dir, extra=("--password", "s3cret", "--max-body-bytes", "65536"))
+    password_file = run_dir / "password"
+    password_file.write_text("s3cret\n")
+    password_file.chmod(0o600)
+    p = start_chdb_server(run_dir, extra=("--password-file", str(password_file), "--max-body-bytes", "65536"))
     yield p
     assert p.terminate() == 0
 

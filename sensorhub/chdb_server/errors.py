@@ -73,17 +73,19 @@ CODES: dict[str, int] = {
     "NOT_ENOUGH_SPACE": 243,
     "TOO_MANY_PARTS": 252,
     "VIOLATED_CONSTRAINT": 469,
+    "ACCESS_DENIED": 497,
     "AUTHENTICATION_FAILED": 516,
     "CANNOT_PARSE_IPV4": 675,
     "CANNOT_PARSE_IPV6": 676,
     "STD_EXCEPTION": 1001,
 }
 
-# ClickHouse's own mapping of exception to HTTP status (HTTPHandler.cpp); all others are 500.
-# Authentication failures are 401 here so that HTTP tooling recognises them.
+# ClickHouse's own mapping of exception to HTTP status (exceptionCodeToHTTPStatus.cpp); all
+# others are 500. Authentication failures are 401 here (ClickHouse: 403, and 401 only for
+# REQUIRED_PASSWORD) so that HTTP tooling recognises them; READONLY is 403 here (ClickHouse: 500).
 _STATUS_NAMES: dict[int, frozenset[str]] = {
     401: frozenset({"REQUIRED_PASSWORD", "AUTHENTICATION_FAILED", "UNKNOWN_USER", "WRONG_PASSWORD"}),
-    403: frozenset({"SET_NON_GRANTED_ROLE", "READONLY"}),
+    403: frozenset({"SET_NON_GRANTED_ROLE", "READONLY", "ACCESS_DENIED"}),
     400: frozenset(
         {
             "BAD_ARGUMENTS", "CANNOT_COMPILE_REGEXP", "CANNOT_PARSE_TEXT", "CANNOT_PARSE_ESCAPE_SEQUENCE",

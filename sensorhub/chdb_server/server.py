@@ -4,6 +4,17 @@ Each connection has its own thread (bounded by ``max_connections``); the
 engine runs one statement at a time (:class:`~sensorhub.chdb_server.engine.Engine`).
 ``/ping`` never touches the engine, so it answers while a long INSERT runs.
 
+Who may do what (:mod:`sensorhub.chdb_server.auth`): a request authenticates
+(unless the server runs without users) before its body is read; its user's
+role bounds the statements it may run (:func:`~sensorhub.chdb_server.sql.statement_role`),
+a reader's run with the engine's ``readonly`` setting too, and nobody reaches
+the server's files or the network through the engine
+(:func:`~sensorhub.chdb_server.sql.outside_access`) unless the server was
+started with ``--allow-file-functions``. With a certificate the port speaks
+HTTPS only (TLS 1.2 or later), the handshake done in the connection's thread.
+Passwords, ``Authorization`` headers and ``password=`` parameters never reach
+the log.
+
 A request body is read completely (de-chunked, decompressed, bounded by
 ``max_body_bytes``) into a spooled temporary file before the engine is
 asked for, so a slow client never holds the engine. Spooled files are
@@ -14,10 +25,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
 import logging
+import re
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -28,19 +40,26 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from sensorhub.chdb_server.auth import ANONYMOUS, Accounts, User
 from sensorhub.chdb_server.codecs import compress_body, form_fields, make_decoder
 from sensorhub.chdb_server.engine import Engine, Outcome
 from sensorhub.chdb_server.errors import ClickHouseError
 from sensorhub.chdb_server.params import RequestParams, split_params
 from sensorhub.chdb_server.sql import (
+    OUTSIDE_HINT_OVERLAP,
+    OUTSIDE_SETTINGS,
     has_infile,
     is_read_only,
+    may_reach_outside,
+    outside_access,
     parse_insert_head,
     parse_set,
     parse_use,
     scan_statements,
+    statement_role,
+    with_readonly,
 )
 
 __all__ = ["ChdbHTTPServer", "QueryRunner", "ServerConfig", "SessionStore"]
@@ -62,8 +81,12 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8123
     data_dir: Path = Path("chdb-data")
-    user: str = "default"
-    password: str | None = None  # None: no authentication
+    user: str = "default"  # the one user of password_file
+    password_file: Path | None = None  # its first line is the password of user (role admin)
+    users_file: Path | None = None  # users and roles (auth.USERS_FILE_FORM); neither: no authentication
+    tls_cert: Path | None = None  # with tls_key: HTTPS only, TLS 1.2 or later
+    tls_key: Path | None = None
+    allow_file_functions: bool = False  # let statements reach the server's files and the network
     max_body_bytes: int = 512 * MiB  # raw and decompressed request bodies, each
     spool_bytes: int = 16 * MiB  # bodies above this go to a temporary file
     tmp_dir: Path | None = None  # None: the system's temporary directory
@@ -81,6 +104,7 @@ class ServerConfig:
 class _Session:
     settings: dict[str, str] = field(default_factory=dict)
     database: str | None = None
+    readonly: int = 0  # SET readonly = N in this session: kept here, never applied to the shared engine
     timeout_s: float = 60.0
     last_used: float = 0.0
 
@@ -99,10 +123,15 @@ class SessionStore:
         self._lock = threading.Lock()
         self._sessions: OrderedDict[str, _Session] = OrderedDict()
 
-    def get(self, rp: RequestParams) -> _Session | None:
-        """The request's session (created unless ``session_check=1``); None without ``session_id``."""
+    def get(self, rp: RequestParams, owner: str = "default") -> _Session | None:
+        """The request's session (created unless ``session_check=1``); None without ``session_id``.
+
+        A session belongs to the user ``owner`` it was made by, as on ClickHouse:
+        another user naming the same ``session_id`` gets a session of its own.
+        """
         if not rp.session_id:
             return None
+        key = f"{owner}\x00{rp.session_id}"
         timeout = self.default_timeout_s if rp.session_timeout is None else rp.session_timeout
         if not 0 <= timeout <= self.max_timeout_s:
             raise ClickHouseError.of(
@@ -111,14 +140,14 @@ class SessionStore:
         now = time.monotonic()
         with self._lock:
             self._expire(now)
-            s = self._sessions.get(rp.session_id)
+            s = self._sessions.get(key)
             if s is None:
                 if rp.session_check:
                     raise ClickHouseError.of("SESSION_NOT_FOUND", f"Session {rp.session_id} not found")
-                s = self._sessions[rp.session_id] = _Session()
+                s = self._sessions[key] = _Session()
                 while len(self._sessions) > self.max_sessions:
                     self._sessions.popitem(last=False)
-            self._sessions.move_to_end(rp.session_id)
+            self._sessions.move_to_end(key)
             s.timeout_s = timeout
             s.last_used = now
             return s
@@ -134,15 +163,29 @@ class SessionStore:
 
 
 class QueryRunner:
-    """Turns one parsed request into engine calls: inserts with data, SET/USE, other statements."""
+    """Turns one parsed request into engine calls: inserts with data, SET/USE, other statements.
 
-    def __init__(self, engine: Engine, sessions: SessionStore) -> None:
+    What the request's :class:`~sensorhub.chdb_server.auth.User` may run is
+    checked here, before the engine is asked: its role
+    (:func:`~sensorhub.chdb_server.sql.statement_role`; a reader is refused
+    with 164 READONLY, a writer with 497 ACCESS_DENIED) and, unless
+    ``allow_file_functions``, whatever reaches the server's files or the
+    network (497 ACCESS_DENIED, for every role).
+    """
+
+    def __init__(self, engine: Engine, sessions: SessionStore, allow_file_functions: bool = False) -> None:
         self.engine = engine
         self.sessions = sessions
+        self.allow_file_functions = allow_file_functions
 
-    def run(self, rp: RequestParams, body: IO[bytes], body_size: int) -> tuple[Outcome, str]:
-        """Execute the request; returns the outcome and the format of its body."""
-        session = self.sessions.get(rp)
+    def run(
+        self, rp: RequestParams, body: IO[bytes], body_size: int, user: User = ANONYMOUS
+    ) -> tuple[Outcome, str]:
+        """Execute the request as ``user``; returns the outcome and the format of its body."""
+        session = self.sessions.get(rp, user.name)
+        if session is not None and session.readonly:
+            rp.readonly = max(rp.readonly, session.readonly)
+        self._check_setting_names(rp.settings, user)
         settings = {**session.settings, **rp.settings} if session else dict(rp.settings)
         database = rp.database or (session.database if session else None)
 
@@ -152,7 +195,7 @@ class QueryRunner:
             ins = parse_insert_head(head_text)
             if ins is not None:
                 first = head_text[ins.data_offset :].encode()
-                return self._insert(rp, ins.statement, ins.fmt, first, body, settings, database)
+                return self._insert(rp, user, ins.statement, ins.fmt, first, body, settings, database)
             text = head_text + _decode(body.read()) if body_size else rp.query
         else:
             peek = body.read(HEAD_PEEK_BYTES)
@@ -160,7 +203,7 @@ class QueryRunner:
             ins = parse_insert_head(peek.decode("latin-1"))
             if ins is not None:
                 statement = _decode(ins.statement.encode("latin-1"))
-                return self._insert(rp, statement, ins.fmt, peek[ins.data_offset :], body, settings, database)
+                return self._insert(rp, user, statement, ins.fmt, peek[ins.data_offset :], body, settings, database)
             text = _decode(peek + body.read())
 
         if not text.strip():
@@ -170,11 +213,10 @@ class QueryRunner:
         statements, fmt = scan_statements(text, rp.default_format)
         if statements > 1:
             raise ClickHouseError.of("SYNTAX_ERROR", "Multi-statements are not allowed")
+        self._check_outside(text, user)
         assignments = parse_set(text)
         if assignments is not None:
-            self.engine.check_settings(assignments)
-            if session is not None:
-                session.settings.update(assignments)
+            self._set(session, assignments)
             return Outcome(body=b""), rp.default_format
         use_db = parse_use(text)
         if use_db is not None:
@@ -182,16 +224,59 @@ class QueryRunner:
             if session is not None:
                 session.database = use_db
             return Outcome(body=b""), rp.default_format
+        needed = statement_role(text)
+        if user.role == "reader" and needed != "reader":
+            raise _readonly_refused(user)
+        if user.role == "writer" and needed == "admin":
+            raise ClickHouseError.of(
+                "ACCESS_DENIED",
+                f"{user.name}: Not enough privileges. The role writer may read, insert and manage tables "
+                "and views; this statement needs the role admin",
+            )
         if rp.readonly and not is_read_only(text):
             raise ClickHouseError.of("READONLY", "Cannot execute query in readonly mode")
+        if user.role == "reader":
+            text = with_readonly(text)  # the engine refuses a write too, whatever got past the check above
         outcome = self.engine.query(
             text, settings=settings, database=database, params=rp.query_params, default_format=rp.default_format
         )
         return outcome, fmt
 
+    def _set(self, session: _Session | None, assignments: dict[str, str]) -> None:
+        # readonly stays with the session: set on the one engine context it could not be undone
+        level = assignments.pop("readonly", None)
+        if level is not None:
+            try:
+                value = int(level.strip("'\""))
+            except ValueError:
+                raise ClickHouseError.of("BAD_ARGUMENTS", f"Invalid value for setting 'readonly': {level}")
+            if session is not None:
+                if session.readonly and value != session.readonly:
+                    raise ClickHouseError.of("READONLY", "Cannot modify 'readonly' setting in readonly mode")
+                session.readonly = value
+        if assignments:
+            self.engine.check_settings(assignments)
+            if session is not None:
+                session.settings.update(assignments)
+
+    def _check_outside(self, text: str, user: User) -> None:
+        if self.allow_file_functions:
+            return
+        what = outside_access(text)
+        if what is not None:
+            raise _outside_refused(user, what)
+
+    def _check_setting_names(self, settings: dict[str, str], user: User) -> None:
+        if self.allow_file_functions:
+            return
+        for name in settings:
+            if name.lower() in OUTSIDE_SETTINGS:
+                raise _outside_refused(user, f"the setting {name}")
+
     def _insert(
         self,
         rp: RequestParams,
+        user: User,
         statement: str,
         fmt: str,
         first: bytes,
@@ -199,10 +284,17 @@ class QueryRunner:
         settings: dict[str, str],
         database: str | None,
     ) -> tuple[Outcome, str]:
+        if user.role == "reader":
+            raise _readonly_refused(user)
         if rp.readonly:
             raise ClickHouseError.of("READONLY", "Cannot execute query in readonly mode")
         if has_infile(statement):
             raise _infile_refused()
+        self._check_outside(statement, user)
+        if fmt.lower() == "values" and not self.allow_file_functions and _values_may_reach_outside(first, body):
+            # the engine evaluates expressions in VALUES data: file('/etc/passwd') would be read
+            first += body.read()
+            self._check_outside(first.decode("utf-8", "replace"), user)
 
         def chunks() -> Iterator[bytes]:
             if first:
@@ -223,6 +315,36 @@ class QueryRunner:
         )
         if out.body.strip() != b"1":
             raise ClickHouseError.of("UNKNOWN_DATABASE", f"Database {name} does not exist")
+
+
+def _values_may_reach_outside(first: bytes, body: IO[bytes]) -> bool:
+    """A quick scan of ``first`` and the rest of ``body`` (left where it was) for what
+    :func:`~sensorhub.chdb_server.sql.outside_access` looks for; only then is the data decoded."""
+    start = body.tell()
+    tail = b""
+    try:
+        piece = first
+        while piece:
+            if may_reach_outside(tail + piece):
+                return True
+            tail = piece[-OUTSIDE_HINT_OVERLAP:]
+            piece = body.read(INSERT_CHUNK_BYTES)
+        return False
+    finally:
+        body.seek(start)
+
+
+def _readonly_refused(user: User) -> ClickHouseError:
+    # as ClickHouse words it for a user whose profile is readonly
+    return ClickHouseError.of("READONLY", f"{user.name}: Cannot execute query in readonly mode")
+
+
+def _outside_refused(user: User, what: str) -> ClickHouseError:
+    return ClickHouseError.of(
+        "ACCESS_DENIED",
+        f"{user.name}: Not enough privileges. {what} reads or writes the server's files or reaches the "
+        "network, which this server refuses (start it with --allow-file-functions to allow it)",
+    )
 
 
 def _infile_refused() -> ClickHouseError:
@@ -311,7 +433,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise ClickHouseError.of("BAD_ARGUMENTS", f"Malformed URL parameters: {exc}")
             rp = split_params(pairs)
             query_id = rp.query_id or str(uuid.uuid4())
-            self._authenticate(rp)
+            user = self._authenticate(rp)
             if rp.native_decompress or rp.native_compress:
                 raise ClickHouseError.of(
                     "NOT_IMPLEMENTED",
@@ -335,11 +457,11 @@ class Handler(BaseHTTPRequestHandler):
                     body.seek(0)
                     body.truncate()
                     size = 0
-                outcome, fmt = self.server.runner.run(rp, body, size)
+                outcome, fmt = self.server.runner.run(rp, body, size, user)
         except ClickHouseError as err:
             if not body_read:
                 self._discard_body()  # an unread body would be taken for the next request
-            log.info("query %s failed (%d): %s", query_id or "-", err.http_status, str(err)[:500])
+            log.info("query %s failed (%d): %s", query_id or "-", err.http_status, redact(str(err))[:500])
             self._send_error(err, query_id)
             return
         except (ConnectionError, TimeoutError) as exc:
@@ -362,10 +484,10 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, payload, headers, head=method == "HEAD")
         log.debug("query %s ok in %.1f ms", query_id, (time.monotonic() - started) * 1e3)
 
-    def _authenticate(self, rp: RequestParams) -> None:
-        cfg = self.server.config
-        if cfg.password is None:
-            return
+    def _authenticate(self, rp: RequestParams) -> User:
+        accounts = self.server.accounts
+        if not accounts.required:
+            return ANONYMOUS
         user = self.headers.get("X-ClickHouse-User")
         password = self.headers.get("X-ClickHouse-Key")
         auth = self.headers.get("Authorization", "")
@@ -376,14 +498,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise ClickHouseError.of("AUTHENTICATION_FAILED", "Malformed Basic authorization header")
         if user is None:
             user, password = rp.user, rp.password
-        user = user or "default"
-        ok_user = hmac.compare_digest(user.encode(), cfg.user.encode())
-        ok_password = hmac.compare_digest((password or "").encode(), cfg.password.encode())
-        if not (ok_user and ok_password):
-            raise ClickHouseError.of(
-                "AUTHENTICATION_FAILED",
-                f"{user}: Authentication failed: password is incorrect, or there is no user with such name",
-            )
+        return accounts.authenticate(user, password)
 
     # -- request bodies
 
@@ -502,26 +617,100 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+        # the request line carries the URL parameters: password= among them
+        log.debug("%s %s", self.address_string(), redact(format % args))
+
+
+# password=VALUE in a URL (request lines), password = 'VALUE' and IDENTIFIED ... BY 'VALUE' in SQL
+_URL_TARGET_RE = re.compile(r"(\S*\?)(\S+)")
+_SQL_SECRET_RE = re.compile(r"(?i)(\bIDENTIFIED\b[^']{0,80}?\bBY\s*|\bpassword\s*=\s*)'(?:[^'\\]|\\.)*'")
+_SECRET_PARAMS = frozenset({"password", "quota_key"})
+
+
+def _redact_query_string(m: re.Match[str]) -> str:
+    try:
+        pairs = parse_qsl(m.group(2), keep_blank_values=True, max_num_fields=10_000)
+    except ValueError:
+        return m.group(1) + "[unparsed parameters]"
+    if not any(k.lower() in _SECRET_PARAMS for k, _ in pairs):
+        return m.group()
+    shown = [(k, "[HIDDEN]" if k.lower() in _SECRET_PARAMS else v) for k, v in pairs]
+    return m.group(1) + urlencode(shown, safe="[]")
+
+
+def redact(text: str) -> str:
+    """``text`` for the log: the values of ``password`` URL parameters (also percent-encoded
+    ones) and of passwords in SQL replaced by ``[HIDDEN]``."""
+    if "?" in text:
+        text = _URL_TARGET_RE.sub(_redact_query_string, text)
+    return _SQL_SECRET_RE.sub(r"\1'[HIDDEN]'", text)
+
+
+def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The server side of HTTPS: TLS 1.2 or later, ``cert`` (PEM, with its chain) and ``key``.
+
+    Raises :class:`OSError` or :class:`ssl.SSLError` for unreadable or mismatched files.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
 
 
 class ChdbHTTPServer(ThreadingHTTPServer):
-    """Threading HTTP server over one engine; at most ``max_connections`` connections at a time."""
+    """Threading HTTP server over one engine; at most ``max_connections`` connections at a time.
+
+    With ``tls`` every connection is HTTPS: the handshake runs in the
+    connection's own thread, bounded by ``idle_timeout_s``, so a client that
+    never finishes it holds one slot for that long and never the listener.
+    """
 
     daemon_threads = True
     block_on_close = False
     request_queue_size = 128
 
-    def __init__(self, config: ServerConfig, runner: QueryRunner) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        runner: QueryRunner,
+        accounts: Accounts | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.config = config
         self.runner = runner
+        self.accounts = accounts or Accounts.anonymous()
+        self.tls = tls
         self._slots = threading.BoundedSemaphore(config.max_connections)
         # the socket timeout closes idle keep-alive connections
         handler = type("Handler", (Handler,), {"timeout": config.idle_timeout_s})
         super().__init__((config.host, config.port), handler)
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(self.config.idle_timeout_s)
+        try:
+            conn = self.tls.wrap_socket(request, server_side=True)  # the handshake; closes itself on failure
+        except (OSError, ValueError) as exc:
+            log.info("TLS handshake with %s failed: %s", client_address[0], exc)
+            return
+        try:
+            super().finish_request(conn, client_address)
+        except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
+            log.info("TLS connection with %s ended: %s", client_address[0], exc)
+        finally:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
+            if self.tls is not None:  # no plain answer to a TLS client: close
+                self.shutdown_request(request)
+                return
             # over the bound: say so and close, rather than queue without limit
             body = b"Code: 202. DB::Exception: Too many simultaneous connections. (TOO_MANY_SIMULTANEOUS_QUERIES)\n"
             try:

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from sensorhub.errors import SinkError
 from sensorhub.sinks.clickhouse import reason
 
-__all__ = ["ROW_CAUSED_ERRORS", "SINK_FAILURES", "ClickHouseFailed", "refused_for_rows", "sink_boundary"]
+__all__ = ["AUTHENTICATION_FAILED", "ROW_CAUSED_ERRORS", "SINK_FAILURES", "ClickHouseFailed", "refused_for_rows", "sink_boundary"]
 
 # ClickHouse refuses an INSERT with these for the data of some of its rows
 # (names as in ClickHouse's ErrorCodes.cpp; a test holds them against the engine).
@@ -53,6 +53,7 @@ ROW_CAUSED_ERRORS: dict[str, int] = {
 }
 _ROW_CAUSED_CODES = frozenset(ROW_CAUSED_ERRORS.values())
 _TOO_MANY_PARTS = 252  # also "Too many parts" (merges behind): that one is waited out
+AUTHENTICATION_FAILED = 516  # a rotated password: reconnect with the password file's new one
 
 
 def refused_for_rows(exc: BaseException) -> bool:
@@ -77,6 +78,7 @@ class ClickHouseFailed(SinkError):
 
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
+        self.code: int | None = getattr(cause, "code", None)
         self.row_caused = refused_for_rows(cause)
         self.why = reason(cause)
 

@@ -39,7 +39,12 @@ from sensorhub.config import Settings
 from sensorhub.errors import SinkError
 from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.audit import reconcile_recent
-from sensorhub.pipeline.clickhouse_errors import SINK_FAILURES, ClickHouseFailed, sink_boundary
+from sensorhub.pipeline.clickhouse_errors import (
+    AUTHENTICATION_FAILED,
+    SINK_FAILURES,
+    ClickHouseFailed,
+    sink_boundary,
+)
 from sensorhub.pipeline.columns import DLQ_COLS, READING_COLS, TRADE_COLS, Batch, EntryColumns
 from sensorhub.pipeline.delivery import Delivery, insert_settings
 from sensorhub.pipeline.exports import store_audit, store_hop_latency
@@ -105,6 +110,9 @@ class Writer:
                     raise
                 self.metrics.inc("retries")
                 self.metrics.set("clickhouse_ok", False)
+                if exc.code == AUTHENTICATION_FAILED:
+                    # the password was rotated: a new client reads clickhouse.password_file again
+                    self._reconnect_clickhouse()
                 if self.state not in ("waiting",):
                     self._prev_state = self.state
                 self.state = "waiting"
@@ -125,6 +133,13 @@ class Writer:
 
         self._retry("connect to ClickHouse", go)
         self.metrics.set("clickhouse_ok", True)
+
+    def _reconnect_clickhouse(self) -> None:
+        try:
+            with sink_boundary():
+                self.ch = connect(self.settings.clickhouse, database="default")
+        except SINK_FAILURES as exc:
+            log.warning("reconnect to ClickHouse failed (%s)", str(exc).splitlines()[0][:300])
 
     def _ensure_groups(self) -> None:
         def go() -> None:

@@ -2,8 +2,8 @@
 
 Accounts (every client authenticates; anonymous access is off):
 
-- ``sensorhub-ingest``: the ingest and its Sparkplug host. Reads every topic; writes only the
-  Sparkplug host's STATE topics (its birth and will).
+- ``sensorhub-ingest`` (or ``sensorhub-ingest-alt``, after a rotation): the ingest and its
+  Sparkplug host. Reads every topic; writes only the Sparkplug host's STATE topics (its birth and will).
 - ``sensorhub-tools``: the simulator and test tools. Reads and writes every topic.
 - one account per device, its user name the device id: it may publish only to the topics whose
   device level is its own name (one ACL pattern per route in ``mqtt.routes``, the device level
@@ -29,6 +29,7 @@ from sensorhub.errors import ConfigError
 
 __all__ = [
     "INGEST_ACCOUNT",
+    "INGEST_ALT_ACCOUNT",
     "TOOLS_ACCOUNT",
     "acl_text",
     "add_device",
@@ -42,8 +43,13 @@ __all__ = [
 ]
 
 INGEST_ACCOUNT = "sensorhub-ingest"
+# The ingest's second account: a password rotation moves the ingest to the other of the two, so the
+# broker never re-checks a connected persistent session against a changed password. (mosquitto drops
+# the subscriptions of a session whose password no longer matches when it reloads its password file,
+# and the messages published until the client subscribes again are lost.)
+INGEST_ALT_ACCOUNT = "sensorhub-ingest-alt"
 TOOLS_ACCOUNT = "sensorhub-tools"
-SERVICE_ACCOUNTS = (INGEST_ACCOUNT, TOOLS_ACCOUNT)
+SERVICE_ACCOUNTS = (INGEST_ACCOUNT, INGEST_ALT_ACCOUNT, TOOLS_ACCOUNT)
 _ITERATIONS = 101  # mosquitto_passwd's default for $7$
 # A device id as the decoders accept it (spec/payloads.md): the user name of its account.
 DEVICE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -143,13 +149,10 @@ def _device_pattern(route: TopicRoute) -> str | None:
 
 def acl_text(routes: Iterable[TopicRoute], sparkplug_group_filter: str = "spBv1.0/#") -> str:
     """The ACL file: service accounts by name, devices by pattern."""
-    lines = [
-        "# sensorhub broker ACL: written by sensorhub, rewritten on change",
-        f"user {INGEST_ACCOUNT}",
-        "topic read #",
-        "topic write spBv1.0/STATE/#",
-        "topic write STATE/#",
-        "",
+    lines = ["# sensorhub broker ACL: written by sensorhub, rewritten on change"]
+    for ingest in (INGEST_ACCOUNT, INGEST_ALT_ACCOUNT):
+        lines += [f"user {ingest}", "topic read #", "topic write spBv1.0/STATE/#", "topic write STATE/#", ""]
+    lines += [
         f"user {TOOLS_ACCOUNT}",
         "topic readwrite #",
         "",

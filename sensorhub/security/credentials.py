@@ -28,7 +28,7 @@ from sensorhub.security import broker, pki
 
 __all__ = ["CLICKHOUSE_USERS", "MQTT_ACCOUNTS", "REDIS_USERS", "Credentials", "ensure_credentials", "redis_acl_text"]
 
-MQTT_ACCOUNTS = broker.SERVICE_ACCOUNTS
+MQTT_ACCOUNTS = (broker.INGEST_ACCOUNT, broker.TOOLS_ACCOUNT)  # the accounts `stack rotate` knows
 # Redis ACL users and what they may do (``ACL SETUSER`` rules after ``on`` and the password).
 # The ingest and writer run Lua (EVALSHA) and MULTI over the stream keys; the monitor only reads;
 # nobody but admin may run CONFIG, FLUSHALL, DEBUG, KEYS, SHUTDOWN and the rest of @dangerous
@@ -56,8 +56,15 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def redis_acl_text(passwords: dict[str, str], prefix: str = "sh") -> str:
-    """The Redis ACL file: ``user default off`` and one user per role, passwords as SHA-256 hashes."""
-    lines = ["user default off resetpass -@all"]
+    """The Redis ACL file: the default user off, and one user per role, passwords as SHA-256 hashes.
+
+    The default user is off and has no password, so no client can act as it; new connections
+    must AUTH as a named user. It keeps every right all the same: Redis 7.0 replays the AOF as
+    the default user, and a transaction in it (a Lua script's effects, a MULTI) that the default
+    user may not run is dropped on restart with "NOPERM ACLs rules changed" (found by the fault
+    test that kills Redis and restarts it from its AOF).
+    """
+    lines = ["user default off resetpass ~* &* +@all"]
     for name, rules in REDIS_USERS.items():
         digest = hashlib.sha256(passwords[name].encode()).hexdigest()
         lines.append(f"user {name} on #{digest} resetchannels {rules.format(prefix=prefix)}")
@@ -88,6 +95,38 @@ class Credentials:
 
     def password(self, service: str, account: str) -> str:
         return read_secret_file(self.password_file(service, account))
+
+    @property
+    def ingest_user_file(self) -> Path:
+        """The account the ingest logs in with now (``sensorhub-ingest`` or ``sensorhub-ingest-alt``)."""
+        return self.secrets / "mqtt-ingest-user"
+
+    @property
+    def ingest_password_file(self) -> Path:
+        """That account's password: the ingest's ``mqtt.password_file``."""
+        return self.secrets / "mqtt-ingest-password"
+
+    def ingest_user(self) -> str:
+        return read_secret_file(self.ingest_user_file)
+
+    def rotate_ingest_begin(self) -> tuple[str, str]:
+        """Step 1 of rotating the ingest's MQTT password: the other ingest account gets a new password
+        (the broker then knows both). Returns ``(old, new)`` account names."""
+        old = self.ingest_user()
+        new = broker.INGEST_ALT_ACCOUNT if old == broker.INGEST_ACCOUNT else broker.INGEST_ACCOUNT
+        _write_private(self.password_file("mqtt", new), broker.new_password() + "\n")
+        self._write_server_files()
+        return old, new
+
+    def rotate_ingest_switch(self, new: str) -> None:
+        """Step 2: the ingest's files name the new account; it uses them from its next connect."""
+        _write_private(self.ingest_password_file, self.password("mqtt", new) + "\n")
+        _write_private(self.ingest_user_file, new + "\n")
+
+    def rotate_ingest_end(self, old: str) -> None:
+        """Step 3, once the ingest runs as the new account: the old one is deleted."""
+        self.password_file("mqtt", old).unlink(missing_ok=True)
+        self._write_server_files()
 
     @property
     def tls(self) -> Path:
@@ -130,6 +169,9 @@ class Credentials:
     def rotate(self, service: str, account: str) -> str:
         """A new password for a service account, written to its secret file and to the server's file.
 
+        Not for the ingest's MQTT account (:meth:`rotate_ingest_begin`: the broker would drop its
+        session's subscriptions).
+
         The server must then reload (mosquitto: SIGHUP; Redis: ``ACL LOAD``; chdb-server: reads its
         users file again when it changes); clients read the secret file again when they reconnect.
         """
@@ -143,7 +185,10 @@ class Credentials:
 
     def _write_server_files(self, routes: Iterable[TopicRoute] | None = None, prefix: str | None = None) -> None:
         accounts = broker.read_password_file(self.mqtt_password_file)
-        for name in MQTT_ACCOUNTS:
+        for name in broker.SERVICE_ACCOUNTS:
+            if not self.password_file("mqtt", name).exists():
+                accounts.pop(name, None)  # an ingest account not in use
+                continue
             hashed = accounts.get(name)
             password = self.password("mqtt", name)
             if hashed is None or not broker.verify_password(password, hashed):
@@ -164,11 +209,14 @@ def ensure_credentials(d: Path, routes: Iterable[TopicRoute], redis_prefix: str 
     creds = Credentials(d)
     creds.secrets.mkdir(parents=True, exist_ok=True)
     os.chmod(creds.secrets, 0o700)
-    for service, names in (("mqtt", MQTT_ACCOUNTS), ("redis", REDIS_USERS), ("clickhouse", CLICKHOUSE_USERS)):
+    for service, names in (("mqtt", (broker.TOOLS_ACCOUNT,)), ("redis", REDIS_USERS), ("clickhouse", CLICKHOUSE_USERS)):
         for name in names:
             path = creds.password_file(service, name)
             if not path.exists():
                 _write_private(path, broker.new_password() + "\n")
+    if not creds.ingest_user_file.exists():
+        _write_private(creds.password_file("mqtt", broker.INGEST_ACCOUNT), broker.new_password() + "\n")
+        creds.rotate_ingest_switch(broker.INGEST_ACCOUNT)
     pki.ensure_pki(creds.tls)
     creds._write_server_files(routes, redis_prefix)
     return creds

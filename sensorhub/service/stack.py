@@ -5,7 +5,17 @@ that runs mosquitto, redis-server, chdb-server, one MQTT ingest and one
 writer, each restarted like systemd's ``Restart=always`` when it dies. It
 returns once everything is ready and prints::
 
-    {"mqtt": {"host", "port"}, "redis_url", "clickhouse_url", "clickhouse_database", "pids": {name: pid}, ...}
+    {"mqtt": {"host", "port", "tls_port", "ca_file", "username", "password"}, "redis_url", "clickhouse_url",
+     "clickhouse_database", "monitor": {"redis_url", "clickhouse_url"}, "secure", "pids": {name: pid}, ...}
+
+It is secured by default (docs/security.md): a private CA and certificates under ``DIR/tls``, a
+password per account under ``DIR/secrets`` (mode 0600), the broker default-deny with per-device
+ACLs and a TLS listener (``tls_port``) beside the plain one on loopback, Redis with one ACL user per
+role and the default user off, the chdb-server asking every client for a password. Each child
+gets its own account and reads its password from its file (``*_password_file``), never from argv.
+The JSON's ``mqtt.username``/``password`` may publish to every device topic (the simulator and test
+tools), ``redis_url`` and ``clickhouse_url`` carry an admin account, ``monitor`` read-only ones.
+``stack up --insecure`` runs the open stack of earlier versions, for debugging.
 
 With alert rules in the configuration (``[[alerts.rules]]``) it also runs the
 alert evaluator and gateway (children ``alerts-evaluator`` and
@@ -39,10 +49,12 @@ from typing import Any
 
 from sensorhub.config import load_settings
 from sensorhub.errors import SensorhubError
+from sensorhub.security.broker import INGEST_ACCOUNT, TOOLS_ACCOUNT
+from sensorhub.security.credentials import Credentials, ensure_credentials
 from sensorhub.service import stack_services
 from sensorhub.service.supervisor import ChildSpec, Supervisor
 
-__all__ = ["stack_down", "stack_status", "stack_up"]
+__all__ = ["stack_down", "stack_rotate", "stack_status", "stack_up"]
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +99,21 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
-def _specs(d: Path, ports: dict[str, int], opts: dict[str, Any]) -> list[ChildSpec]:
+def _child_env(creds: Credentials | None, redis_user: str, clickhouse_user: str) -> dict[str, str]:
+    """The account a child runs as: user names, and the files its passwords are read from."""
+    if creds is None:
+        return {}
+    return {
+        "SENSORHUB_MQTT_USERNAME_FILE": str(creds.ingest_user_file),
+        "SENSORHUB_MQTT_PASSWORD_FILE": str(creds.ingest_password_file),
+        "SENSORHUB_REDIS_USERNAME": redis_user,
+        "SENSORHUB_REDIS_PASSWORD_FILE": str(creds.password_file("redis", redis_user)),
+        "SENSORHUB_CLICKHOUSE_USER": clickhouse_user,
+        "SENSORHUB_CLICKHOUSE_PASSWORD_FILE": str(creds.password_file("clickhouse", clickhouse_user)),
+    }
+
+
+def _specs(d: Path, ports: dict[str, int], opts: dict[str, Any], creds: Credentials | None) -> list[ChildSpec]:
     py = sys.executable
     logs = d / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -101,18 +127,30 @@ def _specs(d: Path, ports: dict[str, int], opts: dict[str, Any]) -> list[ChildSp
     }
     env.update(opts.get("env", {}))
     cfg = ["--config", opts["config"]] if opts.get("config") else []
+    broker = redis_acl = None
+    chdb_extra: list[str] = []
+    if creds is not None:
+        broker = stack_services.BrokerSecurity(
+            creds.mqtt_password_file, creds.mqtt_acl_file, ports["mqtt_tls"], HOST, creds.ca_file,
+            creds.server_cert.cert, creds.server_cert.key,
+        )
+        redis_acl = creds.redis_acl_file
+        chdb_extra = ["--users-file", str(creds.chdb_users_file)]
     return [
-        ChildSpec("mosquitto", tuple(stack_services.mosquitto_argv(d, ports["mqtt"], HOST)), notify=False,
+        ChildSpec("mosquitto", tuple(stack_services.mosquitto_argv(d, ports["mqtt"], HOST, broker)), notify=False,
                   output=str(logs / "mosquitto.log")),
-        ChildSpec("redis", tuple(stack_services.redis_argv(d, ports["redis"], HOST, opts.get("redis_maxmemory"))),
+        ChildSpec("redis", tuple(stack_services.redis_argv(d, ports["redis"], HOST, opts.get("redis_maxmemory"),
+                                                           redis_acl)),
                   notify=False, output=str(logs / "redis.log")),
-        ChildSpec("chdb-server", tuple(stack_services.chdb_argv(d, ports["clickhouse"], HOST, py)), notify=False,
-                  output=str(logs / "chdb-server.log")),
-        ChildSpec("ingest", (py, "-m", "sensorhub", *cfg, "ingest", "--source", "mqtt"), env=env,
+        ChildSpec("chdb-server", tuple(stack_services.chdb_argv(d, ports["clickhouse"], HOST, py, extra=chdb_extra)),
+                  notify=False, output=str(logs / "chdb-server.log")),
+        ChildSpec("ingest", (py, "-m", "sensorhub", *cfg, "ingest", "--source", "mqtt"),
+                  env={**env, **_child_env(creds, "ingest", "monitor")},
                   output=str(logs / "ingest.log"), start_timeout_s=60),
-        ChildSpec("writer", (py, "-m", "sensorhub", *cfg, "writer", "--consumer", "writer-1"), env=env,
+        ChildSpec("writer", (py, "-m", "sensorhub", *cfg, "writer", "--consumer", "writer-1"),
+                  env={**env, **_child_env(creds, "writer", "writer")},
                   output=str(logs / "writer.log"), start_timeout_s=120),
-        *_alert_specs(py, cfg, env, logs, ports),
+        *_alert_specs(py, cfg, {**env, **_child_env(creds, "alerts", "writer")}, logs, ports),
     ]
 
 
@@ -133,17 +171,33 @@ def _public(state: dict[str, Any], sup: Supervisor | None = None) -> dict[str, A
     database = str(state.get("database") or DEFAULT_DATABASE)
     if sup is not None:
         pids = {n: s.pid for n, s in sup.states().items()}
+    ports = state["ports"]
+    redis_at = f"{HOST}:{ports['redis']}/0"
+    ch_at = f"{HOST}:{ports['clickhouse']}/{database}"
+    secure = bool(state.get("secure")) and state.get("dir") is not None
+    mqtt: dict[str, Any] = {"host": HOST, "port": ports["mqtt"]}
+    urls: dict[str, Any] = {"redis_url": f"redis://{redis_at}", "clickhouse_url": f"http://{ch_at}"}
+    monitor = dict(urls)
+    if secure:
+        creds = Credentials(Path(state["dir"]))
+        mqtt.update(tls_port=ports["mqtt_tls"], ca_file=str(creds.ca_file), username=TOOLS_ACCOUNT,
+                    password=creds.password("mqtt", TOOLS_ACCOUNT))
+        urls = {"redis_url": f"redis://admin:{creds.password('redis', 'admin')}@{redis_at}",
+                "clickhouse_url": f"http://admin:{creds.password('clickhouse', 'admin')}@{ch_at}"}
+        monitor = {"redis_url": f"redis://monitor:{creds.password('redis', 'monitor')}@{redis_at}",
+                   "clickhouse_url": f"http://monitor:{creds.password('clickhouse', 'monitor')}@{ch_at}"}
     return {
-        "mqtt": {"host": HOST, "port": state["ports"]["mqtt"]},
-        "redis_url": f"redis://{HOST}:{state['ports']['redis']}/0",
-        "clickhouse_url": f"http://{HOST}:{state['ports']['clickhouse']}/{database}",
+        "mqtt": mqtt,
+        **urls,
         "clickhouse_database": database,
+        "monitor": monitor,
+        "secure": secure,
         "pids": pids,
         "supervisor_pid": state.get("supervisor_pid"),
         "dir": state.get("dir"),
         "ready": state.get("ready", False),
         "restarts": state.get("restarts", {}),
-        **({"alerts_url": f"ws://{HOST}:{state['ports']['alerts']}/alerts"} if "alerts" in state["ports"] else {}),
+        **({"alerts_url": f"ws://{HOST}:{ports['alerts']}/alerts"} if "alerts" in ports else {}),
     }
 
 
@@ -159,11 +213,16 @@ def supervise(d: Path, opts: dict[str, Any]) -> int:
         ports.setdefault("alerts", stack_services.free_port(HOST))
     else:
         ports.pop("alerts", None)
+    creds = None
+    if not opts.get("insecure"):
+        ports.setdefault("mqtt_tls", stack_services.free_port(HOST))
+        settings = load_settings(opts.get("config"))
+        creds = ensure_credentials(d, settings.mqtt.routes, settings.redis.prefix)
     state.update({"ports": ports, "supervisor_pid": os.getpid(), "dir": str(d), "ready": False,
-                  "database": opts.get("database", DEFAULT_DATABASE)})
+                  "database": opts.get("database", DEFAULT_DATABASE), "secure": creds is not None})
     state.pop("failed", None)
     _write_state(d, state)
-    sup = Supervisor(_specs(d, ports, opts))
+    sup = Supervisor(_specs(d, ports, opts, creds))
     stopping = False
 
     def on_term(_sig: int, _frm: Any) -> None:
@@ -304,6 +363,77 @@ def stack_down(d: Path, timeout_s: float = 60.0) -> bool:
     return True
 
 
+def stack_rotate(d: Path, secret: str) -> None:
+    """A new password for one account of a running secured stack, with no reading lost.
+
+    ``secret`` names the account as its file under ``DIR/secrets`` does (``mqtt-sensorhub-ingest``,
+    ``redis-writer``, ``clickhouse-writer``...). The new password goes to its file and to the
+    server's; then the server reloads: mosquitto on SIGHUP (it disconnects the sessions of the old
+    password; they reconnect with the new one and the broker kept what arrived meanwhile), Redis by
+    ``ACL LOAD`` (clients use the new password from their next connection), the chdb-server when
+    its users file changes. Every client reads its password file again when it reconnects.
+    """
+    from sensorhub.pipeline.redisconn import redis_client
+    from sensorhub.security.credentials import CLICKHOUSE_USERS, MQTT_ACCOUNTS, REDIS_USERS
+
+    d = d.resolve()
+    st = _read_state(d)
+    if not _alive(st.get("supervisor_pid")):
+        raise SensorhubError(f"no stack runs in {d}")
+    if not st.get("secure"):
+        raise SensorhubError(f"the stack in {d} runs --insecure: it has no passwords")
+    service, _, account = secret.partition("-")
+    known = {"mqtt": MQTT_ACCOUNTS, "redis": REDIS_USERS, "clickhouse": CLICKHOUSE_USERS}
+    if account not in known.get(service, ()):
+        names = sorted(f"{s}-{a}" for s, accounts in known.items() for a in accounts)
+        raise SensorhubError(f"no secret {secret!r}; the stack's secrets are {', '.join(names)}")
+    creds = Credentials(d)
+    admin = None
+    if service == "redis":
+        # authenticated before the change, so that rotating admin itself can still reload
+        admin = redis_client(load_settings().redis, f"redis://admin:{creds.password('redis', 'admin')}@"
+                             f"{HOST}:{st['ports']['redis']}/0", socket_timeout=5)
+        admin.ping()
+    if secret == f"mqtt-{INGEST_ACCOUNT}":
+        _rotate_ingest_account(d, creds)
+        return
+    creds.rotate(service, account)
+    if service == "mqtt":
+        os.kill(int(st["pids"]["mosquitto"]), signal.SIGHUP)
+    elif admin is not None:
+        admin.execute_command("ACL", "LOAD")
+        admin.close()
+
+
+def _rotate_ingest_account(d: Path, creds: Credentials, timeout_s: float = 60.0) -> None:
+    """The ingest moves to its other account with a new password, then the old one is deleted.
+
+    The broker knows both accounts while the ingest restarts (it drains, then reconnects as the new
+    one and resumes its session, which queued what arrived meanwhile); it never re-checks the
+    ingest's session against a changed password (mosquitto would drop that session's
+    subscriptions).
+    """
+    def hup() -> None:
+        os.kill(int(_read_state(d)["pids"]["mosquitto"]), signal.SIGHUP)
+
+    old, new = creds.rotate_ingest_begin()
+    hup()
+    creds.rotate_ingest_switch(new)
+    pid = int(_read_state(d)["pids"]["ingest"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = _read_state(d)
+        if st.get("ready") and st["pids"].get("ingest") not in (None, pid):
+            break
+        time.sleep(0.1)
+    else:
+        raise SensorhubError(f"the ingest did not come back within {timeout_s:.0f} s; the old account "
+                             f"{old} is kept (run rotate again once it runs)")
+    creds.rotate_ingest_end(old)
+    hup()
+
+
 # ---- command line ----
 def run(args: argparse.Namespace) -> int:
     d: Path = args.dir
@@ -316,8 +446,16 @@ def run(args: argparse.Namespace) -> int:
             opts["config"] = str(Path(args.config).resolve())
         if args.redis_maxmemory:
             opts["redis_maxmemory"] = args.redis_maxmemory
+        if args.insecure:
+            opts["insecure"] = True
         info = stack_up(d, args.timeout, opts)
         print(json.dumps(info) if args.json else json.dumps(info, indent=1))
+        return 0
+    if args.action == "rotate":
+        if not args.secret:
+            raise SensorhubError("stack rotate needs --secret NAME (a file name under DIR/secrets)")
+        stack_rotate(d, args.secret)
+        print(json.dumps({"rotated": args.secret}))
         return 0
     if args.action == "status":
         info = stack_status(d)

@@ -35,7 +35,10 @@ def connect(settings: ClickHouseSettings, database: str | None = None, **kwargs:
         OperationalError,
     )
 
-    tls: dict[str, Any] = {"ca_cert": str(settings.ca_file)} if settings.secure and settings.ca_file else {}
+    # clickhouse-connect takes host and credentials from an https DSN but needs secure=True to use TLS
+    tls: dict[str, Any] = {"secure": True} if settings.secure else {}
+    if settings.secure and settings.ca_file:
+        tls["ca_cert"] = str(settings.ca_file)
     try:
         client = clickhouse_connect.get_client(
             dsn=settings.url,

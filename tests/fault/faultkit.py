@@ -46,7 +46,7 @@ class Run:
     def start(self) -> None:
         argv = [
             sys.executable, "-m", "firmware_sim", "run",
-            "--mqtt", f"127.0.0.1:{self.stack.mqtt_port}",
+            "--stack", str(self.stack.dir),
             "--rate", str(self.rate), "--duration", str(self.seconds),
             "--devices", "200", "--format", self.fmt, "--per-message", str(self.per_message),
             "--qos", "1", "--truth", str(self.truth), "--json", "--ack-timeout", "120",

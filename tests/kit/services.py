@@ -56,6 +56,20 @@ def mqtt_login(client: Any, info: dict[str, Any]) -> Any:
     return client
 
 
+def mqtt_answers(host: str, port: int, username: str, password: str) -> bool:
+    """True when the broker on ``host:port`` accepts a CONNECT of ``username`` (CONNACK 0): it is
+    past its start, signal handlers included, and its password file is loaded."""
+    from firmware_sim.mqtt import encode_connect
+
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(encode_connect(f"ready-{os.getpid()}", username=username, password=password))
+            ack = s.recv(4)
+            return len(ack) == 4 and ack[0] == 0x20 and ack[3] == 0
+    except OSError:
+        return False
+
+
 def wait_tcp(host: str, port: int, timeout: float) -> bool:
     """True once ``host:port`` accepts a TCP connection, False after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
@@ -235,7 +249,9 @@ def start_mosquitto(
         creds.server_cert.cert, creds.server_cert.key,
     )
     mp = SecureBroker(
-        "mosquitto", mosquitto_argv(run_dir, port, host, security), ready=lambda: wait_tcp(host, tls_port, 0.2),
+        "mosquitto", mosquitto_argv(run_dir, port, host, security),
+        ready=lambda: wait_tcp(host, tls_port, 0.2) and mqtt_answers(
+            host, port, TOOLS_ACCOUNT, creds.password("mqtt", TOOLS_ACCOUNT)),
         log_path=run_dir / "mosquitto" / "mosquitto.log", host=host, port=port, url=f"mqtt://{host}:{port}",
         tls_port=tls_port, creds=creds,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -39,9 +40,8 @@ def _monitor(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_monitor_follows_a_running_stack(stack: dict[str, Any], wait_until: Callable[..., Any]) -> None:
-    mqtt = f"{stack['mqtt']['host']}:{stack['mqtt']['port']}"
     sim = subprocess.run(
-        [sys.executable, "-m", "firmware_sim", "run", "--mqtt", mqtt, "--devices", "5", "--rate", "1000",
+        [sys.executable, "-m", "firmware_sim", "run", "--stack", stack["dir"], "--devices", "5", "--rate", "1000",
          "--duration", "2", "--fault", "crc=0.01", "--json"],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )
@@ -79,8 +79,13 @@ def test_stack_json_names_the_database_and_query_runs_in_it(stack: dict[str, Any
     import clickhouse_connect
 
     assert stack["clickhouse_database"] == "sensorhub"
-    assert stack["clickhouse_url"] == f"http://127.0.0.1:{stack['clickhouse_url'].rsplit(':', 1)[1].split('/')[0]}/sensorhub"
-    assert {"mqtt", "redis_url", "clickhouse_url", "pids", "supervisor_pid", "dir", "ready", "restarts"} <= set(stack)
+    port = stack["clickhouse_url"].rsplit(":", 1)[1].split("/")[0]
+    # secured: the admin account and its password inside the URL
+    assert re.fullmatch(rf"http://admin:[A-Za-z0-9_-]{{40,}}@127\.0\.0\.1:{port}/sensorhub", stack["clickhouse_url"])
+    assert re.fullmatch(r"redis://admin:[A-Za-z0-9_-]{40,}@127\.0\.0\.1:\d+/0", stack["redis_url"])
+    assert {"mqtt", "redis_url", "clickhouse_url", "pids", "supervisor_pid", "dir", "ready", "restarts",
+            "monitor", "secure"} <= set(stack)
+    assert {"host", "port", "tls_port", "ca_file", "username", "password"} <= set(stack["mqtt"])
     client = clickhouse_connect.get_client(dsn=stack["clickhouse_url"])
     try:
         assert client.command("SELECT currentDatabase()") == "sensorhub"

@@ -22,7 +22,6 @@ from kit.services import mqtt_login
 from kit.store import count, wait_count
 from paho.mqtt.enums import CallbackAPIVersion
 
-from sensorhub.security.broker import INGEST_ACCOUNT
 from sensorhub.security.credentials import Credentials
 
 DEVICES = [f"press-{i}" for i in range(8)]  # per test line: <line>-press-<i>
@@ -203,7 +202,8 @@ def _drop_session(stack: Any) -> None:
     cid = f"sensorhub-ingest-{stack.mqtt_port}"  # the stack's ingest (SENSORHUB_MQTT_CLIENT_ID)
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
     if stack.info.get("secure"):  # the ingest's own account: its client id is taken over by its owner
-        c.username_pw_set(INGEST_ACCOUNT, Credentials(stack.dir).password("mqtt", INGEST_ACCOUNT))
+        creds = Credentials(stack.dir)
+        c.username_pw_set(creds.ingest_user(), creds.ingest_password_file.read_text().strip())
     c.connect("127.0.0.1", stack.mqtt_port, clean_start=True)
     c.loop_start()
     deadline = time.monotonic() + 10

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sensorhub.security.broker import INGEST_ACCOUNT
 from sensorhub.security.credentials import Credentials
 from sensorhub.service.supervisor import ChildSpec, Supervisor
 
@@ -55,8 +54,8 @@ def test_killed_ingest_is_ready_again_while_another_source_flows(stack_factory, 
         "PATH": os.environ.get("PATH", ""),
     }
     if stack.info.get("secure"):  # the second ingest runs as the stack's ingest account
-        env["SENSORHUB_MQTT_USERNAME"] = INGEST_ACCOUNT
-        env["SENSORHUB_MQTT_PASSWORD_FILE"] = str(Credentials(stack.dir).password_file("mqtt", INGEST_ACCOUNT))
+        env["SENSORHUB_MQTT_USERNAME_FILE"] = str(Credentials(stack.dir).ingest_user_file)
+        env["SENSORHUB_MQTT_PASSWORD_FILE"] = str(Credentials(stack.dir).ingest_password_file)
     second = ChildSpec(
         "mqtt2",
         (sys.executable, "-m", "sensorhub", "--config", str(cfg), "ingest", "--source", "mqtt2"),

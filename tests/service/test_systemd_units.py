@@ -153,8 +153,18 @@ def test_commands_and_hardening() -> None:
     chdb = parse_unit(UNITS_DIR / "sensorhub-chdb.service")
     assert ingest["Service.ExecStart"][0].endswith(" ingest --source %i")
     assert writer["Service.ExecStart"][0].endswith(" writer --consumer writer-%H-%i")
-    assert chdb["Service.ExecStart"][0].endswith(" chdb-server --host 127.0.0.1 --port 8123 --data /var/lib/sensorhub/chdb")
+    assert chdb["Service.ExecStart"][0].endswith(
+        " chdb-server --host 127.0.0.1 --port 8123 --data /var/lib/sensorhub/chdb --users-file %d/chdb_users")
     assert chdb["Service.StateDirectory"] == ["sensorhub"]
+    # secrets as systemd credentials, read from files: never in argv or the environment file
+    assert chdb["Service.LoadCredential"] == ["chdb_users:/etc/sensorhub/credentials/chdb-users.json"]
+    for u, creds in ((ingest, {"mqtt_user", "mqtt_password", "redis_password"}),
+                     (writer, {"redis_password", "clickhouse_password"})):
+        assert {c.split(":")[0] for c in u["Service.LoadCredential"]} == creds
+        env = " ".join(u["Service.Environment"])
+        for c in creds:
+            assert f"_FILE=%d/{c}" in env
+        assert "PASSWORD=" not in env
     for u in (ingest, writer, chdb):
         for key, value in {
             "DynamicUser": "yes", "ProtectSystem": "strict", "ProtectHome": "yes", "PrivateTmp": "yes",
@@ -173,7 +183,8 @@ def test_commands_and_hardening() -> None:
 def test_the_alert_units_run_their_commands_hardened_like_the_writer() -> None:
     writer = parse_unit(UNITS_DIR / "sensorhub-writer@.service")
     sandbox = {k: v for k, v in writer.items() if k.startswith("Service.") and k not in (
-        "Service.ExecStart", "Service.SyslogIdentifier", "Service.MemoryMax", "Service.TimeoutStopSec")}
+        "Service.ExecStart", "Service.SyslogIdentifier", "Service.MemoryMax", "Service.TimeoutStopSec",
+        "Service.LoadCredential", "Service.Environment")}  # each its own account
     for unit, command in zip(ALERT_SERVICES, (" alerts evaluate", " alerts serve"), strict=True):
         u = parse_unit(UNITS_DIR / unit)
         assert u["Service.ExecStart"][0].endswith(command)

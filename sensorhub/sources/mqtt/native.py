@@ -16,10 +16,22 @@ at a fraction of its CPU per message:
   host as the paho driver (:class:`sensorhub.sources.mqtt.routing.MqttRouting`; the
   Sparkplug host keeps its low-rate paho connection);
 - reconnect forever with capped exponential backoff and full jitter, keep
-  alive PINGREQ, and the broker's server keep alive honoured.
+  alive PINGREQ, and the broker's server keep alive honoured;
+- ``mqtt.tls``: TLS 1.2+ with the broker's certificate checked against
+  ``mqtt.ca_file`` and ``mqtt.host`` (:func:`sensorhub.security.tlsctx.client_context`,
+  built again at each connect so that renewed files are picked up), and the
+  user name and password (``mqtt.password_file`` read again at each connect,
+  so a rotated password is picked up); a broker that refuses them is retried
+  with backoff, and the refusal is logged as one error line naming the user.
 
 One thread owns the socket (blocking, polled with a timeout) and parses every
 read with :class:`PacketReader` (``cython_ext/mqttwire.pyx``, or its twin);
+with TLS the records go through an :class:`ssl.SSLObject` over memory BIOs
+(:class:`_TlsChannel`): the socket stays an ordinary socket, read
+``RECV_BYTES`` at a time (an ``SSLSocket`` reads each record with two system
+calls, header and body, and mosquitto writes every packet as a record of its
+own), so ``poll`` sees exactly what is left to read and nothing decrypted
+waits unseen inside the SSL object;
 the frames of one read go to the ingest loop as one batch: one queue operation
 per read, not per message. The queue is bounded in frames; when it is full
 the thread stops reading, TCP and the receive maximum push back on the broker.
@@ -38,6 +50,7 @@ import logging
 import random
 import select
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -47,6 +60,7 @@ from typing import Any
 from sensorhub._impl import load
 from sensorhub.config import MqttSettings, Settings
 from sensorhub.errors import DecodeError, SourceError
+from sensorhub.security.tlsctx import client_context
 from sensorhub.sources.base import Frame, register
 from sensorhub.sources.mqtt.routing import MqttSourceBase
 
@@ -57,7 +71,9 @@ log = logging.getLogger(__name__)
 wire = load("mqttwire", "sensorhub.sources.mqtt.wire_py")
 
 RECV_BYTES = 256 * 1024  # one read; many messages at full rate
-CONNECT_TIMEOUT_S = 10.0  # TCP connect and CONNACK
+TLS_RECORD_BYTES = 16 * 1024  # the most plaintext one TLS record carries: one SSLObject.read takes a whole record
+CONNECT_TIMEOUT_S = 10.0  # TCP connect, TLS handshake, and CONNACK (each)
+REFUSAL_LOG_S = 60.0  # the same refusal again is logged once a minute, not at every retry
 SEND_TIMEOUT_S = 10.0  # a broker that takes no bytes for this long is dropped
 _POLL_S = 0.25  # longest wait before the thread looks at stop and keep alive again
 
@@ -68,6 +84,119 @@ _CONNACK_CODES = {
     0x86: "bad user name or password", 0x87: "not authorized", 0x88: "server unavailable",
     0x89: "server busy", 0x8A: "banned", 0x95: "packet too large", 0x97: "quota exceeded",
 }
+
+
+class AuthenticationFailed(SourceError):
+    """One side refused the other: the broker our CONNECT (bad user name or password, not
+    authorized, ...), or we the broker's certificate. Retried like any failure, but logged as an
+    error: it lasts until an operator changes a file (the password file, the CA file)."""
+
+
+class _PlainChannel:
+    """The connection's bytes as they are on the socket."""
+
+    tls_version = ""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def read(self) -> bytes | None:
+        """What one read gives (the socket is readable); None when the broker closed the connection."""
+        return self.sock.recv(RECV_BYTES) or None
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` whole; the caller holds the driver's send lock."""
+        self.sock.sendall(data)
+
+
+class _TlsChannel:
+    """TLS through an :class:`ssl.SSLObject` over memory BIOs, on an ordinary socket.
+
+    The SSL object is used from two threads (the network thread decrypts, the
+    ingest loop's ``ack`` encrypts), so every call on it holds ``_lock``,
+    which is never held across a blocking system call. Encrypted bytes leave
+    in the order they were produced: whoever takes them from the outgoing BIO
+    holds the driver's send lock (``send_lock``) until they are on the socket.
+    """
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server_hostname: str,
+                 send_lock: threading.Lock) -> None:
+        self.sock = sock
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._tls = ctx.wrap_bio(self._in, self._out, server_side=False, server_hostname=server_hostname)
+        self._lock = threading.Lock()
+        self._send_lock = send_lock
+        self.tls_version = ""
+
+    def handshake(self, deadline: float, stopping: threading.Event) -> None:
+        """The TLS handshake, within ``deadline`` (monotonic); SourceError if it fails."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError as exc:
+                raise AuthenticationFailed(
+                    f"TLS: the broker's certificate is not trusted ({exc.verify_message}); check mqtt.ca_file"
+                ) from exc
+            except ssl.SSLError as exc:
+                raise SourceError(f"TLS handshake failed: {exc.reason or exc}") from exc
+            self.sock.sendall(self._out.read())
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or stopping.is_set():
+                    raise SourceError(f"no TLS handshake within {CONNECT_TIMEOUT_S:.0f} s")
+                if poller.poll(int(min(left, _POLL_S) * 1000)):
+                    break
+            data = self.sock.recv(RECV_BYTES)
+            if not data:
+                raise SourceError("the broker closed the connection during the TLS handshake")
+            self._in.write(data)
+        if self._out.pending:
+            self.sock.sendall(self._out.read())
+        self.tls_version = self._tls.version() or "TLS"
+
+    def read(self) -> bytes | None:
+        """The plaintext of every whole record one socket read completes (b"" if none);
+        None when the broker closed the connection (end of stream or TLS close_notify)."""
+        data = self.sock.recv(RECV_BYTES)
+        if not data:
+            return None
+        chunks: list[bytes] = []
+        closed = False
+        with self._lock:
+            self._in.write(data)
+            rd = self._tls.read
+            try:
+                while True:
+                    chunk = rd(TLS_RECORD_BYTES)
+                    if not chunk:  # the broker's close_notify: every later read says so again
+                        closed = True
+                        break
+                    chunks.append(chunk)
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                closed = True
+        if self._out.pending:  # rare: what reading made TLS send (a TLS 1.3 key update)
+            with self._send_lock, self._lock:
+                out = self._out.read()
+                if out:
+                    self.sock.sendall(out)
+        if closed and not chunks:
+            return None
+        return b"".join(chunks) if len(chunks) != 1 else chunks[0]
+
+    def write(self, data: bytes) -> None:
+        """Encrypt and send ``data`` whole; the caller holds the driver's send lock."""
+        with self._lock:
+            self._tls.write(data)
+            out = self._out.read()
+        self.sock.sendall(out)
 
 
 class FrameBatchQueue:
@@ -144,6 +273,8 @@ class MqttNativeSource(MqttSourceBase):
         self.max_packet = max_packet_for(self.cfg)
         self._send_lock = threading.Lock()
         self._sock: socket.socket | None = None
+        self._chan: _PlainChannel | _TlsChannel | None = None
+        self._last_refusal = ("", 0.0)  # the last AuthenticationFailed, and when it was logged
         self._generation = 0
         self._last_send = 0.0
         self._keepalive = float(self.cfg.keepalive_s)
@@ -154,7 +285,10 @@ class MqttNativeSource(MqttSourceBase):
         self.ack_writes = 0
         self.stale_acks = 0
         self.redelivered = 0
+        #: connections refused for credentials or trust (:class:`AuthenticationFailed`), every one retried
+        self.refusals = 0
         self.health.extra["client"] = "native"
+        self.health.extra["tls"] = self.cfg.tls
 
     # ---- connection thread ----
     def start(self) -> None:
@@ -168,6 +302,10 @@ class MqttNativeSource(MqttSourceBase):
         while not self._stopping.is_set():
             try:
                 self._session()
+            except AuthenticationFailed as exc:
+                self.refusals += 1
+                self._log_refusal(f"{exc}")
+                self.health.detail = str(exc)
             except (OSError, SourceError) as exc:
                 if not self._stopping.is_set():
                     log.warning("MQTT %s:%s: %s", self.cfg.host, self.cfg.port, exc)
@@ -188,9 +326,18 @@ class MqttNativeSource(MqttSourceBase):
             attempt = min(attempt + 1, 64)
             self._stopping.wait(random.uniform(0.0, cap))
 
+    def _log_refusal(self, why: str) -> None:
+        """One error line per refusal; the same refusal again only once a minute (retries go on)."""
+        now = time.monotonic()
+        last, at = self._last_refusal
+        if why != last or now - at >= REFUSAL_LOG_S:
+            log.error("MQTT %s:%s: %s; retrying with backoff", self.cfg.host, self.cfg.port, why)
+            self._last_refusal = (why, now)
+
     def _close(self) -> None:
         with self._send_lock:
             sock, self._sock = self._sock, None
+            self._chan = None
         if self.health.connected:
             self.health.reconnects += 1
         self.health.connected = False
@@ -203,27 +350,38 @@ class MqttNativeSource(MqttSourceBase):
     def _session(self) -> None:
         """One connection, from TCP connect until it fails or the source stops."""
         cfg = self.cfg
+        # read at every connect: renewed certificates and a rotated password are picked up
+        ctx = client_context(cfg.ca_file, cfg.cert_file, cfg.key_file) if cfg.tls else None
+        secret = cfg.secret("password")
+        user = cfg.secret("username")  # both read now: a rotated account is used from this connect on
+        pw = secret.encode() if secret is not None else None
         sock = socket.create_connection((cfg.host, cfg.port), timeout=CONNECT_TIMEOUT_S)
+        chan: _PlainChannel | _TlsChannel
         try:
             # our writes are whole batches already; Nagle would only hold acks back
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(SEND_TIMEOUT_S)
-        except OSError:
+            if ctx is not None:
+                chan = _TlsChannel(sock, ctx, cfg.host, self._send_lock)
+                chan.handshake(time.monotonic() + CONNECT_TIMEOUT_S, self._stopping)
+            else:
+                chan = _PlainChannel(sock)
+        except BaseException:
             sock.close()
             raise
         with self._send_lock:
             self._sock = sock
+            self._chan = chan
             # from here on, tokens of the previous connection are stale
             self._generation += 1
             generation = self._generation
         base = wire.token_base(generation)
         reader = wire.PacketReader(self.protocol, self.max_packet, Frame)
-        pw = cfg.password.get_secret_value().encode() if cfg.password else None
         self._send(wire.encode_connect(
             self.client_id, protocol=self.protocol, clean=False, keepalive=cfg.keepalive_s,
             session_expiry=cfg.session_expiry_s, receive_maximum=cfg.receive_maximum,
             maximum_packet_size=self.max_packet if self.protocol == 5 else 0,
-            username=cfg.username, password=pw,
+            username=user, password=pw,
         ))
         self._keepalive = float(cfg.keepalive_s)
         poller = select.poll()
@@ -238,19 +396,24 @@ class MqttNativeSource(MqttSourceBase):
                 raise SourceError(f"no CONNACK within {CONNECT_TIMEOUT_S:.0f} s")
             if not poller.poll(int(min(left, _POLL_S) * 1000)):
                 continue
-            data = sock.recv(RECV_BYTES)
-            if not data:
+            data = chan.read()
+            if data is None:
                 raise SourceError("the broker closed the connection before CONNACK")
             frames, controls = reader.feed(data, time.time_ns(), base)
         ack = controls[0]
         if ack[0] != wire.CONNACK:
             raise SourceError(f"expected CONNACK, got packet type {ack[0]}")
         if ack[2] != 0:
-            raise SourceError(f"connection refused: {_CONNACK_CODES.get(ack[2], hex(ack[2]))}")
+            who = f"user {user!r}" if user else "anonymous (no mqtt.username)"
+            raise AuthenticationFailed(
+                f"refused the connection of {who}: {_CONNACK_CODES.get(ack[2], hex(ack[2]))} "
+                "(check mqtt.username and mqtt.password_file)"
+            )
         if ack[3] >= 0:
             self._keepalive = float(ack[3])  # the broker's server keep alive overrides ours
-        log.info("MQTT connected to %s:%s (session present: %s, connection %d)",
-                 cfg.host, cfg.port, ack[1], generation)
+        self._last_refusal = ("", 0.0)
+        log.info("MQTT connected to %s:%s%s (session present: %s, connection %d)",
+                 cfg.host, cfg.port, f" over {chan.tls_version}" if chan.tls_version else "", ack[1], generation)
         # Subscribing again is harmless with a present session and needed without one.
         self._send(wire.encode_subscribe(1, self.routing.subscriptions(), self.protocol))
         self.health.connected = True
@@ -263,8 +426,8 @@ class MqttNativeSource(MqttSourceBase):
             ready = poller.poll(poll_ms)
             now = time.monotonic()
             if ready:
-                data = sock.recv(RECV_BYTES)
-                if not data:
+                data = chan.read()
+                if data is None:
                     raise SourceError("the broker closed the connection")
                 last_recv = now
                 frames, controls = reader.feed(data, time.time_ns(), base)
@@ -315,10 +478,10 @@ class MqttNativeSource(MqttSourceBase):
 
     def _send(self, data: bytes) -> None:
         with self._send_lock:
-            sock = self._sock
-            if sock is None:
+            chan = self._chan
+            if chan is None:
                 raise SourceError("not connected")
-            sock.sendall(data)
+            chan.write(data)
             self._last_send = time.monotonic()
 
     def _deliver_one(self, frame: Frame) -> None:
@@ -337,10 +500,10 @@ class MqttNativeSource(MqttSourceBase):
             with self._send_lock:
                 data, acked, stale = wire.encode_pubacks(tokens, self._generation)
                 self.stale_acks += stale
-                sock = self._sock
-                if data and sock is not None:
+                sock, chan = self._sock, self._chan
+                if data and sock is not None and chan is not None:
                     try:
-                        sock.sendall(data)
+                        chan.write(data)
                         self._last_send = time.monotonic()
                         self.acks_sent += acked
                         self.ack_writes += 1
@@ -357,10 +520,10 @@ class MqttNativeSource(MqttSourceBase):
         """Disconnect normally (the session stays with the broker) and end the thread."""
         self._stopping.set()
         with self._send_lock:
-            sock = self._sock
-            if sock is not None:
+            chan = self._chan
+            if chan is not None:
                 try:
-                    sock.sendall(wire.encode_disconnect(self.protocol))
+                    chan.write(wire.encode_disconnect(self.protocol))
                 except OSError:
                     pass
         if self._thread is not None:
@@ -368,4 +531,5 @@ class MqttNativeSource(MqttSourceBase):
         self.routing.stop_sparkplug()
         self.health.connected = False
         h = self.health.extra
-        h.update(acks_sent=self.acks_sent, ack_writes=self.ack_writes, stale_acks=self.stale_acks)
+        h.update(acks_sent=self.acks_sent, ack_writes=self.ack_writes, stale_acks=self.stale_acks,
+                 refusals=self.refusals)

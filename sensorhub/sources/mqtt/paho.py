@@ -13,6 +13,12 @@ died, are redelivered by the broker. The broker never has more than
 ``receive_maximum`` unacknowledged messages in flight to us, which bounds our
 memory; its own queue (see the project's mosquitto configuration) holds the
 rest. paho's own network thread does the socket work.
+
+With ``mqtt.tls`` the connection uses the project's one TLS client context
+(:func:`sensorhub.security.tlsctx.client_context`, through
+``tls_set_context``). The user name and password are set again before every
+(re)connect (paho's ``on_pre_connect``), so a rotated ``mqtt.password_file``
+is picked up; a refusal is logged as one error line naming the user.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from sensorhub.config import MqttSettings, Settings
+from sensorhub.security.tlsctx import client_context
 from sensorhub.sources.base import (
     DELIVERY_DUP,
     DELIVERY_PACKET_ID_SHIFT,
@@ -40,9 +47,49 @@ from sensorhub.sources.base import (
 )
 from sensorhub.sources.mqtt.routing import MqttSourceBase
 
-__all__ = ["MqttSource", "make_paho_client", "paho_connect_props"]
+__all__ = ["MqttSource", "RefusalLog", "make_paho_client", "paho_connect_props"]
 
 log = logging.getLogger(__name__)
+
+REFUSAL_LOG_S = 60.0  # the same refusal again is logged once a minute, not at every retry
+
+
+class RefusalLog:
+    """One error line naming the user for a refused CONNECT; the same refusal again only once a minute."""
+
+    def __init__(self, cfg: MqttSettings) -> None:
+        self.cfg = cfg
+        self._last = ("", 0.0)
+        self.count = 0  # refusals so far
+
+    def refused(self, rc: Any) -> str:
+        """Log the refusal ``rc`` (unless just logged) and return what it says."""
+        cfg = self.cfg
+        self.count += 1
+        user = cfg.secret("username")
+        who = f"user {user!r}" if user else "anonymous (no mqtt.username)"
+        why = f"refused the connection of {who}: {rc} (check mqtt.username and mqtt.password_file)"
+        now = time.monotonic()
+        last, at = self._last
+        if why != last or now - at >= REFUSAL_LOG_S:
+            self._last = (why, now)
+            log.error("MQTT %s:%s: %s; retrying with backoff", cfg.host, cfg.port, why)
+        return why
+
+    def connected(self) -> None:
+        self._last = ("", 0.0)
+
+
+def _set_credentials(client: mqtt.Client, cfg: MqttSettings) -> None:
+    """User name and password for the next CONNECT (the password file is read now)."""
+    try:
+        password = cfg.secret("password")
+    except OSError as exc:
+        log.error("MQTT: cannot read mqtt.password_file (%s); retrying", exc.__class__.__name__)
+        raise
+    user = cfg.secret("username")
+    if user or password is not None:
+        client.username_pw_set(user or "", password)
 
 
 def make_paho_client(settings: Settings, client_id: str, persistent: bool) -> mqtt.Client:
@@ -56,8 +103,10 @@ def make_paho_client(settings: Settings, client_id: str, persistent: bool) -> mq
         clean_session=None if v5 else (not persistent),
         manual_ack=persistent,
     )
-    if cfg.username:
-        c.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+    if cfg.tls:
+        c.tls_set_context(client_context(cfg.ca_file, cfg.cert_file, cfg.key_file))
+    # before every connect and reconnect: a rotated password file is read again
+    c.on_pre_connect = lambda client, _userdata: _set_credentials(client, cfg)
     b = settings.ingest.backoff
     c.reconnect_delay_set(max(1, int(b.initial_s)), max(1, int(b.max_s)))
     c.max_inflight_messages_set(cfg.receive_maximum)
@@ -85,11 +134,13 @@ class MqttSource(MqttSourceBase):
         self._client = make_paho_client(settings, self.client_id, persistent=True)
         self._new_session = False
         self._replayed: set[str] = set()
+        self.refusals = RefusalLog(self.cfg)
 
     def start(self) -> None:
         c = self._client
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
         c.on_message = self._on_message
         v5 = self.cfg.protocol == "5"
         c.connect_async(
@@ -104,8 +155,10 @@ class MqttSource(MqttSourceBase):
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, rc: Any, _props: Any = None) -> None:
         if getattr(rc, "is_failure", False):
-            log.error("MQTT %s:%s refused the connection: %s", self.cfg.host, self.cfg.port, rc)
+            self.health.detail = self.refusals.refused(rc)
             return
+        self.refusals.connected()
+        self.health.detail = ""
         session = bool(getattr(_flags, "session_present", False))
         self._new_session = not session
         self._replayed = set()
@@ -123,6 +176,12 @@ class MqttSource(MqttSourceBase):
         else:
             client.subscribe(subs)
         self.health.connected = True
+
+    def _on_connect_fail(self, _c: mqtt.Client, _u: Any) -> None:
+        # paho says no more: a refused TCP connect, a failed TLS handshake (untrusted certificate), ...
+        log.warning("MQTT %s:%s: cannot connect%s; retrying", self.cfg.host, self.cfg.port,
+                    " (TCP or TLS handshake)" if self.cfg.tls else "")
+        self.health.detail = "cannot connect"
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _flags: Any, rc: Any, _props: Any = None) -> None:
         if self.health.connected:

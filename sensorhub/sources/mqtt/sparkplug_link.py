@@ -5,7 +5,8 @@ session, so the host cannot share the persistent-session connection of the
 other formats. This connection is low-rate control traffic: it subscribes
 to ``mqtt.sparkplug_group_filter``, publishes the host's ``STATE`` birth (and
 leaves its death as the will), and sends the rebirth requests the host state
-machine asks for.
+machine asks for. It connects as the driver does (:func:`make_paho_client`:
+TLS, user name and a password read again before every connect).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import paho.mqtt.client as mqtt
 
 from sensorhub.config import Settings
 from sensorhub.sources.base import Frame
-from sensorhub.sources.mqtt.paho import make_paho_client, paho_connect_props
+from sensorhub.sources.mqtt.paho import RefusalLog, make_paho_client, paho_connect_props
 
 __all__ = ["SparkplugLink"]
 
@@ -31,6 +32,7 @@ class SparkplugLink:
         self.cfg = settings.mqtt
         self.host = host
         self._deliver: Callable[[Frame], None] | None = None
+        self._refusals = RefusalLog(self.cfg)
         c = make_paho_client(settings, client_id, persistent=False)
         ts = int(time.time() * 1000)
         c.will_set(host.state_topic, host.death_state_payload(ts), qos=1, retain=True)
@@ -53,7 +55,9 @@ class SparkplugLink:
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, rc: Any, _props: Any = None) -> None:
         if getattr(rc, "is_failure", False):
+            self._refusals.refused(rc)
             return
+        self._refusals.connected()
         client.subscribe(self.cfg.sparkplug_group_filter, qos=1)
         client.publish(self.host.state_topic, self.host.birth_state_payload(int(time.time() * 1000)), qos=1, retain=True)
 
