@@ -356,7 +356,7 @@ def _publish_procs(args: argparse.Namespace, truth: Path, argv: list[str]) -> di
         p.unlink()
     tmp.rmdir()
     merged: dict[str, Any] = {}
-    for key in ("published", "birth_readings", "published_messages", "sent_messages", "unacked_messages",
+    for key in ("published", "birth_readings", "published_messages", "sent_messages", "unacked_messages", "refused_messages",
                 "dead_letters_sent", "duplicates_sent", "reconnects", "deaths", "rebirths", "cpu_s", "devices"):
         merged[key] = sum(r[key] for r in results)
     merged["elapsed_s"] = max(r["elapsed_s"] for r in results)
@@ -429,7 +429,7 @@ def cmd_loadtest(args: argparse.Namespace, argv: list[str]) -> int:
     result["achieved_rate"] = pub["achieved_rate"]
     result["target_rate"] = args.rate
     for k in ("birth_readings", "published_messages", "sent_messages", "elapsed_s", "cpu_s", "cpu_us_per_message",
-              "dead_letters_sent", "duplicates_sent", "reconnects", "deaths", "unacked_messages"):
+              "dead_letters_sent", "duplicates_sent", "reconnects", "deaths", "unacked_messages", "refused_messages"):
         result[k] = pub.get(k)
     if not args.truth:
         truth.unlink(missing_ok=True)

@@ -217,6 +217,7 @@ class MqttConnection(asyncio.Protocol):
         self._closed: asyncio.Future[None] | None = None
         self.last_write = 0.0
         self.acks = 0
+        self.refused = 0  # PUBACKs with a refusal (MQTT 5 reason >= 0x80: not authorized, quota...)
         self.reconnects = 0
         self.lost_error: str | None = None
 
@@ -301,6 +302,8 @@ class MqttConnection(asyncio.Protocol):
             if entry is not None and (len(body) < 3 or body[2] < 0x80):
                 self.acks += 1
                 self.on_ack(entry[2])
+            elif entry is not None:
+                self.refused += 1
         elif kind == 14:  # DISCONNECT from the server (MQTT 5)
             self._protocol_error("server sent DISCONNECT")
         # PINGRESP (13) and anything else need no action.

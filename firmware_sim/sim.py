@@ -139,6 +139,7 @@ class RunStats:
     published_messages: int = 0
     sent_messages: int = 0
     unacked_messages: int = 0
+    refused_messages: int = 0  # the broker said no (MQTT 5 PUBACK reason >= 0x80): not published
     dead_letters_sent: int = 0
     duplicates_sent: int = 0
     reconnects: int = 0
@@ -583,6 +584,7 @@ class Simulator:
         st.elapsed_s = max(end - t0, 1e-9)
         st.end_unix_us = time.time_ns() // 1000
         st.unacked_messages = sum(len(c.inflight) for c in self.all_conns)
+        st.refused_messages = sum(c.refused for c in self.all_conns)
         secs = max(self._second_counts, default=-1) + 1
         st.per_second = [self._second_counts.get(i, 0) for i in range(secs)]
         await self._close_all()

@@ -173,3 +173,27 @@ def test_secrets_never_on_the_command_line(tmp_path: Path, capsys: pytest.Captur
         assert "--password-file" in err and "hunter2" not in err
     rc = main(["run", "--password-file", str(_secret_file(tmp_path / "p", "x")), "--truth", str(tmp_path / "t")])
     assert rc == 2 and "needs --username" in capsys.readouterr().err
+
+
+def test_a_publish_the_broker_refuses_is_counted_not_published(broker: Any) -> None:
+    """A device account publishing under another device's topic: MQTT 5 PUBACK 0x87, counted as refused."""
+    import asyncio
+
+    from firmware_sim.mqtt import MqttConnection, topic_field
+
+    password = broker.add_device("cnt-0001")
+    acked: list[Any] = []
+
+    async def go() -> MqttConnection:
+        c = MqttConnection("127.0.0.1", broker.port, "cnt-0001", on_ack=acked.append, version=5,
+                           username="cnt-0001", password=password)
+        await c.connect()
+        c.publish(topic_field("sensors/l1/cnt-0001/json"), b'{"v": 1}', 1, "own")
+        c.publish(topic_field("sensors/l1/cnt-0002/json"), b'{"v": 2}', 1, "forged")
+        c.flush()
+        assert await c.wait_acked(5)
+        await c.disconnect()
+        return c
+
+    conn = asyncio.run(go())
+    assert acked == ["own"] and conn.refused == 1
