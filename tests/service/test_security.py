@@ -204,3 +204,30 @@ def test_rotating_the_mqtt_redis_and_clickhouse_passwords_loses_no_reading(stack
     # the ingest runs as its other account now; the one it had is gone
     assert creds.ingest_user() == "sensorhub-ingest-alt"
     assert str(_connect(_client("sensorhub-ingest", before["mqtt-sensorhub-ingest"]), stack.mqtt_port)) == "Not authorized"
+
+
+def test_rediss_connects_with_tls_and_checks_the_server(tmp_path: Path) -> None:
+    """``redis.url = rediss://...``: TLS to Redis, the server's certificate checked against ``redis.ca_file``."""
+    from kit.services import ManagedProcess, free_port, wait_tcp
+
+    from sensorhub.config import load_settings
+    from sensorhub.pipeline.redisconn import redis_client
+
+    ca, server = pki.ensure_pki(tmp_path / "tls")
+    port = free_port()
+    proc = ManagedProcess(
+        "redis-tls", ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                      "--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key),
+                      "--tls-ca-cert-file", str(ca.cert), "--tls-auth-clients", "no", "--save", "",
+                      "--dir", str(tmp_path)],
+        ready=lambda: wait_tcp("127.0.0.1", port, 0.2), log_path=tmp_path / "redis.log",
+    ).start()
+    try:
+        ok = load_settings(redis={"url": f"rediss://127.0.0.1:{port}/0", "ca_file": str(ca.cert)})
+        assert redis_client(ok.redis).ping()
+        other = pki.make_ca(tmp_path / "other")
+        bad = load_settings(redis={"url": f"rediss://127.0.0.1:{port}/0", "ca_file": str(other.cert)})
+        with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+            redis_client(bad.redis).ping()
+    finally:
+        proc.terminate()
