@@ -233,9 +233,11 @@ class SecureBroker(ManagedProcess):
 
 
 def start_mosquitto(
-    run_dir: Path, port: int = 0, host: str = "127.0.0.1", *, secure: bool = False
+    run_dir: Path, port: int = 0, host: str = "127.0.0.1", *, secure: bool = False, client_certs: bool = False
 ) -> ManagedProcess:
-    """mosquitto on ``port``; with ``secure`` a :class:`SecureBroker` (accounts, ACLs, TLS on ``tls_port``)."""
+    """mosquitto on ``port``; with ``secure`` a :class:`SecureBroker` (accounts, ACLs, TLS on ``tls_port``);
+    with ``client_certs`` its TLS listener also asks for a client certificate of the CA, whose
+    common name is the user name."""
     port = port or free_port(host)
     if not secure:
         return _start(
@@ -246,7 +248,7 @@ def start_mosquitto(
     tls_port = free_port(host)
     security = BrokerSecurity(
         creds.mqtt_password_file, creds.mqtt_acl_file, tls_port, host, creds.ca_file,
-        creds.server_cert.cert, creds.server_cert.key,
+        creds.server_cert.cert, creds.server_cert.key, require_client_cert=client_certs,
     )
     mp = SecureBroker(
         "mosquitto", mosquitto_argv(run_dir, port, host, security),

@@ -190,3 +190,47 @@ def test_the_client_context_checks_the_certificate_and_the_host_name(broker: Any
     assert handshake(client_context(broker.ca_file, pair.cert, pair.key), "127.0.0.1").startswith("TLSv1.")
     with pytest.raises(ValueError, match="cert_file"):
         client_context(broker.ca_file, None, pair.key)
+
+
+def test_a_broker_asking_for_client_certificates_takes_the_name_from_the_certificate(tmp_path: Path) -> None:
+    """``require_certificate``: no certificate, no connection; a device certificate's common name is its
+    user name, so the per-device ACL applies to it."""
+    from sensorhub.security.pki import CertPair
+
+    b = services.start_mosquitto(tmp_path, secure=True, client_certs=True)
+    try:
+        ca = CertPair(b.creds.ca_file, b.creds.tls / "ca.key")
+        dev = make_client_cert(ca, tmp_path / "certs", "cert-dev-1")
+        b.add_device("cert-dev-1")  # the account the ACL patterns name
+        acks: dict[int, Any] = {}
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cert-dev-1", protocol=mqtt.MQTTv5)
+        c.tls_set_context(client_context(b.ca_file, dev.cert, dev.key))
+        c.on_publish = lambda _c, _u, mid, rc, _p: acks.setdefault(mid, str(rc))
+        c.connect("127.0.0.1", b.tls_port)
+        c.loop_start()
+        own = c.publish("sensors/l1/cert-dev-1/json", b"{}", qos=1)
+        other = c.publish("sensors/l1/cert-dev-2/json", b"{}", qos=1)
+        own.wait_for_publish(5)
+        other.wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while len(acks) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert acks[own.mid] in ("Success", "No matching subscribers")  # accepted (nobody subscribes here)
+        assert acks[other.mid] == "Not authorized"
+        c.disconnect()
+        c.loop_stop()
+        # the same CONNECT over TLS: answered with a certificate, the connection dropped without one
+        from firmware_sim.mqtt import encode_connect
+
+        connect = encode_connect("cert-probe", username="cert-dev-1")
+        with socket.create_connection(("127.0.0.1", b.tls_port), 5) as raw, \
+                client_context(b.ca_file, dev.cert, dev.key).wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(connect)
+            assert tls.recv(4)[:1] == b"\x20"  # CONNACK
+        with socket.create_connection(("127.0.0.1", b.tls_port), 5) as raw, \
+                client_context(b.ca_file).wrap_socket(raw, server_hostname="127.0.0.1") as tls, \
+                pytest.raises(ssl.SSLError):
+            tls.sendall(connect)  # TLS 1.3: the server's refusal arrives with the first read
+            tls.recv(4)
+    finally:
+        b.terminate()
