@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sensorhub.config import TopicRoute
 from sensorhub.errors import ConfigError
+from sensorhub.security import write_private
 
 __all__ = [
     "INGEST_ACCOUNT",
@@ -101,12 +102,7 @@ def read_password_file(path: Path) -> dict[str, str]:
 
 def write_password_file(path: Path, accounts: Mapping[str, str]) -> None:
     """Write ``{user: hash}`` atomically, mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.writelines(f"{user}:{hashed}\n" for user, hashed in sorted(accounts.items()))
-    tmp.replace(path)
+    write_private(path, "".join(f"{user}:{hashed}\n" for user, hashed in sorted(accounts.items())))
 
 
 def add_device(path: Path, name: str) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sensorhub.config import TopicRoute, read_secret_file
-from sensorhub.security import broker, pki
+from sensorhub.security import broker, pki, write_private
 
 __all__ = ["CLICKHOUSE_USERS", "MQTT_ACCOUNTS", "REDIS_USERS", "Credentials", "ensure_credentials", "redis_acl_text"]
 
@@ -44,15 +44,6 @@ REDIS_USERS: dict[str, str] = {
 # chdb-server users and roles (sensorhub/chdb_server: admin everything, writer inserts and keeps
 # the schema, reader only reads)
 CLICKHOUSE_USERS: dict[str, str] = {"admin": "admin", "writer": "writer", "monitor": "reader"}
-
-
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    tmp.replace(path)
 
 
 def redis_acl_text(passwords: dict[str, str], prefix: str = "sh") -> str:
@@ -114,14 +105,14 @@ class Credentials:
         (the broker then knows both). Returns ``(old, new)`` account names."""
         old = self.ingest_user()
         new = broker.INGEST_ALT_ACCOUNT if old == broker.INGEST_ACCOUNT else broker.INGEST_ACCOUNT
-        _write_private(self.password_file("mqtt", new), broker.new_password() + "\n")
+        write_private(self.password_file("mqtt", new), broker.new_password() + "\n")
         self._write_server_files()
         return old, new
 
     def rotate_ingest_switch(self, new: str) -> None:
         """Step 2: the ingest's files name the new account; it uses them from its next connect."""
-        _write_private(self.ingest_password_file, self.password("mqtt", new) + "\n")
-        _write_private(self.ingest_user_file, new + "\n")
+        write_private(self.ingest_password_file, self.password("mqtt", new) + "\n")
+        write_private(self.ingest_user_file, new + "\n")
 
     def rotate_ingest_end(self, old: str) -> None:
         """Step 3, once the ingest runs as the new account: the old one is deleted."""
@@ -176,7 +167,7 @@ class Credentials:
         users file again when it changes); clients read the secret file again when they reconnect.
         """
         password = broker.new_password()
-        _write_private(self.password_file(service, account), password + "\n")
+        write_private(self.password_file(service, account), password + "\n")
         self._write_server_files()
         return password
 
@@ -195,13 +186,13 @@ class Credentials:
                 accounts[name] = broker.hash_password(password)
         broker.write_password_file(self.mqtt_password_file, accounts)
         if routes is not None:
-            _write_private(self.mqtt_acl_file, broker.acl_text(routes))
+            write_private(self.mqtt_acl_file, broker.acl_text(routes))
         meta = self.dir / "secrets" / "redis-prefix"
         if prefix is not None:
-            _write_private(meta, prefix + "\n")
+            write_private(meta, prefix + "\n")
         prefix = read_secret_file(meta) if meta.exists() else "sh"
-        _write_private(self.redis_acl_file, redis_acl_text(self._passwords("redis", REDIS_USERS), prefix))
-        _write_private(self.chdb_users_file, chdb_users_text(self._passwords("clickhouse", CLICKHOUSE_USERS)))
+        write_private(self.redis_acl_file, redis_acl_text(self._passwords("redis", REDIS_USERS), prefix))
+        write_private(self.chdb_users_file, chdb_users_text(self._passwords("clickhouse", CLICKHOUSE_USERS)))
 
 
 def ensure_credentials(d: Path, routes: Iterable[TopicRoute], redis_prefix: str = "sh") -> Credentials:
@@ -213,9 +204,9 @@ def ensure_credentials(d: Path, routes: Iterable[TopicRoute], redis_prefix: str 
         for name in names:
             path = creds.password_file(service, name)
             if not path.exists():
-                _write_private(path, broker.new_password() + "\n")
+                write_private(path, broker.new_password() + "\n")
     if not creds.ingest_user_file.exists():
-        _write_private(creds.password_file("mqtt", broker.INGEST_ACCOUNT), broker.new_password() + "\n")
+        write_private(creds.password_file("mqtt", broker.INGEST_ACCOUNT), broker.new_password() + "\n")
         creds.rotate_ingest_switch(broker.INGEST_ACCOUNT)
     pki.ensure_pki(creds.tls)
     creds._write_server_files(routes, redis_prefix)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from sensorhub.security import write_private
 
 __all__ = ["CertPair", "ensure_pki", "make_ca", "make_client_cert", "make_server_cert"]
 
@@ -34,16 +35,6 @@ class CertPair:
 
     cert: Path
     key: Path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 from the start (never readable by others)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -88,7 +79,7 @@ def make_ca(directory: Path, name: str = "sensorhub private CA", days: int = 365
         .sign(key, hashes.SHA256())
     )
     pair = CertPair(directory / "ca.crt", directory / "ca.key")
-    _write_private(pair.key, _key_pem(key))
+    write_private(pair.key, _key_pem(key))
     directory.mkdir(parents=True, exist_ok=True)
     pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return pair
@@ -125,7 +116,7 @@ def _issue(
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     pair = CertPair(directory / f"{stem}.crt", directory / f"{stem}.key")
-    _write_private(pair.key, _key_pem(key))
+    write_private(pair.key, _key_pem(key))
     pair.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return pair
 

@@ -40,6 +40,7 @@ __all__ = [
     "SecureBroker",
     "free_port",
     "mqtt_login",
+    "publish_all",
     "start_chdb_server",
     "start_mosquitto",
     "start_redis",
@@ -54,6 +55,21 @@ def mqtt_login(client: Any, info: dict[str, Any]) -> Any:
     if mq.get("username"):
         client.username_pw_set(mq["username"], mq["password"])
     return client
+
+
+def publish_all(client: Any, host: str, port: int, msgs: Sequence[tuple[str, bytes]], timeout: float = 20.0) -> None:
+    """Connect the paho ``client``, publish ``msgs`` (topic, payload) at QoS 1, wait until the broker
+    has acknowledged each, disconnect."""
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        infos = [client.publish(t, p, qos=1) for t, p in msgs]
+        for info in infos:
+            info.wait_for_publish(timeout)
+            assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 def mqtt_answers(host: str, port: int, username: str, password: str) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from kit.services import mqtt_login
+from kit.services import mqtt_login, publish_all
 from paho.mqtt.enums import CallbackAPIVersion
 
 from firmware_sim.encoders import FrameReading, encode_frame
@@ -59,17 +59,7 @@ def _messages(now_us: int) -> tuple[list[tuple[str, bytes]], dict[tuple[str, str
 
 def _publish(stack: Any, msgs: list[tuple[str, bytes]]) -> None:
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"clock-test-{time.monotonic_ns()}")
-    mqtt_login(c, stack.info)
-    c.connect("127.0.0.1", stack.mqtt_port)
-    c.loop_start()
-    try:
-        infos = [c.publish(t, p, qos=1) for t, p in msgs]
-        for info in infos:
-            info.wait_for_publish(20)
-            assert info.is_published()
-    finally:
-        c.loop_stop()
-        c.disconnect()
+    publish_all(mqtt_login(c, stack.info), "127.0.0.1", stack.mqtt_port, msgs)
 
 
 def _broken_now(ch: Any) -> tuple[dict[Key, list[float]], dict[Key, list[tuple[float, str]]]]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from kit.services import publish_all
 from paho.mqtt.enums import CallbackAPIVersion
 
 from sensorhub.config import Settings, load_settings
@@ -32,16 +33,7 @@ def _settings(port: int, **mqtt_opts: Any) -> Settings:
 
 def _publish(port: int, msgs: list[tuple[str, bytes]]) -> None:
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    try:
-        infos = [c.publish(t, p, qos=1) for t, p in msgs]
-        for i in infos:
-            i.wait_for_publish(10)
-            assert i.is_published()
-    finally:
-        c.disconnect()
-        c.loop_stop()
+    publish_all(c, "127.0.0.1", port, msgs)
 
 
 def _msgs(n: int, tag: str = "m") -> list[tuple[str, bytes]]:

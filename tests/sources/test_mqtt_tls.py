@@ -60,16 +60,7 @@ def _publish(broker: Any, msgs: list[tuple[str, bytes]]) -> None:
     c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
     c.username_pw_set(TOOLS, broker.accounts[TOOLS])
     c.tls_set_context(client_context(broker.ca_file))
-    c.connect("127.0.0.1", broker.tls_port)
-    c.loop_start()
-    try:
-        infos = [c.publish(t, p, qos=1) for t, p in msgs]
-        for i in infos:
-            i.wait_for_publish(10)
-            assert i.is_published()
-    finally:
-        c.disconnect()
-        c.loop_stop()
+    services.publish_all(c, "127.0.0.1", broker.tls_port, msgs)
 
 
 def _msgs(n: int, tag: str) -> list[tuple[str, bytes]]:
