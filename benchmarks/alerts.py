@@ -96,13 +96,15 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
 
 
 # ---- the client process ----
-async def _clients(url: str, n: int, out: str, ready: str) -> None:
+async def _clients(url: str, n: int, out: str, ready: str, token_file: str | None = None) -> None:
     import websockets
 
     samples: list[list[float]] = []
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    conns = [await websockets.connect(url + "?device=bench-*", open_timeout=30, max_queue=None, compression=None)
+    headers = {"Authorization": f"Bearer {Path(token_file).read_text().strip()}"} if token_file else {}
+    conns = [await websockets.connect(url + "?device=bench-*", open_timeout=30, max_queue=None, compression=None,
+                                      additional_headers=headers)
              for _ in range(n)]
     Path(ready).write_text("ok")
 
@@ -148,7 +150,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ready = d / "clients.ready"
             clients = subprocess.Popen([sys.executable, __file__, "_clients", "--url", info["alerts_url"],
                                         "--clients", str(args.clients), "--out", str(d / "clients.json"),
-                                        "--ready", str(ready)])
+                                        "--ready", str(ready),
+                                        *(["--token-file", str(Path(info["dir"]) / "secrets" / "alerts-token")]
+                                          if info.get("alerts_token") else [])])
             deadline = time.monotonic() + 60
             while not ready.exists():
                 if clients.poll() is not None or time.monotonic() > deadline:
@@ -254,8 +258,9 @@ def main() -> int:
         p.add_argument("--clients", type=int, required=True)
         p.add_argument("--out", required=True)
         p.add_argument("--ready", required=True)
+        p.add_argument("--token-file")
         a = p.parse_args()
-        asyncio.run(_clients(a.url, a.clients, a.out, a.ready))
+        asyncio.run(_clients(a.url, a.clients, a.out, a.ready, a.token_file))
         return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=100)

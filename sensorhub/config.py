@@ -494,10 +494,13 @@ class AlertsSettings(_Section):
         None, description="the page and the WebSocket want it (?token= or Authorization: Bearer); "
         "needed when host is not a loopback address",
     )
+    token_file: Path | None = Field(None, description="file holding the token (first line); wins over token")
+
+    _token_file = field_validator("token_file")(_check_secret_file)
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> AlertsSettings:
-        if self.token is None and self.host not in ("127.0.0.1", "::1", "localhost"):
+        if self.token is None and self.token_file is None and self.host not in ("127.0.0.1", "::1", "localhost"):
             raise ValueError(f"alerts.token set, to serve alerts on {self.host} (only loopback goes without one)")
         return self
 

@@ -147,8 +147,8 @@ class Gateway:
         self._closing: set[asyncio.Task[None]] = set()
         self.server: Server | None = None
         self.port = self.cfg.port
-        token = self.cfg.token
-        self._token = token.get_secret_value().encode() if token is not None else None
+        token = self.cfg.secret("token")  # alerts.token_file, or alerts.token
+        self._token = token.encode() if token else None
 
     # ---- HTTP side ----
     def _authorized(self, request: Request) -> bool:

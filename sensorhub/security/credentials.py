@@ -88,6 +88,14 @@ class Credentials:
         return read_secret_file(self.password_file(service, account))
 
     @property
+    def alerts_token_file(self) -> Path:
+        """The alert gateway's token (its page and WebSocket want it): ``alerts.token_file``."""
+        return self.secrets / "alerts-token"
+
+    def alerts_token(self) -> str:
+        return read_secret_file(self.alerts_token_file)
+
+    @property
     def ingest_user_file(self) -> Path:
         """The account the ingest logs in with now (``sensorhub-ingest`` or ``sensorhub-ingest-alt``)."""
         return self.secrets / "mqtt-ingest-user"
@@ -205,6 +213,8 @@ def ensure_credentials(d: Path, routes: Iterable[TopicRoute], redis_prefix: str 
             path = creds.password_file(service, name)
             if not path.exists():
                 write_private(path, broker.new_password() + "\n")
+    if not creds.alerts_token_file.exists():
+        write_private(creds.alerts_token_file, broker.new_password() + "\n")
     if not creds.ingest_user_file.exists():
         write_private(creds.password_file("mqtt", broker.INGEST_ACCOUNT), broker.new_password() + "\n")
         creds.rotate_ingest_switch(broker.INGEST_ACCOUNT)

@@ -150,14 +150,18 @@ def _specs(d: Path, ports: dict[str, int], opts: dict[str, Any], creds: Credenti
         ChildSpec("writer", (py, "-m", "sensorhub", *cfg, "writer", "--consumer", "writer-1"),
                   env={**env, **_child_env(creds, "writer", "writer")},
                   output=str(logs / "writer.log"), start_timeout_s=120),
-        *_alert_specs(py, cfg, {**env, **_child_env(creds, "alerts", "writer")}, logs, ports),
+        *_alert_specs(py, cfg, {**env, **_child_env(creds, "alerts", "writer")}, logs, ports, creds),
     ]
 
 
-def _alert_specs(py: str, cfg: list[str], env: dict[str, str], logs: Path, ports: dict[str, int]) -> list[ChildSpec]:
+def _alert_specs(
+    py: str, cfg: list[str], env: dict[str, str], logs: Path, ports: dict[str, int], creds: Credentials | None
+) -> list[ChildSpec]:
     if "alerts" not in ports:
         return []
     env = {**env, "SENSORHUB_ALERTS_HOST": HOST, "SENSORHUB_ALERTS_PORT": str(ports["alerts"])}
+    if creds is not None:
+        env["SENSORHUB_ALERTS_TOKEN_FILE"] = str(creds.alerts_token_file)
     return [
         ChildSpec("alerts-evaluator", (py, "-m", "sensorhub", *cfg, "alerts", "evaluate"), env=env,
                   output=str(logs / "alerts-evaluator.log"), start_timeout_s=60),
@@ -186,6 +190,8 @@ def _public(state: dict[str, Any], sup: Supervisor | None = None) -> dict[str, A
                 "clickhouse_url": f"http://admin:{creds.password('clickhouse', 'admin')}@{ch_at}"}
         monitor = {"redis_url": f"redis://monitor:{creds.password('redis', 'monitor')}@{redis_at}",
                    "clickhouse_url": f"http://monitor:{creds.password('clickhouse', 'monitor')}@{ch_at}"}
+        if "alerts" in ports:
+            urls["alerts_token"] = creds.alerts_token()
     return {
         "mqtt": mqtt,
         **urls,

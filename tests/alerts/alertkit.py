@@ -89,6 +89,9 @@ class AlertStack:
         self.info = info
         self.mqtt_port: int = info["mqtt"]["port"]
         self.alerts_url: str = info["alerts_url"]
+        token = info.get("alerts_token")  # a secured stack's gateway wants it
+        self.ws_headers: dict[str, str] = {"Authorization": f"Bearer {token}"} if token else {}
+        self._page_query = f"?token={token}" if token else ""
         self.redis: Any = redis_mod.Redis.from_url(info["redis_url"])
         self.keys = AlertKeys(StreamLayout())
         self._mqtt = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2,
@@ -100,7 +103,7 @@ class AlertStack:
 
     @property
     def page_url(self) -> str:
-        return self.alerts_url.replace("ws://", "http://").removesuffix("/alerts") + "/"
+        return self.alerts_url.replace("ws://", "http://").removesuffix("/alerts") + "/" + self._page_query
 
     def publish(self, device: str, readings: list[tuple[str, float, float]], chunk: int = 500) -> None:
         """Readings ``(metric, value, ts)`` of ``device``, as JSON arrays of up to ``chunk``, QoS 1."""

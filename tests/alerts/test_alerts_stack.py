@@ -99,11 +99,11 @@ def _until_filter_reply(ws: ClientConnection, spec: dict[str, Any]) -> list[dict
 def test_clients_filter_by_device_and_severity(alert_stack: AlertStack, wait_for: Any) -> None:
     url = alert_stack.alerts_url
     with contextlib.ExitStack() as clients:
-        everything = clients.enter_context(connect(url, open_timeout=10))
-        by_device = clients.enter_context(connect(url + "?device=filt-a*", open_timeout=10))
-        critical = clients.enter_context(connect(url + "?severity=critical", open_timeout=10))
-        first_msg = clients.enter_context(connect(url, open_timeout=10))
-        bad = clients.enter_context(connect(url + "?severity=loud", open_timeout=10))
+        everything = clients.enter_context(connect(url, open_timeout=10, additional_headers=alert_stack.ws_headers))
+        by_device = clients.enter_context(connect(url + "?device=filt-a*", open_timeout=10, additional_headers=alert_stack.ws_headers))
+        critical = clients.enter_context(connect(url + "?severity=critical", open_timeout=10, additional_headers=alert_stack.ws_headers))
+        first_msg = clients.enter_context(connect(url, open_timeout=10, additional_headers=alert_stack.ws_headers))
+        bad = clients.enter_context(connect(url + "?severity=loud", open_timeout=10, additional_headers=alert_stack.ws_headers))
         with pytest.raises(ConnectionClosed) as e:
             bad.recv(timeout=10)
         assert e.value.rcvd is not None and e.value.rcvd.code == 1008 and "severity" in e.value.rcvd.reason
@@ -137,9 +137,9 @@ def test_a_slow_client_is_dropped_while_the_others_keep_receiving(alert_stack: A
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)  # and it never reads
     sock.connect((host, int(port)))
     with contextlib.ExitStack() as clients:
-        slow = clients.enter_context(connect(url + "?device=storm-*", sock=sock, open_timeout=10))
+        slow = clients.enter_context(connect(url + "?device=storm-*", sock=sock, open_timeout=10, additional_headers=alert_stack.ws_headers))
         slow.close_timeout = 1
-        fast = clients.enter_context(connect(url + "?device=storm-*", open_timeout=10))
+        fast = clients.enter_context(connect(url + "?device=storm-*", open_timeout=10, additional_headers=alert_stack.ws_headers))
         got: list[dict[str, Any]] = []
         _reader(fast, got)
         dropped_before = _dropped(alert_stack)

@@ -11,8 +11,9 @@ import time
 from typing import Any
 
 import clickhouse_connect
+import pytest
 from alertkit import T0, AlertStack
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from sensorhub.pipeline.keys import StreamLayout
@@ -43,7 +44,7 @@ def test_a_killed_evaluator_neither_misses_nor_repeats_an_event(stack_factory: A
     readings = [("v", 60.0 if i % 2 == 0 else 40.0, T0 + i * 0.01) for i in range(n_messages * per_message)]
     seen: list[dict[str, Any]] = []
     with contextlib.ExitStack() as ctx:
-        ws = ctx.enter_context(connect(a.alerts_url + "?device=rs-*", open_timeout=10))
+        ws = ctx.enter_context(connect(a.alerts_url + "?device=rs-*", open_timeout=10, additional_headers=a.ws_headers))
 
         def read() -> None:
             with contextlib.suppress(ConnectionClosed):
@@ -145,11 +146,13 @@ def test_stack_json_gains_alerts_url_and_keeps_every_key(stack_factory: Any) -> 
     with_rules = stack_factory(TRIM_RULES)
     assert "alerts_url" not in plain.info
     assert not {"alerts-evaluator", "alerts-gateway"} & set(plain.info["pids"])
-    assert set(plain.info) | {"alerts_url"} == set(with_rules.info)
+    assert set(plain.info) | {"alerts_url", "alerts_token"} == set(with_rules.info)
     assert {"alerts-evaluator", "alerts-gateway"} <= set(with_rules.info["pids"])
     url = with_rules.info["alerts_url"]
     assert url.startswith("ws://127.0.0.1:") and url.endswith("/alerts")
-    with connect(url, open_timeout=10) as ws:
+    with pytest.raises(InvalidStatus):  # the gateway of a secured stack wants its token
+        connect(url, open_timeout=10).close()
+    with connect(url, open_timeout=10, additional_headers={"Authorization": f"Bearer {with_rules.info['alerts_token']}"}) as ws:
         ws.send(json.dumps({"severity": "critical"}))
         assert json.loads(ws.recv(timeout=10))["type"] == "filter"
     status = with_rules.status()
