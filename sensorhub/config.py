@@ -202,6 +202,16 @@ class RedisSettings(_Section):
     prefix: str = Field("sh", min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     group: str = Field("writers", min_length=1)
     socket_timeout_s: float = Field(5.0, gt=0)
+    cluster: bool = Field(
+        False,
+        description="Redis Cluster: url names one node (or several, HOST:PORT,HOST:PORT) to learn the "
+        "cluster from; a url with ?cluster=true selects it too",
+    )
+    min_replicas: int | None = Field(
+        None, ge=0, le=16,
+        description="replicas that must hold a write (WAIT) before ingest acknowledges it upstream; "
+        "unset: 1 on a master that has replicas, else 0",
+    )
 
     @field_validator("url")
     @classmethod

@@ -9,12 +9,17 @@ Per XREADGROUP: decode each entry's block, evaluate (:mod:`sensorhub.alerts.engi
 and emit the events with one Lua script that, per event, checks its position
 against the last one emitted for its series (hash ``last``) and only then
 appends it to the events stream, publishes it on the channel, adds it to (or
-removes it from) the open alerts and counts it. Entries are acknowledged
-every ``alerts.checkpoint_ms`` in one transaction with the engine's whole
-state (``checkpoint``: msgpack, zstd-compressed). A restarted evaluator (or one that lost Redis) loads
-the checkpoint, re-reads its pending entries and evaluates them again: the
-events they give have positions already emitted and are skipped. Nothing is
-missed (the entries were not acknowledged) and nothing repeats. Once the
+removes it from) the open alerts and counts it. Every ``alerts.checkpoint_ms``
+one script saves the engine's whole state (``checkpoint``: msgpack,
+zstd-compressed) with, per stream, the last entry it holds (``positions``),
+and acknowledges the entries (on a single Redis in the same script; on Redis
+Cluster, where the reading streams are in other slots than ``{alerts}``, right
+after it, per slot). A restarted evaluator (or one that lost Redis) loads
+the checkpoint, re-reads its pending entries, acknowledges without
+evaluating those the checkpoint already holds (up to its position), and
+evaluates the others again: the events they give have positions already
+emitted and are skipped. Nothing is missed (the entries were not
+acknowledged), nothing is counted twice in the state, and nothing repeats. Once the
 pending entries are replayed, an alert open in Redis that the engine does not
 hold open (its rule changed or is gone) is closed.
 
@@ -48,7 +53,9 @@ from sensorhub.errors import ConfigError, DecodeError, SensorhubError, SinkError
 from sensorhub.metrics import hops
 from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.keys import StreamLayout
-from sensorhub.pipeline.redisconn import redis_client
+from sensorhub.pipeline.lag import id_tuple
+from sensorhub.pipeline.redisconn import is_cluster, redis_client
+from sensorhub.pipeline.slots import read_group
 from sensorhub.pipeline.streams import F_BLOCK, F_KIND, KIND_READINGS, decode_block
 from sensorhub.service import notify
 from sensorhub.service.lifecycle import Lifecycle
@@ -91,8 +98,10 @@ end
 return out
 """
 
-# KEYS: checkpoint, last. ARGV: state, group, n evicted, the evicted series fields,
-# then per stream: stream, n, ids. The state and the acknowledgements land together.
+# KEYS: checkpoint, last, positions, then the streams acknowledged here (a single Redis;
+# on a cluster they are in other slots and acknowledged after). ARGV: state, group,
+# n evicted, the evicted series fields, then per stream: its name, its index in KEYS
+# (0: not acknowledged here), n, ids. The state and its positions land together.
 _CHECKPOINT_SCRIPT = """#!lua flags=allow-oom
 redis.call('SET', KEYS[1], ARGV[1])
 local group, n = ARGV[2], tonumber(ARGV[3])
@@ -102,13 +111,16 @@ for j = 1, n do
   i = i + 1
 end
 while i <= #ARGV do
-  local stream, k = ARGV[i], tonumber(ARGV[i + 1])
-  for lo = 1, k, 1000 do  -- unpack() is bounded by Lua's stack: a thousand at a time
-    local ids = {}
-    for j = lo, math.min(k, lo + 999) do ids[#ids + 1] = ARGV[i + 1 + j] end
-    redis.call('XACK', stream, group, unpack(ids))
+  local name, key, k = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  redis.call('HSET', KEYS[3], name, ARGV[i + 2 + k])
+  if key > 0 then
+    for lo = 1, k, 1000 do  -- unpack() is bounded by Lua's stack: a thousand at a time
+      local ids = {}
+      for j = lo, math.min(k, lo + 999) do ids[#ids + 1] = ARGV[i + 2 + j] end
+      redis.call('XACK', KEYS[key], group, unpack(ids))
+    end
   end
-  i = i + 2 + k
+  i = i + 3 + k
 end
 return 1
 """
@@ -144,6 +156,7 @@ class Evaluator:
             socket_timeout=max(settings.redis.socket_timeout_s, self.cfg.tick_ms / 1000 + 5),
             socket_connect_timeout=settings.redis.socket_timeout_s,
         )
+        self.cluster = is_cluster(self.redis)
         self._emit = self.redis.register_script(_EMIT_SCRIPT)
         self._save = self.redis.register_script(_CHECKPOINT_SCRIPT)
         w = settings.writer
@@ -204,9 +217,11 @@ class Evaluator:
         self.engine = self._new_engine()
         self._unacked.clear()
         raw = self.redis.get(self.keys.checkpoint)
+        held: dict[str, tuple[int, int]] = {}  # per stream, the last entry the checkpoint holds
         if raw:
             try:
                 n = self.engine.restore(msgspec.msgpack.decode(zstandard.ZstdDecompressor().decompress(raw)))
+                held = {_s(k): id_tuple(v) for k, v in self.redis.hgetall(self.keys.positions).items()}
             except (msgspec.DecodeError, zstandard.ZstdError, ValueError, TypeError) as exc:
                 log.error("the alert checkpoint does not load (%s); starting without state", exc)
                 n = 0
@@ -214,7 +229,7 @@ class Evaluator:
         cursors = dict.fromkeys(self.streams, "0")
         replayed = 0
         while cursors and not self.life.stop.is_set():
-            resp = self.redis.xreadgroup(self.group, self.consumer, cursors, count=self.cfg.read_count)
+            resp = read_group(self.redis, self.group, self.consumer, cursors, self.cfg.read_count, None)
             got = {_s(st): entries for st, entries in resp or []}
             for stream in list(cursors):
                 entries = got.get(stream) or []
@@ -223,7 +238,7 @@ class Evaluator:
                     continue
                 cursors[stream] = _s(entries[-1][0])
                 replayed += len(entries)
-            self._send(self._evaluate(resp))
+            self._send(self._evaluate(resp, held))
             self.life.watchdog.tick()
         if replayed:
             log.info("replayed %d pending entries", replayed)
@@ -266,8 +281,8 @@ class Evaluator:
             if wait > 0:
                 stop.wait(wait)
             last_read = time.monotonic()
-            resp = self.redis.xreadgroup(self.group, self.consumer, streams, count=self.cfg.read_count,
-                                         block=self.cfg.tick_ms)
+            resp = read_group(self.redis, self.group, self.consumer, streams, self.cfg.read_count,
+                              self.cfg.tick_ms, wait=stop.wait)
             caught_up = all(len(entries) < self.cfg.read_count for _s_b, entries in resp or [])
             self._send(self._evaluate(resp))
             now = time.monotonic()
@@ -285,16 +300,20 @@ class Evaluator:
                     raise SensorhubError(f"the alert store stopped: {self.store.failure}")
             self.life.watchdog.tick()
 
-    def _evaluate(self, resp: list[Any]) -> list[dict[str, Any]]:
-        """Decode the entries of one XREADGROUP reply (every stream) and evaluate them in one batch."""
+    def _evaluate(self, resp: list[Any], held: dict[str, tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+        """Decode the entries of one XREADGROUP reply (every stream) and evaluate them in one batch;
+        entries up to ``held`` (per stream) are in the restored state already: only acknowledged."""
         batch: list[tuple[str, Any]] = []
         n = 0
         for stream_b, entries in resp or []:
             stream = _s(stream_b)
             unacked = self._unacked[stream]
+            upto = (held or {}).get(stream)
             n += len(entries)
             for entry_id, fields in entries:
                 unacked.append(entry_id)
+                if upto is not None and id_tuple(entry_id) <= upto:
+                    continue
                 if not fields or fields.get(F_KIND, KIND_READINGS) != KIND_READINGS:
                     continue
                 try:
@@ -336,16 +355,30 @@ class Evaluator:
                 m.inc("events_repeated")  # re-evaluated after a restart: already emitted
 
     def _checkpoint(self) -> None:
-        """Save the engine's state and acknowledge every entry it has seen, atomically."""
+        """Save the engine's state with the position of every stream it has seen, and acknowledge
+        the entries: in the same script on a single Redis, right after it per slot on a cluster."""
         eng = self.engine
         blob = self._zstd.compress(msgspec.msgpack.encode(eng.snapshot()))  # rate samples: ~3x smaller
         args: list[Any] = [blob, self.group, len(eng.evicted), *(series_field(*k) for k in eng.evicted)]
+        keys = [self.keys.checkpoint, self.keys.last, self.keys.positions]
         acked = 0
         for stream, ids in self._unacked.items():
             if ids:
-                args += [stream, len(ids), *ids]
+                index = 0
+                if not self.cluster:
+                    keys.append(stream)
+                    index = len(keys)
+                args += [stream, index, len(ids), *ids]
                 acked += len(ids)
-        self._save(keys=[self.keys.checkpoint, self.keys.last], args=args)
+        self._save(keys=keys, args=args)
+        if self.cluster:
+            # the state holds these entries now (its positions say so): a crash before the
+            # acknowledgements only means a restart acknowledges them without evaluating
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, ids in self._unacked.items():
+                for lo in range(0, len(ids), 1000):
+                    pipe.xack(stream, self.group, *ids[lo : lo + 1000])
+            pipe.execute()
         self._unacked.clear()
         self.metrics.inc("series_evicted", len(eng.evicted))
         eng.evicted.clear()

@@ -22,6 +22,7 @@ class AlertKeys:
         self.counts = layout.alerts("counts")  # hash: open:<severity>, opened:<severity>, closed:<severity>
         self.last = layout.alerts("last")  # hash: series -> position of its last emitted event
         self.checkpoint = layout.alerts("checkpoint")  # the evaluator's state (msgpack)
+        self.positions = layout.alerts("positions")  # hash: stream -> last entry id the checkpoint holds
 
 
 def read_alerts(redis: Any, layout: StreamLayout, latest: int = 5) -> dict[str, Any]:

@@ -58,12 +58,13 @@ def entry_ms(entry_id: Any) -> int:
 
 
 def stream_info(redis: Any, layout: StreamLayout, now: float | None = None) -> list[dict[str, Any]]:
-    """Length and per-group pending / lag of every stream of the layout that exists."""
+    """Length and per-group pending / lag of every stream of the layout that exists (with the
+    dead-letter stream of earlier releases); one key per command, so on a cluster too."""
     import redis as redis_mod
 
     now_ms = int((time.time() if now is None else now) * 1000)
     out: list[dict[str, Any]] = []
-    for name in layout.all_streams():
+    for name in [*layout.all_streams(), layout.legacy_dlq]:
         try:
             length = int(redis.xlen(name))
             groups_raw = redis.xinfo_groups(name) if redis.exists(name) else []

@@ -32,6 +32,7 @@ from sensorhub.metrics.hops import HOPS, PIPELINE_HOPS
 from sensorhub.metrics.snapshot import entry_ms, read_snapshots, stream_info
 from sensorhub.pipeline.audit import audit_rows
 from sensorhub.pipeline.keys import StreamLayout
+from sensorhub.pipeline.lag import id_tuple
 
 __all__ = [
     "ALL_HOPS",
@@ -273,8 +274,15 @@ class StateCollector:
             }
 
     def _dlq_latest(self) -> list[dict[str, Any]]:
+        """The newest dead letters still in Redis, over every partition's stream (and the old one)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for s in self.layout.dlq_streams():
+            pipe.xrevrange(s, count=_MAX_DLQ_LATEST)
+        newest = sorted(
+            (e for entries in pipe.execute() for e in entries), key=lambda e: id_tuple(e[0]), reverse=True
+        )[:_MAX_DLQ_LATEST]
         out = []
-        for entry_id, fields in self.redis.xrevrange(self.layout.dlq, count=_MAX_DLQ_LATEST):
+        for entry_id, fields in newest:
             f = {_s(k): v for k, v in fields.items()}
             out.append(
                 {
@@ -313,7 +321,10 @@ class StateCollector:
             events = read_events(self.redis, self.layout)
             audit = [r for r in audit_rows(self.redis, self.layout) if r["minute"] >= today]
             dlq_latest = self._dlq_latest()
-            dlq_len = int(self.redis.xlen(self.layout.dlq))
+            pipe = self.redis.pipeline(transaction=False)
+            for s in self.layout.dlq_streams():
+                pipe.xlen(s)
+            dlq_len = sum(int(n) for n in pipe.execute())
             alerts = read_alerts(self.redis, self.layout)
         except (redis_mod.RedisError, OSError) as exc:
             state["redis"] = {"ok": False, "url": self.redis_url, "error": f"{type(exc).__name__}: {exc}"}

@@ -27,14 +27,23 @@ FIELDS = ("received", "decoded", "dead_lettered", "xadded", "inserted")
 
 
 def audit_rows(redis: Any, layout: StreamLayout) -> list[dict[str, Any]]:
-    """The audit counters held in Redis, one dict per source and minute."""
-    rows = []
+    """The audit counters held in Redis, one dict per source and minute.
+
+    A source and minute is counted in every partition its frames went to
+    (``<prefix>:audit:{<p>}:<source>:<minute>``), and under the name of earlier
+    releases (``<prefix>:audit:<source>:<minute>``): the sum of them all. On a
+    cluster every master is scanned.
+    """
+    sums: dict[tuple[str, int], dict[str, int]] = {}
     for key in redis.scan_iter(layout.audit_pattern, count=500):
-        k = key.decode()
-        _, _, rest = k.partition(":audit:")
-        source, _, minute = rest.rpartition(":")
-        h = {f.decode(): int(v) for f, v in redis.hgetall(key).items()}
-        rows.append({"source": source, "minute": int(minute), **h})
+        parsed = layout.parse_audit_key(key.decode() if isinstance(key, bytes) else str(key))
+        if parsed is None:
+            continue
+        row = sums.setdefault(parsed, {})
+        for f, v in redis.hgetall(key).items():
+            name = f.decode() if isinstance(f, bytes) else str(f)
+            row[name] = row.get(name, 0) + int(v)
+    rows = [{"source": src, "minute": minute, **h} for (src, minute), h in sums.items()]
     rows.sort(key=lambda r: (r["source"], r["minute"]))
     return rows
 

@@ -173,7 +173,9 @@ class EntryColumns:
         entry = len(batch.entries) - 1
         xadd_ms = id_tuple(entry_id)[0]
         audit: list[tuple[str, str, int]] = []
-        if stream == self.layout.dlq:
+        # counted in the partition of the stream, so the ack script touches one slot
+        part = self.layout.partition_of(stream)
+        if self.layout.is_dlq(stream):
             src = fields.get(b"src", b"?").decode(errors="replace")
             recv_ns = int(fields.get(b"recv_ns", b"0") or 0)
             d = batch.dead
@@ -182,8 +184,10 @@ class EntryColumns:
             d["payload"].append(fields.get(b"payload", b""))
             d["error"].append(fields.get(b"error", b"").decode(errors="replace"))
             d["recv"].append(recv_ns // 1000)
-            d["entry_id"].append(entry_id)
-            audit.append((self.layout.audit_key(src, recv_ns // 60_000_000_000), "dead_inserted", 1))
+            # unique across the partitions' streams (their ids may repeat), as dlq replay needs;
+            # the stream of earlier releases keeps its bare ids, which earlier replays recorded
+            d["entry_id"].append(entry_id if stream == self.layout.legacy_dlq else f"{stream}/{entry_id}")
+            audit.append((self.layout.audit_key(src, recv_ns // 60_000_000_000, part), "dead_inserted", 1))
             batch.audit.append(audit)
             return
         source = fields.get(F_SOURCE, b"?").decode(errors="replace")
@@ -221,7 +225,7 @@ class EntryColumns:
                     dev_ts = array("q", (blk.ts_us[i] for i in rows))
                     for i, why in outside:
                         batch.dead_reading(stream, entry_id, source, blk, i, why)
-                    audit.extend(self.audit_counts(source, (blk.recv_us[i] for i in bad), "writer_dead_lettered"))
+                    audit.extend(self.audit_counts(source, (blk.recv_us[i] for i in bad), "writer_dead_lettered", part))
                     self.metrics.inc("device_time_dead_lettered", len(outside))
                     log.warning(
                         "%d readings of %s dead-lettered for their device time (first: %s)",
@@ -236,7 +240,7 @@ class EntryColumns:
             # A damaged entry is kept as a dead letter, never dropped.
             batch.dead_row(source, stream, fields.get(F_BLOCK, b""), f"stream entry does not decode: {exc}",
                            xadd_ms * 1000, entry_id)
-            batch.audit.append([(self.layout.audit_key(source, xadd_ms // 60_000), "dead_inserted", 1)])
+            batch.audit.append([(self.layout.audit_key(source, xadd_ms // 60_000, part), "dead_inserted", 1)])
             return
         batch.rows += n
         batch.recv_us.append(recv)
@@ -244,17 +248,19 @@ class EntryColumns:
         if n:
             m0, m1 = recv[0] // 60_000_000, recv[-1] // 60_000_000
             if m0 == m1:
-                audit.append((self.layout.audit_key(source, m0), "inserted", n))
+                audit.append((self.layout.audit_key(source, m0, part), "inserted", n))
             else:
-                audit.extend(self.audit_counts(source, recv, "inserted"))
+                audit.extend(self.audit_counts(source, recv, "inserted", part))
         batch.audit.append(audit)
 
-    def audit_counts(self, source: str, recv_us: Iterable[int], field: str) -> list[tuple[str, str, int]]:
-        """Audit increments of ``field``, one per minute of ``recv_us``."""
+    def audit_counts(
+        self, source: str, recv_us: Iterable[int], field: str, part: int | None
+    ) -> list[tuple[str, str, int]]:
+        """Audit increments of ``field``, one per minute of ``recv_us``, counted in partition ``part``."""
         per: dict[int, int] = defaultdict(int)
         for v in recv_us:
             per[v // 60_000_000] += 1
-        return [(self.layout.audit_key(source, mm), field, c) for mm, c in per.items()]
+        return [(self.layout.audit_key(source, mm, part), field, c) for mm, c in per.items()]
 
     def refuse_reading(self, batch: Batch, row: int, why: str) -> None:
         """Reading ``row`` of the batch's readings, refused by ClickHouse, becomes a dead letter."""
@@ -266,7 +272,7 @@ class EntryColumns:
         i = seg.row(row - pos)
         stream, entry_id = batch.entries[seg.entry]
         batch.dead_reading(stream, entry_id, seg.source, seg.blk, i, f"refused by ClickHouse: {why}")
-        key = self.layout.audit_key(seg.source, seg.blk.recv_us[i] // 60_000_000)
+        key = self.layout.audit_key(seg.source, seg.blk.recv_us[i] // 60_000_000, self.layout.partition_of(stream))
         batch.audit[seg.entry] += [(key, "inserted", -1), (key, "writer_dead_lettered", 1)]
         batch.rows -= 1
         batch.reading_rows -= 1
@@ -282,7 +288,7 @@ class EntryColumns:
         recv = t["recv"][row]
         batch.dead_row(source, f"{TRADE_TOPIC}{t['venue'][row]}/{t['symbol'][row]}", payload,
                        f"refused by ClickHouse: {why}", recv, f"{stream}/{entry_id}/{row - batch.trade_start[entry]}")
-        key = self.layout.audit_key(source, recv // 60_000_000)
+        key = self.layout.audit_key(source, recv // 60_000_000, self.layout.partition_of(stream))
         batch.audit[entry] += [(key, "inserted", -1), (key, "writer_dead_lettered", 1)]
         batch.rows -= 1
         log.warning("a trade of %s refused by ClickHouse, dead-lettered: %s", t["venue"][row], why)

@@ -7,7 +7,11 @@ was left half done. What Redis holds: the streams' entries, the group's
 pending list (each read, unacknowledged entry and the consumer that owns
 it), the audit counters, and per consumer at most one *intent*
 (``<prefix>:intent:<consumer>``: ``token``, ``entries``, ``window``, and
-once a batch was split ``split`` and ``refused``). What ClickHouse holds:
+once a batch was split ``split`` and ``refused``). On Redis Cluster a batch
+holds the entries of one partition, so that its take and ack scripts touch
+one slot, and its intent is the partition's (``<prefix>:intent:{<p>}:<consumer>``):
+a consumer may have one intent per partition, each complete in itself.
+Every script is given every key it touches in ``KEYS``. What ClickHouse holds:
 the rows, and for the last inserts (``non_replicated_deduplication_window``)
 the ``insert_deduplication_token`` each block came with; an INSERT that
 repeats a token it still knows is dropped whole.
@@ -69,6 +73,13 @@ A ``kill -9`` at any point ends with every row once:
 The intent write, the take and the ack scripts are flagged ``allow-oom``:
 when Redis is full (``noeviction``) they are what frees memory, since
 acknowledgement allows the trim.
+
+When the master has replicas, the take and every later write of the intent
+are followed by ``WAIT`` (:class:`sensorhub.pipeline.slots.Transactions`)
+before the INSERT: an intent that a failover lost after its rows were
+inserted would let the entries be inserted again under another token. An
+acknowledgement a failover loses leaves the entries pending with their
+intent, which the writer replays first after it reconnects.
 """
 
 from __future__ import annotations
@@ -88,7 +99,9 @@ from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.clickhouse_errors import ClickHouseFailed
 from sensorhub.pipeline.columns import Batch, EntryColumns
 from sensorhub.pipeline.keys import StreamLayout
+from sensorhub.pipeline.redisconn import is_cluster
 from sensorhub.pipeline.rejected import DeviceTimeWindow
+from sensorhub.pipeline.slots import Transactions
 
 __all__ = ["Delivery", "insert_settings"]
 
@@ -96,19 +109,21 @@ log = logging.getLogger("sensorhub.pipeline.writer")  # these lines are the writ
 
 # allow-oom: when Redis is full (noeviction) these must still run, or nothing
 # could ever be acknowledged and trimmed and the memory would never free.
+# KEYS: the batch's streams and audit hashes. ARGV: the group, then per entry its
+# stream (index into KEYS), its id, n, and n times an audit hash (index), field, count.
 _ACK_SCRIPT = """#!lua flags=allow-oom
 local group = ARGV[1]
 local i = 2
 local acked = 0
 while i <= #ARGV do
-  local stream = ARGV[i]
+  local stream = KEYS[tonumber(ARGV[i])]
   local id = ARGV[i + 1]
   local nspec = tonumber(ARGV[i + 2])
   local n = redis.call('XACK', stream, group, id)
   i = i + 3
   for j = 1, nspec do
     if n == 1 then
-      redis.call('HINCRBY', ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))
+      redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], tonumber(ARGV[i + 2]))
     end
     i = i + 3
   end
@@ -121,12 +136,19 @@ return acked
 # that was stopped may find some claimed by another meanwhile), reset their
 # idle time so nobody claims them while we insert, and write the intent, all
 # at once. From then on a claimer goes through the intent and its token.
-# ARGV[3] holds the intent's other fields (JSON).
+# An intent still there (a failover lost its deletion) is never written over:
+# the script says so (-1) and the writer finishes that one first.
+# KEYS[1]: the intent, KEYS[2..]: the batch's streams. ARGV: the group, the
+# consumer, the intent's other fields (JSON), then per entry its stream (index
+# into KEYS) and its id.
 _TAKE_SCRIPT = """#!lua flags=allow-oom
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'', -1, '[]'}
+end
 local group, me = ARGV[1], ARGV[2]
 local owned, parts = {}, {}
 for i = 4, #ARGV, 2 do
-  local s, id = ARGV[i], ARGV[i + 1]
+  local s, id = KEYS[tonumber(ARGV[i])], ARGV[i + 1]
   local p = redis.call('XPENDING', s, group, id, id, 1)
   if p[1] and p[1][2] == me then
     redis.call('XCLAIM', s, group, me, 0, id, 'JUSTID')
@@ -144,8 +166,15 @@ end
 return {token, #owned, #owned > 0 and cjson.encode(owned) or '[]'}
 """
 
+# Writes the intent of the batch with token ARGV[2], unless the key holds another
+# batch's intent (a failover lost its deletion): then 0, and the writer finishes that first.
 _SET_SCRIPT = """#!lua flags=allow-oom
-return redis.call('SET', KEYS[1], ARGV[1])
+local cur = redis.call('GET', KEYS[1])
+if cur and cjson.decode(cur)['token'] ~= ARGV[2] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
 """
 
 #: ``retry(what, fn, raise_row_caused=False)``: call ``fn`` until it succeeds, waiting out
@@ -179,6 +208,7 @@ class Delivery:
         columns: EntryColumns,
         retry: Retry,
         insert: Callable[[Batch, str], None],
+        tx: Transactions | None = None,
     ) -> None:
         self.redis = client
         self.layout = layout
@@ -189,6 +219,9 @@ class Delivery:
         self.columns = columns
         self.retry = retry
         self.insert = insert
+        self.cluster = is_cluster(client)
+        self.tx = tx  # WAIT after the intent's writes, where the master has replicas
+        self._intent_key = layout.intent(consumer)  # of the batch being flushed
         self._ack = client.register_script(_ACK_SCRIPT)
         self._set = client.register_script(_SET_SCRIPT)
         self._take = client.register_script(_TAKE_SCRIPT)
@@ -197,9 +230,15 @@ class Delivery:
         self.split_inserts = 0
 
     # ---- flush: take, insert, ack, clear ----
+    def intent_key(self, batch: Batch) -> str:
+        """Where this consumer's intent for ``batch`` is kept: on a cluster, in the batch's partition."""
+        if not self.cluster or not batch.entries:
+            return self.layout.intent(self.consumer)
+        return self.layout.intent(self.consumer, self.layout.partition_of(batch.entries[0][0]))
+
     def flush(self, batch: Batch, token: str | None = None, intent: dict[str, Any] | None = None) -> None:
         """Intent, INSERT, acknowledge, clear. ``token`` and ``intent`` are given when replaying an intent."""
-        intent_key = self.layout.intent(self.consumer)
+        intent_key = self._intent_key = self.intent_key(batch)
         window = batch.window = batch.window or self.columns.window
         if token is None:
             token, batch = self._take_ownership(batch, intent_key)
@@ -225,18 +264,34 @@ class Delivery:
         self.intent = {}
 
     def save_intent(self) -> None:
-        key = self.layout.intent(self.consumer)
-        text = json.dumps(self.intent)
-        self.retry("write insert intent", lambda: self._set(keys=[key], args=[text]))
+        key, mine = self._intent_key, self.intent
+        args = [json.dumps(mine), str(mine["token"])]
+        while not int(self.retry("write insert intent", lambda: self._durable(self._set, _SET_SCRIPT, [key], args))):
+            log.warning("an earlier insert intent of %s is still there (%s); finishing it first", self.consumer, key)
+            self._recover_intent(self.consumer, key)
+            self._intent_key, self.intent = key, mine
 
     def _take_ownership(self, batch: Batch, intent_key: str) -> tuple[str, Batch]:
         assert batch.window is not None
         args: list[Any] = [self.group, self.consumer, json.dumps({"window": batch.window.to_json()})]
+        keys = [intent_key]
+        index: dict[str, int] = {}
         for stream, entry_id in batch.entries:
-            args += [stream, entry_id]
-        token_b, n_owned, owned_json = self.retry(
-            "write insert intent", lambda: self._take(keys=[intent_key], args=args)
-        )
+            k = index.get(stream)
+            if k is None:
+                keys.append(stream)
+                k = index[stream] = len(keys)  # Lua counts from 1
+            args += [k, entry_id]
+        while True:
+            token_b, n_owned, owned_json = self.retry(
+                "write insert intent", lambda: self._durable(self._take, _TAKE_SCRIPT, keys, args)
+            )
+            if int(n_owned) >= 0:
+                break
+            log.warning("an earlier insert intent of %s is still there (%s); finishing it first",
+                        self.consumer, intent_key)
+            self._recover_intent(self.consumer, intent_key)
+        self._intent_key = intent_key
         token = token_b.decode() if isinstance(token_b, bytes) else str(token_b)
         if int(n_owned) == len(batch.entries):
             return token, batch
@@ -246,6 +301,13 @@ class Delivery:
         log.warning("%d entries of this batch were claimed by another writer meanwhile; inserting the other %d",
                     lost, len(owned))
         return token, self.batch_from_entries(owned, batch.window)
+
+    def _durable(self, script: Any, source: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a script; where the master of its slot has replicas, in a transaction followed by WAIT."""
+        if self.tx is None or not self.tx.waits(keys[0]):
+            return script(keys=keys, args=args)
+        (result,) = self.tx.execute(keys[0], [("EVAL", source, len(keys), *keys, *args)])
+        return result
 
     def batch_from_entries(self, entries: list[tuple[str, str]], window: DeviceTimeWindow | None = None) -> Batch:
         """A batch of exactly these entries, in this order, read back from the streams."""
@@ -320,16 +382,35 @@ class Delivery:
 
     def _ack_batch(self, batch: Batch) -> int:
         args: list[Any] = [self.group]
+        keys: list[str] = []
+        index: dict[str, int] = {}
+
+        def ref(key: str) -> int:
+            k = index.get(key)
+            if k is None:
+                keys.append(key)
+                k = index[key] = len(keys)  # Lua counts from 1
+            return k
+
         for (stream, entry_id), audit in zip(batch.entries, batch.audit, strict=True):
-            args += [stream, entry_id, len(audit)]
+            args += [ref(stream), entry_id, len(audit)]
             for key, field, n in audit:
-                args += [key, field, n]
-        return int(self._ack(keys=[], args=args))
+                args += [ref(key), field, n]
+        return int(self._ack(keys=keys, args=args))
 
     # ---- recovery ----
+    def has_intent(self, consumer: str) -> bool:
+        pipe = self.redis.pipeline(transaction=False)
+        for key in self.layout.intents(consumer):
+            pipe.exists(key)
+        return any(pipe.execute())
+
     def recover_intent(self, consumer: str) -> None:
-        """Finish the intent ``consumer`` left behind (this consumer's own, or a dead writer's), if any."""
-        key = self.layout.intent(consumer)
+        """Finish the intents ``consumer`` left behind (this consumer's own, or a dead writer's), if any."""
+        for key in self.layout.intents(consumer):
+            self._recover_intent(consumer, key)
+
+    def _recover_intent(self, consumer: str, key: str) -> None:
         raw = self.retry("read insert intent", lambda: self.redis.get(key))
         if not raw:
             return
@@ -370,7 +451,7 @@ class Delivery:
                     )
                     if not idle:
                         continue
-                    if self.redis.exists(self.layout.intent(name)):
+                    if self.has_intent(name):
                         # (the main loop flushes its own batch before reading claimed entries)
                         self.recover_intent(name)
                     start = "0-0"

@@ -28,14 +28,23 @@ Guarantees:
     session present gets none) is a new reading only if it differs from
     the last retained message stored for that topic: the content
     fingerprint of every message published retained is kept per topic in
-    ``<prefix>:retained:<source>``.
+    ``<prefix>:retained:{<p>}:<source>``.
 
   The fingerprints of every transaction are written in the same MULTI to a
-  capped log (``<prefix>:acklog:<source>``), so a restarted process knows
+  capped log (``<prefix>:acklog:{<p>}:<source>``), so a restarted process knows
   what the last one wrote but may not have acknowledged.
 - Audit counters (received, decoded, dead-lettered, written) per source and
   minute are incremented in the same MULTI, so they are exact across crashes.
 - Undecodable payloads go raw, with the reason, to the dead-letter stream.
+
+Everything a frame causes (its readings, its dead letter, its fingerprints,
+its audit counts) is written under the hash tag of its partition, the
+partition of the device its topic names (:mod:`sensorhub.pipeline.keys`). On
+a single Redis one MULTI holds the whole flush; on Redis Cluster each
+partition's share is a MULTI of its own (a transaction may touch one slot),
+and the frames are acknowledged once every one of them executed. When the
+master has replicas, each transaction is followed by ``WAIT`` and the frames
+are acknowledged only once the replicas confirmed (:mod:`sensorhub.pipeline.slots`).
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ import random
 import threading
 import time
 import uuid
-from collections import deque
+from collections import defaultdict, deque
 from typing import Any
 
 import redis
@@ -59,8 +68,9 @@ from sensorhub.errors import DecodeError
 from sensorhub.metrics import hops
 from sensorhub.metrics.registry import Metrics
 from sensorhub.pipeline.keys import StreamLayout
-from sensorhub.pipeline.lag import LagAlarm, stream_states
+from sensorhub.pipeline.lag import LagAlarm, id_tuple, stream_states
 from sensorhub.pipeline.redisconn import redis_client
+from sensorhub.pipeline.slots import ReplicaShortfall, Transactions
 from sensorhub.pipeline.streams import (
     F_BLOCK,
     F_KIND,
@@ -83,11 +93,13 @@ __all__ = ["Ingest"]
 
 log = logging.getLogger(__name__)
 
-ACKLOG_ENTRIES = 4096  # transactions remembered in the capped dedup log
+ACKLOG_ENTRIES = 4096  # transactions remembered in the capped dedup log (per partition)
 FP_BYTES = 12
 # Below the 65,535 packet ids a broker goes through before one comes back: a
 # delivery fingerprint in the window is the same message, not a reused id.
 DELIVERY_WINDOW_MAX = 60_000
+# how long a flush waits for its replicas (WAIT) before it is retried
+WAIT_TIMEOUT_MS = 1000
 
 
 def content_fingerprint(topic: str, payload: bytes) -> bytes:
@@ -153,14 +165,14 @@ class Ingest:
         self._batches: dict[int, Any] = {}
         self._rows = 0
         self._tokens: list[Any] = []
-        # fingerprints of the frames taken since the last flush (see the module doc)
-        self._dfps: list[bytes] = []
+        # fingerprints of the frames taken since the last flush (see the module doc), per partition
+        self._dfps: dict[int, list[bytes]] = defaultdict(list)
         self._dfps_pending: set[bytes] = set()
-        self._cfps: list[bytes] = []
+        self._cfps: dict[int, list[bytes]] = defaultdict(list)
         self._cfps_pending: set[bytes] = set()
-        self._retained_pending: dict[str, bytes] = {}
-        self._dead: list[dict[bytes, Any]] = []
-        self._audit: dict[int, dict[str, int]] = {}
+        self._retained_pending: dict[str, tuple[int, bytes]] = {}  # topic -> (partition, fingerprint)
+        self._dead: list[tuple[int, dict[bytes, Any]]] = []
+        self._audit: dict[tuple[int, int], dict[str, int]] = {}  # (partition, minute) -> counts
         self._first_ns = 0
         self.flushes = 0
         self._last_recv_us = 0
@@ -172,6 +184,12 @@ class Ingest:
         self._session_key = hashlib.blake2b(source.session_id.encode(), digest_size=32).digest()
         self._content_always = self._trades  # exchange frames carry the venue's ids and times
         self._lag_alarm = LagAlarm(self.metrics, self.redis, self.layout.events, settings.writer.lag_alert_s)
+        # WAIT must return before the socket times out
+        wait_ms = int(min(WAIT_TIMEOUT_MS, settings.redis.socket_timeout_s * 500))
+        self.tx = Transactions(self.redis, settings.redis.min_replicas, wait_ms)
+        # the partitions whose share of the flush being written was sent, and was confirmed
+        self._attempted_parts: set[int] = set()
+        self._confirmed_parts: set[int] = set()
         self._wd = notify.Watchdog()
         self._last_pub = 0.0
         self._last_hops = time.monotonic()
@@ -185,18 +203,29 @@ class Ingest:
 
     # ---- what the last run wrote ----
     def _load_acklog(self) -> None:
-        """Fingerprints of the last transactions and the retained messages stored, from earlier runs."""
-        entries = self.redis.xrevrange(self.layout.acklog(self.name), count=ACKLOG_ENTRIES)
+        """Fingerprints of the last transactions and the retained messages stored, from earlier runs.
+
+        Every partition's log (and the one log of earlier releases), merged in
+        the order the entries were written.
+        """
+        lay = self.layout
+        logs = [lay.legacy_acklog(self.name)] + [lay.acklog(self.name, p) for p in range(lay.partitions)]
+        entries: list[tuple[tuple[int, int], dict[bytes, bytes]]] = []
+        for key in logs:
+            entries += [(id_tuple(i), f) for i, f in self.redis.xrevrange(key, count=ACKLOG_ENTRIES)]
+        entries.sort(key=lambda e: e[0])
         dfps: list[bytes] = []
         cfps: list[bytes] = []
-        for _id, fields in reversed(entries):
+        for _id, fields in entries:
             dfps.extend(_split(fields.get(b"d", b"")))
             cfps.extend(_split(fields.get(b"c", b"")))
         self._delivered.add(dfps[-self._delivered.size :])
         self._contents.add(cfps[-self._contents.size :])
-        self._retained = {
-            k.decode(): v for k, v in self.redis.hgetall(self.layout.retained(self.name)).items()
-        }
+        retained: dict[str, bytes] = {}
+        for key in [lay.legacy_retained(self.name)] + [lay.retained(self.name, p) for p in range(lay.partitions)]:
+            retained.update({k.decode(): v for k, v in self.redis.hgetall(key).items()})
+        self._retained = retained
+        self.tx.refresh()
         log.info(
             "source %s: %d delivery and %d content fingerprints of recent frames, %d retained topics",
             self.name, len(self._delivered.items), len(self._contents.items), len(self._retained),
@@ -266,9 +295,15 @@ class Ingest:
                 f = f._replace(recv_ns=(self._last_recv_us + 1) * 1000)
             self._last_recv_us = f.recv_ns // 1000
             minute = f.recv_ns // 60_000_000_000
-            audit = self._audit.get(minute)
+            # the frame's partition: of the device its topic names, else of the topic;
+            # everything the frame causes is written there
+            route = src.decoder_for(f.topic)
+            p = self.layout.partition((route[1] if route is not None else None) or f.topic)
+            audit = self._audit.get((p, minute))
             if audit is None:
-                audit = self._audit[minute] = {"received": 0, "decoded": 0, "dead_lettered": 0, "xadded": 0, "duplicates": 0}
+                audit = self._audit[(p, minute)] = {
+                    "received": 0, "decoded": 0, "dead_lettered": 0, "xadded": 0, "duplicates": 0,
+                }
             audit["received"] += 1
             if not self._first_ns:
                 self._first_ns = time.time_ns()
@@ -282,56 +317,57 @@ class Ingest:
                 (d & DELIVERY_DUP and dfp is not None and (dfp in delivered or dfp in dpending))
                 or cfp in contents
                 or cfp in cpending
-                or (d & DELIVERY_REPLAY and self._retained_pending.get(f.topic, self._retained.get(f.topic)) == cfp)
+                or (d & DELIVERY_REPLAY and self._last_retained(f.topic) == cfp)
             ):
                 audit["duplicates"] += 1
                 m.inc("duplicates")
                 continue
             if dfp is not None:
-                self._dfps.append(dfp)
+                self._dfps[p].append(dfp)
                 dpending.add(dfp)
             if d & (DELIVERY_RETAIN | DELIVERY_REPLAY):
-                self._retained_pending[f.topic] = cfp
+                self._retained_pending[f.topic] = (p, cfp)
             self._frame_recv.append(f.recv_ns)
-            route = src.decoder_for(f.topic)
             if route is None:
-                self._dead_letter(f, "unknown format: no decoder serves this topic", audit)
+                self._dead_letter(f, "unknown format: no decoder serves this topic", audit, p)
                 continue
             decoder, device = route
-            key = device or f.topic
-            p = self.layout.partition(key)
             batch = self._batches.get(p)
             if batch is None:
                 batch = self._batches[p] = self._new_batch()
             if len(f.payload) > src.max_payload_bytes:
-                self._dead_letter(f, f"payload of {len(f.payload)} bytes over {src.max_payload_setting}", audit)
+                self._dead_letter(f, f"payload of {len(f.payload)} bytes over {src.max_payload_setting}", audit, p)
                 continue
             start = len(batch)
             try:
                 n = decoder.decode(device, f.payload, f.recv_ns, batch)
             except DecodeError as exc:
-                self._dead_letter(f, f"{type(exc).__name__}: {exc}", audit)
+                self._dead_letter(f, f"{type(exc).__name__}: {exc}", audit, p)
                 continue
             if n and (self._content_always or not batch.receive_stamped(start)):
                 # every reading has the device's time: the same payload again is the same readings
-                self._cfps.append(cfp)
+                self._cfps[p].append(cfp)
                 cpending.add(cfp)
             audit["decoded"] += n
             self._rows += n
         m.inc("frames", len(frames))
 
-    def _dead_letter(self, f: Any, reason: str, audit: dict[str, int]) -> None:
+    def _last_retained(self, topic: str) -> bytes | None:
+        pending = self._retained_pending.get(topic)
+        return pending[1] if pending is not None else self._retained.get(topic)
+
+    def _dead_letter(self, f: Any, reason: str, audit: dict[str, int], p: int) -> None:
         audit["dead_lettered"] += 1
         self.metrics.inc("dead_letters")
         self.metrics.set("last_dead_letter", reason[:200])
         self._dead.append(
-            {
+            (p, {
                 b"src": self.name.encode(),
                 b"topic": f.topic.encode(),
                 b"payload": f.payload,
                 b"error": reason.encode(),
                 b"recv_ns": str(f.recv_ns).encode(),
-            }
+            })
         )
 
     def _flush_with_retry(self, give_up_after_s: float | None = None) -> None:
@@ -339,6 +375,8 @@ class Ingest:
         delay = backoff.initial_s
         started = time.monotonic()
         txid = uuid.uuid4().bytes
+        self._attempted_parts = set()
+        self._confirmed_parts = set()
         full = False
         while True:
             try:
@@ -350,10 +388,12 @@ class Ingest:
             except redis.RedisError as exc:
                 self.metrics.inc("redis_errors")
                 self.metrics.set("redis_ok", False)
-                log.warning("XADD failed (%s: %s); not acknowledging, retrying in ~%.2f s", type(exc).__name__, exc, delay)
-                if self._landed(txid):
-                    self._after_flush()
-                    return
+                if isinstance(exc, ReplicaShortfall):
+                    self.metrics.inc("replica_waits_short")
+                    log.warning("written, but %s; not acknowledging yet, checking again in ~%.2f s", exc, delay)
+                else:
+                    log.warning("XADD failed (%s: %s); not acknowledging, retrying in ~%.2f s",
+                                type(exc).__name__, exc, delay)
                 # A full Redis frees memory as writers trim (every writer.trim_interval_s),
                 # not after a long outage: keep retrying at about that pace.
                 full = "OOM" in str(exc) or isinstance(exc, redis.exceptions.OutOfMemoryError)
@@ -367,51 +407,84 @@ class Ingest:
             cap = min(backoff.max_s, self.settings.writer.trim_interval_s / 2) if full else backoff.max_s
             delay = min(delay * backoff.factor, cap)
 
-    def _landed(self, txid: bytes) -> bool:
-        """After an error: did the transaction execute anyway (reply lost)?"""
+    def _landed(self, txid: bytes, p: int) -> bool:
+        """After an error: did the transaction of partition ``p`` execute anyway (reply lost)?"""
         try:
-            for _id, fields in self.redis.xrevrange(self.layout.acklog(self.name), count=16):
+            for _id, fields in self.redis.xrevrange(self.layout.acklog(self.name, p), count=16):
                 if fields.get(b"tx") == txid:
                     return True
         except redis.RedisError:
-            pass
+            self.tx.mark_stale()
+            raise
         return False
 
-    def _flush(self, txid: bytes) -> None:
-        decode_ns = time.time_ns()
+    def _transactions(self, txid: bytes, decode_ns: int) -> tuple[list[tuple[list[int], list[list[Any]]]], int, int]:
+        """The flush as transactions: one per partition on a cluster (one slot each), one in all on a
+        single Redis; with the rows and stream entries it writes."""
+        lay = self.layout
         name = self.name.encode()
         kind = KIND_TRADES if self._trades else KIND_READINGS
-        pipe = self.redis.pipeline(transaction=True)
-        n_entries = 0
+        per: dict[int, list[list[Any]]] = defaultdict(list)
+        rows = n_entries = 0
         for p, batch in self._batches.items():
             if not len(batch):
                 continue
             block = encode_trades(batch, decode_ns) if self._trades else encode_block(batch, decode_ns)
-            stream = self.layout.trades(p) if self._trades else self.layout.readings(p)
-            pipe.xadd(stream, {F_BLOCK: block, F_SOURCE: name, F_KIND: kind})
-            n_entries += 1
-        for d in self._dead:
-            pipe.xadd(self.layout.dlq, d, maxlen=self.settings.ingest.dlq_maxlen, approximate=True)
-        if self._dfps or self._cfps:
-            pipe.xadd(
-                self.layout.acklog(self.name),
-                {b"d": b"".join(self._dfps), b"c": b"".join(self._cfps), b"tx": txid},
-                maxlen=ACKLOG_ENTRIES,
-                approximate=True,
-            )
-        if self._retained_pending:
-            pipe.hset(self.layout.retained(self.name), mapping=self._retained_pending)
-        rows = 0
-        for minute, counts in self._audit.items():
-            key = self.layout.audit_key(self.name, minute)
-            counts["xadded"] = counts["decoded"]  # decoded readings go out in this same MULTI
-            for field, v in counts.items():
-                if v:
-                    pipe.hincrby(key, field, v)
-            pipe.expire(key, 14 * 86400)
-        for batch in self._batches.values():
+            stream = lay.trades(p) if self._trades else lay.readings(p)
+            per[p].append(["XADD", stream, "*", F_BLOCK, block, F_SOURCE, name, F_KIND, kind])
             rows += len(batch)
-        pipe.execute()
+            n_entries += 1
+        for p, d in self._dead:
+            fields = [x for kv in d.items() for x in kv]
+            per[p].append(["XADD", lay.dlq(p), "MAXLEN", "~", self.settings.ingest.dlq_maxlen, "*", *fields])
+        retained: dict[int, list[Any]] = defaultdict(list)
+        for topic, (p, cfp) in self._retained_pending.items():
+            retained[p] += [topic, cfp]
+        for (p, minute), counts in self._audit.items():
+            key = lay.audit_key(self.name, minute, p)
+            counts["xadded"] = counts["decoded"]  # decoded readings go out in this same MULTI
+            per[p] += [["HINCRBY", key, field, v] for field, v in counts.items() if v]
+            per[p].append(["EXPIRE", key, 14 * 86400])
+        for p, cmds in per.items():
+            # every transaction leaves its id, so that a lost reply can be told from a refusal
+            cmds.append(["XADD", lay.acklog(self.name, p), "MAXLEN", "~", ACKLOG_ENTRIES, "*",
+                         b"d", b"".join(self._dfps.get(p, ())), b"c", b"".join(self._cfps.get(p, ())), b"tx", txid])
+            if retained.get(p):
+                cmds.append(["HSET", lay.retained(self.name, p), *retained[p]])
+        if self.tx.cluster:
+            return [([p], per[p]) for p in sorted(per)], rows, n_entries
+        parts = sorted(per)
+        return [(parts, [c for p in parts for c in per[p]])], rows, n_entries
+
+    def _flush(self, txid: bytes) -> None:
+        decode_ns = time.time_ns()
+        groups, rows, n_entries = self._transactions(txid, decode_ns)
+        todo = []
+        for parts, cmds in groups:
+            first = parts[0]
+            if first in self._confirmed_parts:
+                continue
+            # Sent before (its reply lost, or its replicas short)? Then is it on the slot's
+            # master now? A failover since may have lost it with the old master.
+            if first in self._attempted_parts and self._landed(txid, first):
+                self.tx.confirm(self.layout.sync(first))  # until the replicas hold it
+                self._confirmed_parts.update(parts)
+                continue
+            todo.append((parts, cmds))
+        for parts, _cmds in todo:
+            self._attempted_parts.update(parts)
+        # every partition's transaction in one round trip (a cluster: per master, with one WAIT)
+        outcomes = self.tx.execute_many([(self.layout.acklog(self.name, parts[0]), cmds) for parts, cmds in todo])
+        failed = None
+        for (parts, _cmds), outcome in zip(todo, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                failed = failed or outcome  # checked again at the next attempt
+            else:
+                self._confirmed_parts.update(parts)
+        if isinstance(failed, redis.RedisError):
+            raise failed
+        if failed is not None:  # a socket error redis-py did not wrap
+            raise redis.exceptions.ConnectionError(str(failed)) from failed
         self.flushes += 1
         cfg = self.settings.ingest
         if (
@@ -435,13 +508,15 @@ class Ingest:
     def _after_flush(self) -> None:
         self.source.ack(self._tokens)
         self.metrics.inc("acked", len(self._tokens))
-        self._delivered.add(self._dfps)
-        self._contents.add(self._cfps)
-        self._retained.update(self._retained_pending)
+        for fps in self._dfps.values():
+            self._delivered.add(fps)
+        for fps in self._cfps.values():
+            self._contents.add(fps)
+        self._retained.update({topic: fp for topic, (_p, fp) in self._retained_pending.items()})
         self._tokens = []
-        self._dfps = []
+        self._dfps = defaultdict(list)
         self._dfps_pending = set()
-        self._cfps = []
+        self._cfps = defaultdict(list)
         self._cfps_pending = set()
         self._retained_pending = {}
         self._dead = []

@@ -1,7 +1,11 @@
 """The writer: Redis Streams → ClickHouse, exactly once per row.
 
-One consumer group over every partition stream and the dead-letter stream.
-This module is the loop and its batching policy: read (own pending entries
+One consumer group over every partition stream and the dead-letter streams.
+On Redis Cluster the streams are read one slot (partition) at a time, in one
+pipelined round trip (:func:`sensorhub.pipeline.slots.read_group`), and a
+batch holds the entries of one partition, so that every script of the
+exactly-once protocol touches one slot; on a single Redis a batch spans
+partitions. This module is the loop and its batching policy: read (own pending entries
 first, then new ones), batch, flush, and on the side claim idle entries of
 dead writers, trim, publish metrics and export hop latencies and the audit.
 The rooms it joins:
@@ -50,8 +54,9 @@ from sensorhub.pipeline.delivery import Delivery, insert_settings
 from sensorhub.pipeline.exports import store_audit, store_hop_latency
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.lag import LagAlarm, stream_states
-from sensorhub.pipeline.redisconn import redis_client
+from sensorhub.pipeline.redisconn import is_cluster, redis_client
 from sensorhub.pipeline.rejected import DeviceTimeWindow
+from sensorhub.pipeline.slots import Transactions, read_group, refresh_topology
 from sensorhub.service import notify
 from sensorhub.sinks import schema
 from sensorhub.sinks.clickhouse import connect
@@ -79,12 +84,14 @@ class Writer:
         self.stop_event = threading.Event()
         self.db = settings.clickhouse.database
         self.ch: Any = None
+        self.cluster = is_cluster(self.redis)
         self.streams = self.layout.all_streams()
         self.window = DeviceTimeWindow.of(self.cfg.device_time_max_past_s, self.cfg.device_time_max_future_s)
         self.columns = EntryColumns(self.layout, self.metrics, self.window)
+        wait_ms = int(min(1000, settings.redis.socket_timeout_s * 500))  # WAIT returns before the socket times out
         self.delivery = Delivery(
             self.redis, self.layout, self.group, self.consumer, self.cfg, self.metrics, self.columns,
-            retry=self._retry, insert=self._insert,
+            retry=self._retry, insert=self._insert, tx=Transactions(self.redis, settings.redis.min_replicas, wait_ms),
         )
         self.state = "starting"
         self.lag_s = 0.0
@@ -143,6 +150,9 @@ class Writer:
 
     def _ensure_groups(self) -> None:
         def go() -> None:
+            if not self.cluster and self.layout.legacy_dlq not in self.streams and self.redis.exists(self.layout.legacy_dlq):
+                # dead letters an earlier release wrote: drained like the others
+                self.streams.append(self.layout.legacy_dlq)
             for s in self.streams:
                 try:
                     self.redis.xgroup_create(s, self.group, id="0", mkstream=True)
@@ -153,6 +163,16 @@ class Writer:
         self._retry("create consumer groups", go)
 
     # ---- main loop ----
+    def _scope(self, stream: str) -> int | None:
+        """Which batch an entry of ``stream`` joins: its partition's on a cluster, the one batch otherwise."""
+        return self.layout.partition_of(stream) if self.cluster else None
+
+    def _flush_all(self, batches: dict[int | None, Batch]) -> None:
+        for b in batches.values():
+            if b.entries:
+                self.delivery.flush(b)
+        batches.clear()
+
     def run(self) -> int:
         self._ensure_groups()
         self._connect_clickhouse()
@@ -165,42 +185,47 @@ class Writer:
         # is read once; once every stream came back empty, new entries (">").
         pending: dict[str, str] | None = dict.fromkeys(self.streams, "0")
         last: dict[str, float] = defaultdict(float)
-        batch = Batch()
+        batches: dict[int | None, Batch] = {}
         while not self.stop_event.is_set():
             now = time.monotonic()
             wd.tick()
             if now - last["claim"] >= max(1.0, self.cfg.claim_idle_ms / 4000):
                 last["claim"] = now
                 if self.delivery.claim_from_dead(self.streams):
-                    if batch.entries:  # claimed entries are read as pending: flush first
-                        self.delivery.flush(batch)
-                        batch = Batch()
+                    self._flush_all(batches)  # claimed entries are read as pending: flush first
                     pending = dict.fromkeys(self.streams, "0")
             if pending is not None:
                 streams, block_ms = pending, None
             else:
                 streams = dict.fromkeys(self.streams, ">")
-                if batch.entries:
-                    wait = self.cfg.min_batch_ms - (time.monotonic() - batch.first) * 1000
+                firsts = [b.first for b in batches.values() if b.entries]
+                if firsts:
+                    wait = self.cfg.min_batch_ms - (time.monotonic() - min(firsts)) * 1000
                     block_ms = max(1, int(wait)) if wait > 0 else None
                 else:
                     block_ms = max(1, int(self.cfg.batch_ms))
             try:
-                resp = self.redis.xreadgroup(
-                    self.group, self.consumer, streams, count=self.cfg.read_count, block=block_ms
+                resp = read_group(
+                    self.redis, self.group, self.consumer, streams, self.cfg.read_count, block_ms,
+                    wait=self.stop_event.wait,
                 )
             except redis.RedisError as exc:
                 log.warning("XREADGROUP failed: %s", exc)
-                self._retry("reconnect to Redis", self.redis.ping)
-                if batch.entries:
-                    self.delivery.flush(batch)
-                    batch = Batch()
+                self._retry("reconnect to Redis", self._reconnect)
+                # a failover may have lost the last acknowledgements and left their intents:
+                # those come first, before a take could write over them
+                self.delivery.recover_intent(self.consumer)
+                self._flush_all(batches)
                 pending = dict.fromkeys(self.streams, "0")
                 continue
             got = 0
             read_ns = time.time_ns()
             for stream_b, entries in resp or []:
                 stream = stream_b.decode()
+                scope = self._scope(stream)
+                batch = batches.get(scope)
+                if batch is None:
+                    batch = batches[scope] = Batch()
                 for entry_id_b, fields in entries:
                     entry_id = entry_id_b.decode()
                     if pending is not None:
@@ -213,22 +238,21 @@ class Writer:
             if pending is not None and got == 0:
                 pending = None
                 if self.state == "replaying":
-                    if batch.entries:
-                        self.delivery.flush(batch)
-                        batch = Batch()
+                    self._flush_all(batches)
                     self._after_replay()
-            age_ms = (time.monotonic() - batch.first) * 1000 if batch.entries else 0.0
             caught_up = pending is None and got < self.cfg.read_count
             # Insert as soon as the streams are drained (low latency at any load: while
             # one INSERT runs the next batch grows by itself), but no more often than
             # min_batch_ms (bounds parts per second), and at the latest after batch_ms.
-            if batch.entries and (
-                batch.rows >= self.cfg.batch_rows
-                or age_ms >= self.cfg.batch_ms
-                or (caught_up and age_ms >= self.cfg.min_batch_ms)
-            ):
-                self.delivery.flush(batch)
-                batch = Batch()
+            for scope, batch in list(batches.items()):
+                age_ms = (time.monotonic() - batch.first) * 1000 if batch.entries else 0.0
+                if batch.entries and (
+                    batch.rows >= self.cfg.batch_rows
+                    or age_ms >= self.cfg.batch_ms
+                    or (caught_up and age_ms >= self.cfg.min_batch_ms)
+                ):
+                    self.delivery.flush(batch)
+                    del batches[scope]
             if now - last["trim"] >= self.cfg.trim_interval_s:
                 last["trim"] = now
                 self._trim_and_lag()
@@ -242,10 +266,13 @@ class Writer:
                 last["audit"] = now
                 store_audit(self.redis, self.ch, self.layout, self.db)
         notify.stopping("writer draining")
-        if batch.entries:
-            self.delivery.flush(batch)
+        self._flush_all(batches)
         self._publish_metrics()
         return 0
+
+    def _reconnect(self) -> None:
+        refresh_topology(self.redis)  # a cluster may have failed over: its slots again
+        self.redis.ping()
 
     def _idle_beat(self) -> None:
         self._wd.tick()

@@ -95,7 +95,7 @@ def test_malformed_trade_frames_are_dead_letters_and_the_feed_unhealthy(
     assert not runner.is_alive()
 
     # Every malformed frame, raw and untouched, with a reason naming its problem; nothing else.
-    dead = {fields[b"payload"]: fields[b"error"].decode() for _id, fields in r.xrange(layout.dlq)}
+    dead = {fields[b"payload"]: fields[b"error"].decode() for s in layout.dlq_streams() for _id, fields in r.xrange(s)}
     assert set(dead) == set(inj.bad), "dead letters are exactly the malformed frames"
     for raw, kind in inj.bad.items():
         assert reason_names_problem(kind, dead[raw]), (kind, dead[raw])

@@ -73,7 +73,7 @@ def test_exchange_frames_over_the_mqtt_bound_are_stored(redis_server: ManagedPro
             runner.join(20)
     assert not runner.is_alive()
     assert sorted(_stored_trade_ids(r, layout), key=int) == want
-    assert r.xlen(layout.dlq) == 0
+    assert sum(r.xlen(s) for s in layout.dlq_streams()) == 0
 
 
 def test_an_mqtt_source_is_bounded_by_mqtt_max_payload_bytes() -> None:

@@ -73,15 +73,15 @@ def fleet(redis_client: Any) -> dict[str, Any]:
         m.publish(redis_client, LAYOUT.metrics_key(m.process), 30)
     _publish_stale(redis_client, stale, 30.0)
     redis_client.xadd(
-        LAYOUT.dlq,
+        LAYOUT.dlq(0),
         {b"src": b"line-1", b"topic": b"sensors/a/dev-3/frame", b"payload": b"\x01\x02",
          b"error": b"ChecksumMismatch: crc mismatch", b"recv_ns": str(time.time_ns()).encode()},
     )
     minute = int(time.time() // 60)
-    redis_client.hset(LAYOUT.audit_key("line-1", minute),
+    redis_client.hset(LAYOUT.audit_key("line-1", minute, 0),
                       mapping={"received": 110, "decoded": 880, "dead_lettered": 2, "xadded": 880, "inserted": 870})
     # yesterday's counters are not today's totals
-    redis_client.hset(LAYOUT.audit_key("line-1", minute - 2 * 1440), mapping={"received": 5, "xadded": 5})
+    redis_client.hset(LAYOUT.audit_key("line-1", minute - 2 * 1440, None), mapping={"received": 5, "xadded": 5})
     # a readings stream with a consumer group, one entry delivered and one not yet read
     s = LAYOUT.readings(0)
     redis_client.xgroup_create(s, "writers", id="0", mkstream=True)

@@ -25,7 +25,7 @@ def main() -> int:
     layout = StreamLayout()
     ingest = Metrics("ingest", "line-7")
     writer = Metrics("writer", "writer-1")
-    r.xadd(layout.dlq, {b"src": b"line-7", b"topic": b"sensors/a/dev-3/frame", b"payload": b"\x00",
+    r.xadd(layout.dlq(0), {b"src": b"line-7", b"topic": b"sensors/a/dev-3/frame", b"payload": b"\x00",
                         b"error": b"ChecksumMismatch: crc mismatch at 41", b"recv_ns": str(time.time_ns()).encode()})
     ingest.inc("dead_letters")
     deadline = time.monotonic() + seconds

@@ -90,7 +90,7 @@ def test_scrape_has_every_family(fleet: dict[str, Any], exporter: str) -> None:
     # streams, read with XINFO at scrape time
     s0 = LAYOUT.readings(0)
     assert _one(m, "sensorhub_stream_length", stream=s0) == 2
-    assert _one(m, "sensorhub_stream_length", stream=LAYOUT.dlq) == 1
+    assert _one(m, "sensorhub_stream_length", stream=LAYOUT.dlq(0)) == 1
     assert _one(m, "sensorhub_stream_pending_entries", stream=s0, group="writers") == 1
     assert _one(m, "sensorhub_stream_lag_entries", stream=s0, group="writers") == 1
     assert _one(m, "sensorhub_stream_lag_seconds", stream=s0, group="writers") < 60

@@ -253,7 +253,7 @@ def test_readings_the_writer_dead_lettered_are_not_pending(
 ) -> None:
     apply_schema(ch_client, ch_database)
     # 4 of the 10 readings not inserted yet were dead-lettered by the writer (device time)
-    redis_client.hincrby(LAYOUT.audit_key("line-1", fleet["minute"]), "writer_dead_lettered", 4)
+    redis_client.hincrby(LAYOUT.audit_key("line-1", fleet["minute"], 3), "writer_dead_lettered", 4)
     st = _collector(redis_client, chdb_server.url, ch_database).collect()
     t = st["totals"]
     assert (t["xadded"], t["inserted"], t["writer_dead_lettered"], t["pending"]) == (880, 870, 4, 6)

@@ -17,6 +17,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from sensorhub.pipeline.keys import StreamLayout
+
 REPO = Path(__file__).resolve().parents[2]
 
 BOUND = 1000
@@ -63,10 +65,12 @@ def test_dead_letter_stream_stays_within_its_bound(mosquitto: Any, redis_server:
         while time.monotonic() < deadline and counted() < SENT:
             time.sleep(0.1)
         assert counted() == SENT  # every one counted
-        length = int(redis_client.xlen(f"{prefix}:dlq"))
+        # the dead letters of a device go to its partition's stream, which the bound holds
+        stream = StreamLayout(prefix).dlq(StreamLayout(prefix).partition(f"bad-{tag}"))
+        length = int(redis_client.xlen(stream))
         # MAXLEN ~ trims whole stream nodes (100 entries each by default): the bound, give or take a node
         assert BOUND <= length <= BOUND + 100, length
-        newest = redis_client.xrevrange(f"{prefix}:dlq", count=1)[0][1]
+        newest = redis_client.xrevrange(stream, count=1)[0][1]
         assert newest[b"payload"] == f"{{not json {SENT - 1}".encode()  # the newest are kept
     finally:
         child.send_signal(signal.SIGTERM)

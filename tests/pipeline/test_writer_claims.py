@@ -128,3 +128,42 @@ def test_a_writer_that_woke_up_inserts_only_entries_it_still_owns(
     pend = redis_client.xpending_range(stream, "writers", min="-", max="+", count=10)
     assert [p["consumer"] for p in pend] == [b"other", b"other"]  # still theirs, untouched
     assert w.metrics.counters["entries_lost_to_claims"] == 2
+
+
+def test_an_intent_left_behind_is_finished_before_a_take_could_write_over_it(
+    redis_client, redis_server, chdb_server, ch_client, ch_database  # type: ignore[no-untyped-def]
+) -> None:
+    """A failover can bring back an intent whose acknowledgement and deletion it lost.
+
+    The next take of that consumer finds it there: it replays it (same entries,
+    same token) before it writes its own, so neither batch is lost or doubled.
+    """
+    from sensorhub.pipeline.columns import Batch
+    from sensorhub.sinks.schema import apply_schema
+
+    settings = load_settings(
+        redis={"url": redis_server.url, "partitions": 1},
+        clickhouse={"url": chdb_server.url, "database": ch_database},
+        writer={"consumer": "w1"},
+    )
+    layout = StreamLayout("sh", 1)
+    for s in layout.all_streams():
+        redis_client.xgroup_create(s, "writers", id="0", mkstream=True)
+    stream = layout.readings(0)
+    old = [redis_client.xadd(stream, _entry("dev-old", 5, 1_764_072_000_000_000 + k * 10)) for k in range(2)]
+    redis_client.xreadgroup("writers", "w1", {stream: ">"})
+    redis_client.set(layout.intent("w1"), json.dumps({"token": "tok-old", "entries": [[stream, i.decode()] for i in old]}))
+    for k in range(3):
+        redis_client.xadd(stream, _entry("dev-new", 5, 1_764_072_100_000_000 + k * 10))
+    apply_schema(ch_client, ch_database)
+    w = Writer(settings)
+    w.ch = ch_client
+    batch = Batch()
+    for entry_id, fields in redis_client.xreadgroup("writers", "w1", {stream: ">"})[0][1]:
+        w.columns.add(batch, stream, entry_id.decode(), fields, time.time_ns())
+    w.delivery.flush(batch)
+    rows = ch_client.query(f"SELECT device, count() FROM {ch_database}.readings GROUP BY device ORDER BY device").result_rows
+    assert rows == [("dev-new", 15), ("dev-old", 10)]
+    assert redis_client.xpending(stream, "writers")["pending"] == 0
+    assert not redis_client.exists(layout.intent("w1"))
+    assert w.metrics.counters["intents_replayed"] == 1

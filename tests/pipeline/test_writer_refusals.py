@@ -64,7 +64,7 @@ def _publish(r: Any, layout: StreamLayout, entries: list[list[Reading]]) -> None
     for k, readings in enumerate(entries):
         r.xadd(layout.readings(k % layout.partitions), _entry(readings))
         for rd in readings:
-            r.hincrby(layout.audit_key("mqtt", rd[6] // 60_000_000), "xadded", 1)
+            r.hincrby(layout.audit_key("mqtt", rd[6] // 60_000_000, k % layout.partitions), "xadded", 1)
 
 
 def _groups(r: Any, layout: StreamLayout) -> None:
