@@ -406,6 +406,19 @@ class Simulator:
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
+    def _revive_lost(self) -> None:
+        """Reconnect what the broker dropped (a broker restart, a cut link), as a device would: its
+        unacknowledged messages go again, with DUP, once it is back."""
+        by_conn: dict[int, list[int]] = {}
+        for i, c in self.conns.items():
+            by_conn.setdefault(id(c), []).append(i)
+        for c in self.all_conns:
+            idx = by_conn.get(id(c), [])
+            if c.connected or not idx or any(i in self._reconnecting for i in idx):
+                continue
+            self._reconnecting.update(idx)
+            self._spawn(self._reconnect(idx, c, 0.05), f"reconnect-{c.client_id}")
+
     def _drop(self, conns: list[MqttConnection], graceful: bool, delay_s: float) -> None:
         """Close ``conns`` (DISCONNECT or abruptly) and reconnect them after ``delay_s``."""
         by_conn: dict[int, list[int]] = {}
@@ -567,6 +580,7 @@ class Simulator:
                 next_ping = now + 1.0
                 for c in self.all_conns:
                     c.ping_if_idle(now)
+                self._revive_lost()
             if self.progress is not None and now >= next_progress:
                 next_progress = now + 1.0
                 st.elapsed_s = now - t0
