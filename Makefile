@@ -72,7 +72,7 @@ soak: setup
 faults: setup
 	SENSORHUB_FAULT_RATE=40000 SENSORHUB_FAULT_SECONDS=60 SENSORHUB_FAULT_OVERLOAD=1 SENSORHUB_FAULT_DISK_FULL=1 \
 	  SENSORHUB_FAULT_REDIS_FAILOVER=1 \
-	  SENSORHUB_FAULT_RESULTS=benchmarks/results/faults-40k $(PY) -m pytest tests/fault tests/cluster/test_cluster_failover.py -v $(PYTEST_ARGS)
+	  SENSORHUB_FAULT_RESULTS=benchmarks/results/faults-40k $(PY) -m pytest tests/fault tests/cluster/test_cluster_failover.py tests/cluster/test_cluster_stack.py -v $(PYTEST_ARGS)
 
 demo: setup
 	@DEMO_RATE=$(DEMO_RATE) DEMO_SECONDS=$(DEMO_SECONDS) DEMO_DEVICES=$(DEMO_DEVICES) \

@@ -224,6 +224,14 @@ def _stack(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-maxmemory", help="e.g. 64mb: Redis refuses writes past it (noeviction)")
     p.add_argument("--insecure", action="store_true",
                    help="no passwords, no TLS, anonymous MQTT (debugging only; the default is secured)")
+    p.add_argument("--redis-cluster", type=int, default=0, metavar="M",
+                   help="up: a Redis Cluster of M masters (3 or more) instead of one Redis")
+    p.add_argument("--replicas", type=int, default=1, metavar="R",
+                   help="up, with --redis-cluster: replicas per master (default %(default)s)")
+    p.add_argument("--ingests", type=int, default=1, metavar="K",
+                   help="up: K ingests sharing the devices (MQTT v5 shared subscription; default %(default)s)")
+    p.add_argument("--writers", type=int, default=1, metavar="W",
+                   help="up: W writers in the one consumer group (default %(default)s)")
     p.add_argument("--secret", metavar="NAME", help="rotate: the account, as named under DIR/secrets "
                    "(mqtt-sensorhub-ingest, redis-writer, clickhouse-writer, ...)")
 

@@ -32,14 +32,17 @@ MQTT_ACCOUNTS = (broker.INGEST_ACCOUNT, broker.TOOLS_ACCOUNT)  # the accounts `s
 # Redis ACL users and what they may do (``ACL SETUSER`` rules after ``on`` and the password).
 # The ingest and writer run Lua (EVALSHA) and MULTI over the stream keys; the monitor only reads;
 # nobody but admin may run CONFIG, FLUSHALL, DEBUG, KEYS, SHUTDOWN and the rest of @dangerous
-# (INFO and CLIENT SETNAME/ID are let through explicitly).
+# (INFO and CLIENT SETNAME/ID are let through explicitly). A cluster client learns the slots
+# (CLUSTER SLOTS, or SHARDS) and the commands' key positions (COMMAND) when it connects: the roles
+# on +@all have them; the monitor gets just those three.
 REDIS_USERS: dict[str, str] = {
     "admin": "~* &* +@all",
     "ingest": "~{prefix}:* &{prefix}:* +@all -@dangerous +info +client|setname +client|id",
     "writer": "~{prefix}:* &{prefix}:* +@all -@dangerous +info +client|setname +client|id",
     "alerts": "~{prefix}:* &{prefix}:* +@all -@dangerous +info +client|setname +client|id",
     "monitor": "~{prefix}:* resetchannels &{prefix}:* -@all +@read +@connection +info "
-               "+client|setname +subscribe +psubscribe +unsubscribe +punsubscribe -@write -@dangerous +info",
+               "+client|setname +subscribe +psubscribe +unsubscribe +punsubscribe -@write -@dangerous +info "
+               "+cluster|slots +cluster|shards +command",
 }
 # chdb-server users and roles (sensorhub/chdb_server: admin everything, writer inserts and keeps
 # the schema, reader only reads)

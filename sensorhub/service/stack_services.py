@@ -24,6 +24,7 @@ from sensorhub.errors import SensorhubError
 
 __all__ = [
     "BrokerSecurity",
+    "binary",
     "chdb_argv",
     "free_port",
     "http_ready",
@@ -41,7 +42,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def _binary(name: str, *extra_dirs: str) -> str:
+def binary(name: str, *extra_dirs: str) -> str:
+    """The path of the program `name` (on PATH, or in one of `extra_dirs`); names the package when missing."""
     path = shutil.which(name) or next(
         (str(Path(d) / name) for d in extra_dirs if (Path(d) / name).exists()), None
     )
@@ -148,7 +150,7 @@ def mosquitto_argv(
     d.mkdir(parents=True, exist_ok=True)
     conf = d / "mosquitto.conf"
     conf.write_text(mosquitto_config(port, d, host, security=security))
-    return [_binary("mosquitto", "/usr/sbin"), "-c", str(conf)]
+    return [binary("mosquitto", "/usr/sbin"), "-c", str(conf)]
 
 
 def redis_argv(
@@ -161,7 +163,7 @@ def redis_argv(
     d = run_dir / "redis"
     d.mkdir(parents=True, exist_ok=True)
     argv = [
-        _binary("redis-server", "/usr/bin"),
+        binary("redis-server", "/usr/bin"),
         "--port", str(port),
         "--bind", host,
         "--dir", str(d),
