@@ -182,16 +182,25 @@ return 1
 Retry = Callable[..., Any]
 
 
-def insert_settings(token: str, rows: int) -> dict[str, Any]:
-    """The settings of an INSERT of ``rows`` rows under ``token``."""
+def insert_settings(token: str, rows: int, cluster: bool = False) -> dict[str, Any]:
+    """The settings of an INSERT of ``rows`` rows under ``token``.
+
+    On a cluster (``clickhouse.cluster``) the INSERT goes through the Distributed table in the
+    foreground: it returns once every shard has its rows under the token, so the writer's ack
+    means stored, and a repeat meets the first on the same shards (deterministic sharding keys,
+    :attr:`sensorhub.sinks.schema.Table.sharding_key`).
+    """
     # One block per INSERT (squashed up to exactly its rows): it lands whole or not
     # at all, so a refused INSERT stored nothing and its halves can be inserted.
-    return {
+    out: dict[str, Any] = {
         "insert_deduplication_token": token,
         "insert_deduplicate": 1,
         "min_insert_block_size_rows": max(1, rows),
         "min_insert_block_size_bytes": 0,
     }
+    if cluster:
+        out["distributed_foreground_insert"] = 1
+    return out
 
 
 class Delivery:

@@ -83,6 +83,7 @@ class Writer:
         )
         self.stop_event = threading.Event()
         self.db = settings.clickhouse.database
+        self.on_cluster = settings.clickhouse.cluster is not None  # INSERTs through Distributed tables
         self.ch: Any = None
         self.cluster = is_cluster(self.redis)
         self.streams = self.layout.all_streams()
@@ -309,7 +310,7 @@ class Writer:
                 with sink_boundary():
                     self.ch.raw_insert(
                         f"{self.db}.readings", column_names=READING_COLS, insert_block=batch.readings_native(lo, hi),
-                        settings=insert_settings(tok, hi - lo), fmt="Native",
+                        settings=insert_settings(tok, hi - lo, self.on_cluster), fmt="Native",
                     )
 
             for row, why in self.delivery.insert_rows("readings", n_readings, readings, token):
@@ -322,7 +323,7 @@ class Writer:
                 with sink_boundary():
                     self.ch.insert(
                         f"{self.db}.trades", [c[lo:hi] for c in batch.trades.values()], column_names=TRADE_COLS,
-                        column_oriented=True, settings=insert_settings(tok, hi - lo),
+                        column_oriented=True, settings=insert_settings(tok, hi - lo, self.on_cluster),
                     )
 
             for row, why in self.delivery.insert_rows("trades", n_trades, trades, token):
@@ -336,7 +337,7 @@ class Writer:
                     with sink_boundary():
                         self.ch.insert(
                             f"{self.db}.dead_letters", list(batch.dead.values()), column_names=DLQ_COLS,
-                            column_oriented=True, settings=insert_settings(token, len(batch.dead["source"])),
+                            column_oriented=True, settings=insert_settings(token, len(batch.dead["source"]), self.on_cluster),
                         )
                 except ClickHouseFailed as exc:
                     # nowhere else to keep them: wait (and say so) until the operator fixes it

@@ -97,7 +97,14 @@ class Table:
     dedup: bool = True
     codecs: tuple[tuple[str, str], ...] = ()  # column -> codec chain, as the server writes it (Delta(8))
     retention: str | None = None  # the Retention field that gives the days
-    shard_by: str = "rand()"  # the Distributed tables' sharding key on a cluster
+    # The Distributed table's sharding key on a cluster: unset, the whole sorting key. It must be a
+    # function of the row, never rand(): a repeated INSERT (the same rows, the same dedup token)
+    # must reach the shards the first one reached, or its rows would be stored twice.
+    shard_by: str | None = None
+
+    @property
+    def sharding_key(self) -> str:
+        return self.shard_by or f"cityHash64{self.order_by if self.order_by.startswith('(') else f'({self.order_by})'}"
 
     def column_names(self) -> list[str]:
         return [c for c, _ in self.columns]
@@ -133,6 +140,7 @@ READINGS = Table(
     "ReplacingMergeTree",
     "(device, metric, ts, seq)",
     partition_by="toYYYYMM(ts)",
+    shard_by="cityHash64(device)",  # a device's readings on one shard, its rollups too
     # kept for its days after it was stored, not after its device time: a TTL on ts would drop
     # at the INSERT itself a reading that arrives already older than the retention (ClickHouse
     # applies TTL as it writes a part), and count() would no longer equal what was published
@@ -376,7 +384,7 @@ def objects(database: str, cluster: str | None = None, retention: Retention | No
             out.append((
                 t.name,
                 f"CREATE TABLE IF NOT EXISTS {database}.{t.name}{on} AS {database}.{local}\n"
-                f"ENGINE = Distributed({cluster}, {database}, {local}, {t.shard_by})",
+                f"ENGINE = Distributed({cluster}, {database}, {local}, {t.sharding_key})",
             ))
     for r in ROLLUPS:
         # on a cluster each shard's view adds its own readings to its own rollup

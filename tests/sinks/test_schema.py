@@ -79,8 +79,12 @@ def test_cluster_ddl_is_the_same_schema_on_replicated_local_tables() -> None:
         dist = _statement(cluster, t.name)
         assert dist == (
             f"CREATE TABLE IF NOT EXISTS db.{t.name} ON CLUSTER c1 AS db.{t.name}_local\n"
-            f"ENGINE = Distributed(c1, db, {t.name}_local, {t.shard_by})"
+            f"ENGINE = Distributed(c1, db, {t.name}_local, {t.sharding_key})"
         )
+        # a function of the row (a repeated INSERT reaches the same shards), and of its sorting key
+        assert "rand" not in t.sharding_key and t.sharding_key.startswith("cityHash64(")
+        key_columns = t.sharding_key.removeprefix("cityHash64(").removesuffix(")").split(", ")
+        assert t.order_by.strip("()").split(", ")[: len(key_columns)] == key_columns, t.name
     for r in ROLLUPS:
         view = _statement(cluster, r.view)
         assert view.startswith(f"CREATE MATERIALIZED VIEW IF NOT EXISTS db.{r.view} ON CLUSTER c1\n"
