@@ -495,7 +495,28 @@ def mqtt_tls(doc: dict[str, Any]) -> list[str]:
     ]
 
 
+def cluster(doc: dict[str, Any]) -> list[str]:
+    rows = []
+    for r in doc["results"]:
+        cpu = r["cpu_s"]
+        rows.append([r["setup"], str(r["round"]), count(r["published"]), count(r["lost"]), count(r["duplicated"]),
+                     rate(r["achieved_rate"]), ms(r["p50_ms"]), ms(r["p99_ms"]), ms(r["max_ms"]),
+                     fixed(cpu.get("chdb-server", math.nan), 0),
+                     fixed(sum(v for k, v in cpu.items() if k.startswith("redis")), 1)])
+    sm = doc["summary"]
+    return [
+        *table(["setup", "round", "published", "lost", "doubled", "achieved", "p50", "p99", "max",
+                "chdb-server CPU s", "Redis CPU s"], "lrrrrrrrrrr", rows),
+        "",
+        f"{doc['rate']:,} readings/s in frames of {doc['per_message']}, {doc['seconds']:.0f} s a round, rounds "
+        f"alternating; `cluster` is `{doc['setups']['cluster']}`. Median p99: single "
+        f"{ms(sm['single']['median_p99_ms'])}, cluster {ms(sm['cluster']['median_p99_ms'])} "
+        f"({fixed(sm['p99_ratio_cluster_to_single'], 1)}x).",
+    ]
+
+
 RENDERERS: dict[str, Callable[[Any], list[str]]] = {
+    "cluster": cluster,
     "mqtt-tls": mqtt_tls,
     "pipeline": pipeline,
     "pipeline-hops": pipeline_hops,
