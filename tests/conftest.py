@@ -98,6 +98,14 @@ def chdb_server(session_spawner: Spawner) -> Any:
     return session_spawner.chdb()
 
 
+@pytest.fixture(scope="module")
+def secure_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """mosquitto as the secured stack runs it (accounts, per-device ACLs, TLS), one per test module."""
+    b = services.start_mosquitto(tmp_path_factory.mktemp("secure-mosquitto"), secure=True)
+    yield b
+    b.terminate(timeout=10)
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 20 MiB tmpfs: a data disk that fills up in a moment."""

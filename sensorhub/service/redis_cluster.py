@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from sensorhub.errors import SensorhubError
+from sensorhub.security import write_private
+from sensorhub.service.stack_services import redis_durability_args
 
 __all__ = ["create_argv", "create_env", "free_ports", "node_argv", "node_dir", "node_state", "wait_ok"]
 
@@ -62,14 +64,6 @@ def node_dir(run_dir: Path, port: int) -> Path:
     return run_dir / "redis-cluster" / str(port)
 
 
-def _private_file(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(path, 0o600)  # an existing file keeps its mode otherwise
-
-
 def node_argv(
     run_dir: Path,
     port: int,
@@ -97,7 +91,7 @@ def node_argv(
         if "\n" in admin_password or '"' in admin_password:
             raise SensorhubError("the Redis admin password may not hold a newline or a double quote")
         lines += ["masteruser admin", f'masterauth "{admin_password}"']
-    _private_file(conf, "\n".join(lines) + "\n")
+    write_private(conf, "\n".join(lines) + "\n")
     argv = [
         redis_server, str(conf),
         "--port", str(port),
@@ -106,20 +100,10 @@ def node_argv(
         "--cluster-enabled", "yes",
         "--cluster-config-file", f"nodes-{port}.conf",
         "--cluster-node-timeout", str(node_timeout_ms),
-        "--appendonly", "yes",
-        "--appendfsync", "everysec",
-        "--save", "",
-        "--maxmemory-policy", "noeviction",
         # a replica (re)synchronises at once: nothing is gained by waiting for more to join
         "--repl-diskless-sync-delay", "0",
-        "--daemonize", "no",
-        "--protected-mode", "no",
-        "--logfile", "",
+        *redis_durability_args(maxmemory, aclfile),
     ]
-    if maxmemory:
-        argv += ["--maxmemory", maxmemory]
-    if aclfile is not None:
-        argv += ["--aclfile", str(aclfile)]
     return argv
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "mosquitto_argv",
     "mosquitto_config",
     "redis_argv",
+    "redis_durability_args",
     "redis_ready",
 ]
 
@@ -162,11 +163,15 @@ def redis_argv(
     default user off (:func:`sensorhub.security.credentials.redis_acl_text`)."""
     d = run_dir / "redis"
     d.mkdir(parents=True, exist_ok=True)
-    argv = [
-        binary("redis-server", "/usr/bin"),
-        "--port", str(port),
-        "--bind", host,
-        "--dir", str(d),
+    return [binary("redis-server", "/usr/bin"), "--port", str(port), "--bind", host, "--dir", str(d),
+            *redis_durability_args(maxmemory, aclfile)]
+
+
+def redis_durability_args(maxmemory: str | None = None, aclfile: Path | None = None) -> list[str]:
+    """What every redis-server sensorhub starts runs with, a single one or a cluster node: AOF with
+    ``appendfsync everysec``, no RDB snapshots, ``noeviction`` (a full Redis refuses, it never
+    drops an entry), in the foreground, logging to stdout; ``maxmemory`` and the ACL file when given."""
+    args = [
         "--appendonly", "yes",
         "--appendfsync", "everysec",
         "--save", "",
@@ -176,10 +181,10 @@ def redis_argv(
         "--logfile", "",
     ]
     if maxmemory:
-        argv += ["--maxmemory", maxmemory]
+        args += ["--maxmemory", maxmemory]
     if aclfile is not None:
-        argv += ["--aclfile", str(aclfile)]
-    return argv
+        args += ["--aclfile", str(aclfile)]
+    return args
 
 
 def chdb_argv(

@@ -17,7 +17,6 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from kit import services
 
 from firmware_sim.cli import build_parser, main, resolve_targets
 from sensorhub.security.tlsctx import client_context
@@ -26,10 +25,8 @@ INGEST, TOOLS = "sensorhub-ingest", "sensorhub-tools"
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    b = services.start_mosquitto(tmp_path_factory.mktemp("secure-mosquitto"), secure=True)
-    yield b
-    b.terminate(timeout=10)
+def broker(secure_broker: Any) -> Any:
+    return secure_broker
 
 
 class Seen:

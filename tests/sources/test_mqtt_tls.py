@@ -12,7 +12,6 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,8 @@ INGEST, TOOLS = "sensorhub-ingest", "sensorhub-tools"
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    b = services.start_mosquitto(tmp_path_factory.mktemp("secure-mosquitto"), secure=True)
-    yield b
-    b.terminate(timeout=10)
+def broker(secure_broker: Any) -> Any:
+    return secure_broker
 
 
 def _secret_file(d: Path, text: str, name: str = "mqtt-password") -> Path:
