@@ -45,6 +45,7 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 test: setup lint typecheck
+	@bash scripts/ensure-system-packages.sh test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 fuzz: setup

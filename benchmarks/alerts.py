@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -269,16 +270,26 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=8.0, help="seconds of load before the first probe")
     p.add_argument("--probe-interval", type=float, default=0.1)
     p.add_argument("--max-probes", type=int, default=1000)
+    p.add_argument("--repeat", type=int, default=3, help="runs, one after the other; the summary takes medians")
     p.add_argument("--out", default=str(RESULTS / "alerts.json"))
     args = p.parse_args()
     if args.seconds > 90:
-        raise SystemExit("--seconds: at most 90 (the run is bounded to 2 minutes)")
-    res = run(args)
-    print(json.dumps({k: res[k] for k in ("probes_published", "probe_events_emitted", "messages_received",
-                                          "recv_to_sent", "recv_to_client", "recv_to_evaluated")}, indent=1))
-    write_results(Path(args.out), "alerts", [res])
-    ok = res["recv_to_sent"].get("p99_ms", 1e9) <= res["target_p99_ms"]
-    return 0 if ok else 1
+        raise SystemExit("--seconds: at most 90 (each run is bounded to 2 minutes)")
+    runs = []
+    for i in range(args.repeat):
+        res = run(args)
+        res["run"] = i + 1
+        print(json.dumps({k: res[k] for k in ("probes_published", "probe_events_emitted", "messages_received",
+                                              "recv_to_sent", "recv_to_client", "recv_to_evaluated")}, indent=1))
+        runs.append(res)
+    summary = {
+        "runs": len(runs),
+        "median_recv_to_sent_p99_ms": statistics.median(r["recv_to_sent"]["p99_ms"] for r in runs),
+        "median_recv_to_sent_p50_ms": statistics.median(r["recv_to_sent"]["p50_ms"] for r in runs),
+        "target_p99_ms": runs[0]["target_p99_ms"],
+    }
+    write_results(Path(args.out), "alerts", runs, summary=summary)
+    return 0 if summary["median_recv_to_sent_p99_ms"] <= summary["target_p99_ms"] else 1
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("docs/performance.md", "docs/reliability.md", "docs/security.md")
+DOCS = ("docs/performance.md", "docs/reliability.md", "docs/security.md", "docs/alerts.md")
 
 SECTION = re.compile(
     r"(?P<open><!-- bench:(?P<name>[a-z0-9-]+) (?P<source>\S+) -->\n)(?P<body>.*?)(?P<close><!-- /bench -->)",
@@ -515,7 +515,34 @@ def cluster(doc: dict[str, Any]) -> list[str]:
     ]
 
 
+_ALERT_HOPS = (
+    ("recv_to_sent", "MQTT receive → WebSocket send", "every message to every client (the 50 ms target)"),
+    ("recv_to_client", "MQTT receive → client receive", "every message, as the clients saw it"),
+    ("recv_to_last_sent", "MQTT receive → last client's send", "per event, the slowest of the clients"),
+    ("recv_to_evaluated", "MQTT receive → evaluator emit", "per event"),
+    ("evaluated_to_sent", "evaluator emit → WebSocket send", "the gateway's share"),
+)
+
+
+def alerts(doc: dict[str, Any]) -> list[str]:
+    rows = []
+    for r in doc["results"]:
+        for key, hop, what in _ALERT_HOPS:
+            h = r[key]
+            rows.append([str(r.get("run", 1)), hop, what, count(h["count"]), fixed(h["p50_ms"], 1),
+                         fixed(h["p90_ms"], 1), fixed(h["p99_ms"], 2), fixed(h["max_ms"], 1)])
+    sm = doc.get("summary", {})
+    out = table(["run", "from → to", "what", "samples", "p50 ms", "p90 ms", "p99 ms", "max ms"], "lllrrrrr", rows)
+    if sm:
+        out += ["", f"Median over {sm['runs']} runs of the p99 from MQTT receive to WebSocket send: "
+                    f"**{fixed(sm['median_recv_to_sent_p99_ms'], 2)} ms** (target {fixed(sm['target_p99_ms'], 0)} ms); "
+                    f"median p50 {fixed(sm['median_recv_to_sent_p50_ms'], 1)} ms. Load average at the end "
+                    f"{doc['machine']['load_avg_1m_at_end']}."]
+    return out
+
+
 RENDERERS: dict[str, Callable[[Any], list[str]]] = {
+    "alerts": alerts,
     "cluster": cluster,
     "mqtt-tls": mqtt_tls,
     "pipeline": pipeline,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what sensorhub needs from Debian, only when it is missing:
 # mosquitto, redis-server, a C compiler and zlib headers for the Cython build.
+# With the argument "test", also what the test suite drives: chromium (the alert page's test).
 set -euo pipefail
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
@@ -17,6 +18,9 @@ else
   need+=(python3.11 python3.11-venv python3.11-dev)
 fi
 command -v tmux >/dev/null 2>&1 || need+=(tmux)
+if [ "${1:-}" = test ]; then
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
