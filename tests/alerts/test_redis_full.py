@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import redis as redis_mod
+from kit.streams import readings_entry
 
 from sensorhub.decoders import ReadingBatch
 from sensorhub.pipeline.keys import StreamLayout
-from sensorhub.pipeline.streams import F_BLOCK, F_KIND, F_SOURCE, KIND_READINGS, encode_block
 
 
 def _entry(k: int) -> dict[bytes, bytes]:
@@ -22,7 +22,7 @@ def _entry(k: int) -> dict[bytes, bytes]:
     now = int(time.time() * 1e6)
     for i in range(50):
         b.append(f"dev-{k % 20}", f"m{i % 8}", now + i, 20.0 + i, 0, k, now + i)
-    return {F_BLOCK: encode_block(b, 0), F_SOURCE: b"mqtt", F_KIND: KIND_READINGS}
+    return readings_entry(b)
 
 
 def test_the_evaluator_acknowledges_with_redis_full(spawn: Any, tmp_path: Path, wait_for: Any) -> None:

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import redis
 from kit.cluster import LocalCluster
+from kit.streams import create_groups, series_entry
 
 from sensorhub.alerts import evaluator
 from sensorhub.config import load_settings
-from sensorhub.decoders import ReadingBatch
 from sensorhub.metrics import registry
 from sensorhub.pipeline import delivery
 from sensorhub.pipeline.entrycodec_py import NATIVE_COLUMNS
@@ -29,10 +29,6 @@ from sensorhub.pipeline.redisconn import redis_client
 from sensorhub.pipeline.slots import Transactions
 from sensorhub.pipeline.streams import (
     F_BLOCK,
-    F_KIND,
-    F_SOURCE,
-    KIND_READINGS,
-    encode_block,
     native_block,
 )
 from sensorhub.pipeline.writer import Writer
@@ -110,13 +106,6 @@ def test_a_transaction_over_two_partitions_is_refused(cluster: LocalCluster) -> 
     assert r.xlen(lay.readings(0)) == 1  # all or nothing
 
 
-def _entry(device: str, n: int, base: int) -> dict[bytes, bytes]:
-    b = ReadingBatch()
-    for i in range(n):
-        b.append(device, "temp", base + i, float(i), 0, base + i, base + i)
-    return {F_BLOCK: encode_block(b, 0), F_SOURCE: b"mqtt", F_KIND: KIND_READINGS}
-
-
 def test_a_writer_claims_a_dead_writers_entries_and_its_partition_intent(
     cluster: LocalCluster, chdb_server: Any, ch_client: Any, ch_database: str
 ) -> None:
@@ -127,14 +116,13 @@ def test_a_writer_claims_a_dead_writers_entries_and_its_partition_intent(
     )
     r = redis_client(settings.redis)
     layout = StreamLayout("sh", 2)
-    for s in layout.all_streams():
-        r.xgroup_create(s, "writers", id="0", mkstream=True)
+    create_groups(r, layout)
     base = int(time.time() - 3600) * 1_000_000
     # "dead-a" read 3 entries and died before writing an intent
-    ids_a = [r.xadd(layout.readings(0), _entry("dev-a", 10, base + k * 100)) for k in range(3)]
+    ids_a = [r.xadd(layout.readings(0), series_entry("dev-a", 10, base + k * 100)) for k in range(3)]
     r.xreadgroup("writers", "dead-a", {layout.readings(0): ">"})
     # "dead-b" read 2 entries, wrote its intent (in their partition), inserted, and died before XACK
-    ids_b = [r.xadd(layout.readings(1), _entry("dev-b", 10, base + 100_000 + k * 100)) for k in range(2)]
+    ids_b = [r.xadd(layout.readings(1), series_entry("dev-b", 10, base + 100_000 + k * 100)) for k in range(2)]
     r.xreadgroup("writers", "dead-b", {layout.readings(1): ">"})
     entries = [[layout.readings(1), i.decode()] for i in ids_b]
     r.set(layout.intent("dead-b", 1), json.dumps({"token": "tok-b", "entries": entries}))

@@ -6,24 +6,14 @@ import json
 import threading
 import time
 
+from kit.streams import create_groups, series_entry
+
 from sensorhub.config import load_settings
-from sensorhub.decoders import ReadingBatch
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.streams import (
     F_BLOCK,
-    F_KIND,
-    F_SOURCE,
-    KIND_READINGS,
-    encode_block,
 )
 from sensorhub.pipeline.writer import Writer
-
-
-def _entry(device: str, n: int, base: int) -> dict[bytes, bytes]:
-    b = ReadingBatch()
-    for i in range(n):
-        b.append(device, "temp", base + i, float(i), 0, base + i, base + i)
-    return {F_BLOCK: encode_block(b, 0), F_SOURCE: b"mqtt", F_KIND: KIND_READINGS}
 
 
 def test_idle_entries_of_a_dead_consumer_are_claimed_and_stored_once(
@@ -35,13 +25,12 @@ def test_idle_entries_of_a_dead_consumer_are_claimed_and_stored_once(
         writer={"claim_idle_ms": 200, "consumer": "alive"},
     )
     layout = StreamLayout("sh", 2)
-    for s in layout.all_streams():
-        redis_client.xgroup_create(s, "writers", id="0", mkstream=True)
+    create_groups(redis_client, layout)
     # "dead-a" read 3 entries and died before writing an intent
-    ids_a = [redis_client.xadd(layout.readings(0), _entry("dev-a", 10, 1_764_072_000_000_000 + k * 100)) for k in range(3)]
+    ids_a = [redis_client.xadd(layout.readings(0), series_entry("dev-a", 10, 1_764_072_000_000_000 + k * 100)) for k in range(3)]
     redis_client.xreadgroup("writers", "dead-a", {layout.readings(0): ">"})
     # "dead-b" read 2 entries, wrote its intent, inserted, and died before XACK
-    ids_b = [redis_client.xadd(layout.readings(1), _entry("dev-b", 10, 1_764_072_100_000_000 + k * 100)) for k in range(2)]
+    ids_b = [redis_client.xadd(layout.readings(1), series_entry("dev-b", 10, 1_764_072_100_000_000 + k * 100)) for k in range(2)]
     redis_client.xreadgroup("writers", "dead-b", {layout.readings(1): ">"})
     entries = [[layout.readings(1), i.decode()] for i in ids_b]
     redis_client.set(layout.intent("dead-b"), json.dumps({"token": "tok-b", "entries": entries}))
@@ -109,10 +98,9 @@ def test_a_writer_that_woke_up_inserts_only_entries_it_still_owns(
         writer={"consumer": "sleepy"},
     )
     layout = StreamLayout("sh", 1)
-    for s in layout.all_streams():
-        redis_client.xgroup_create(s, "writers", id="0", mkstream=True)
+    create_groups(redis_client, layout)
     stream = layout.readings(0)
-    ids = [redis_client.xadd(stream, _entry(f"dev-{k}", 5, 1_764_072_000_000_000 + k * 10)) for k in range(4)]
+    ids = [redis_client.xadd(stream, series_entry(f"dev-{k}", 5, 1_764_072_000_000_000 + k * 10)) for k in range(4)]
     apply_schema(ch_client, ch_database)
     w = Writer(settings)
     w.ch = ch_client
@@ -147,14 +135,13 @@ def test_an_intent_left_behind_is_finished_before_a_take_could_write_over_it(
         writer={"consumer": "w1"},
     )
     layout = StreamLayout("sh", 1)
-    for s in layout.all_streams():
-        redis_client.xgroup_create(s, "writers", id="0", mkstream=True)
+    create_groups(redis_client, layout)
     stream = layout.readings(0)
-    old = [redis_client.xadd(stream, _entry("dev-old", 5, 1_764_072_000_000_000 + k * 10)) for k in range(2)]
+    old = [redis_client.xadd(stream, series_entry("dev-old", 5, 1_764_072_000_000_000 + k * 10)) for k in range(2)]
     redis_client.xreadgroup("writers", "w1", {stream: ">"})
     redis_client.set(layout.intent("w1"), json.dumps({"token": "tok-old", "entries": [[stream, i.decode()] for i in old]}))
     for k in range(3):
-        redis_client.xadd(stream, _entry("dev-new", 5, 1_764_072_100_000_000 + k * 10))
+        redis_client.xadd(stream, series_entry("dev-new", 5, 1_764_072_100_000_000 + k * 10))
     apply_schema(ch_client, ch_database)
     w = Writer(settings)
     w.ch = ch_client

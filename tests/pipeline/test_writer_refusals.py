@@ -26,6 +26,7 @@ import clickhouse_connect
 import pytest
 from kit import services
 from kit.disk import fill
+from kit.streams import create_groups, readings_entry
 
 from sensorhub.config import load_settings
 from sensorhub.decoders import ReadingBatch
@@ -42,7 +43,6 @@ from sensorhub.pipeline.columns import Batch
 from sensorhub.pipeline.dlq import replay_dead_letters
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.rejected import READING_TOPIC, DeviceTimeWindow, reading_payload
-from sensorhub.pipeline.streams import F_BLOCK, F_KIND, F_SOURCE, KIND_READINGS, encode_block
 from sensorhub.pipeline.writer import Writer
 from sensorhub.sinks.schema import apply_schema
 
@@ -56,7 +56,7 @@ def _entry(readings: list[Reading]) -> dict[bytes, bytes]:
     b = ReadingBatch()
     for r in readings:
         b.append(*r)
-    return {F_BLOCK: encode_block(b, 0), F_SOURCE: b"mqtt", F_KIND: KIND_READINGS}
+    return readings_entry(b)
 
 
 def _publish(r: Any, layout: StreamLayout, entries: list[list[Reading]]) -> None:
@@ -65,11 +65,6 @@ def _publish(r: Any, layout: StreamLayout, entries: list[list[Reading]]) -> None
         r.xadd(layout.readings(k % layout.partitions), _entry(readings))
         for rd in readings:
             r.hincrby(layout.audit_key("mqtt", rd[6] // 60_000_000, k % layout.partitions), "xadded", 1)
-
-
-def _groups(r: Any, layout: StreamLayout) -> None:
-    for s in layout.all_streams():
-        r.xgroup_create(s, "writers", id="0", mkstream=True)
 
 
 def _pending(r: Any, layout: StreamLayout) -> int:
@@ -139,7 +134,7 @@ def test_readings_outside_the_device_time_window_are_dead_lettered_and_replayabl
     redis_client, redis_server, chdb_server, ch_client, ch_database  # type: ignore[no-untyped-def]
 ) -> None:
     layout = StreamLayout("sh", 2)
-    _groups(redis_client, layout)
+    create_groups(redis_client, layout)
     recv = NOW_US
     good = [
         ("press-1", "p", recv - 5_000_000, 1.5, 0, 1, recv),
@@ -253,7 +248,7 @@ def test_a_batch_refused_for_some_rows_stores_the_rest_and_dead_letters_exactly_
     # no merges: a row stored twice stays twice (ReplacingMergeTree would hide it after a merge)
     ch_client.command(f"SYSTEM STOP MERGES {ch_database}.readings")
     layout = StreamLayout("sh", 2)
-    _groups(redis_client, layout)
+    create_groups(redis_client, layout)
     bad_seqs = {0, 77, 78, 150, 299}
     entries, good, bad = _mixed_entries(bad_seqs)
     _publish(redis_client, layout, entries)
@@ -291,7 +286,7 @@ def test_too_many_partitions_for_one_insert_splits_and_stores_every_row(
 ) -> None:
     apply_schema(ch_client, ch_database)
     layout = StreamLayout("sh", 2)
-    _groups(redis_client, layout)
+    create_groups(redis_client, layout)
     ch_client.command(f"SYSTEM STOP MERGES {ch_database}.readings")
     # 12 months of backfill (inside the window) in one batch; this server takes 2 months per INSERT
     readings = [("back-1", "m", NOW_US - k * 31 * DAY_US, float(k), 0, k, NOW_US + k) for k in range(12)]
@@ -315,7 +310,7 @@ def test_each_insert_lands_whole_even_where_the_server_would_cut_it_in_parts(
     # no merges: a row stored twice stays twice (ReplacingMergeTree would hide it after a merge)
     ch_client.command(f"SYSTEM STOP MERGES {ch_database}.readings")
     layout = StreamLayout("sh", 2)
-    _groups(redis_client, layout)
+    create_groups(redis_client, layout)
     entries, good, _ = _mixed_entries({599}, n_entries=60, per_entry=10)
     _publish(redis_client, layout, entries)
     w = Writer(_settings(redis_server, chdb_server, ch_database))
@@ -378,7 +373,7 @@ def test_a_full_disk_is_waited_out_and_nothing_is_dead_lettered(
     ch = clickhouse_connect.get_client(dsn=url)
     try:
         layout = StreamLayout("sh", 2)
-        _groups(redis_client, layout)
+        create_groups(redis_client, layout)
         settings = load_settings(
             redis={"url": redis_server.url, "partitions": 2}, clickhouse={"url": url},
             writer={"consumer": "w1", "backoff": {"initial_s": 0.05, "max_s": 0.2}},
@@ -438,7 +433,7 @@ def test_a_writer_killed_while_splitting_stays_exactly_once(
     # no merges: a row stored twice stays twice (ReplacingMergeTree would hide it after a merge)
     ch_client.command(f"SYSTEM STOP MERGES {ch_database}.readings")
     layout = StreamLayout("sh", 2)
-    _groups(redis_client, layout)
+    create_groups(redis_client, layout)
     bad_seqs = {3, 140, 141, 260}
     entries, good, bad = _mixed_entries(bad_seqs, n_entries=6, per_entry=50)
     _publish(redis_client, layout, entries)
