@@ -24,6 +24,7 @@ is picked up; a refusal is logged as one error line naming the user.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -135,6 +136,8 @@ class MqttSource(MqttSourceBase):
         self._new_session = False
         self._replayed: set[str] = set()
         self.refusals = RefusalLog(self.cfg)
+        self._barrier_mid: int | None = None
+        self._barrier_done = threading.Event()
 
     def start(self) -> None:
         c = self._client
@@ -142,6 +145,7 @@ class MqttSource(MqttSourceBase):
         c.on_disconnect = self._on_disconnect
         c.on_connect_fail = self._on_connect_fail
         c.on_message = self._on_message
+        c.on_unsubscribe = self._on_unsubscribe
         v5 = self.cfg.protocol == "5"
         c.connect_async(
             self.cfg.host,
@@ -224,9 +228,33 @@ class MqttSource(MqttSourceBase):
                 c.ack(mid, 1)
         self.routing.flush_sparkplug()
 
+    def _on_unsubscribe(self, _c: mqtt.Client, _u: Any, mid: int, *_rest: Any) -> None:
+        if mid == self._barrier_mid:
+            self._barrier_done.set()
+
+    def _barrier(self, timeout_s: float = 2.0) -> None:
+        """Wait until the broker has processed every acknowledgement sent so far.
+
+        paho closes the socket the moment its DISCONNECT is written; acknowledgements the broker
+        had not read by then were seen lost (it reset the connection and redelivered them on the
+        next one). The broker handles a client's packets in order, so its UNSUBACK to an
+        UNSUBSCRIBE sent after the acks (from a filter this client never used) proves them read.
+        """
+        if not self.health.connected:
+            return
+        self._barrier_done.clear()
+        rc, mid = self._client.unsubscribe(f"$sensorhub/barrier/{self.client_id}")
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            return
+        self._barrier_mid = mid
+        if not self._barrier_done.wait(timeout_s):
+            log.warning("MQTT: no UNSUBACK within %.0f s before disconnecting; the broker may "
+                        "redeliver the last acknowledged messages", timeout_s)
+
     def stop(self) -> None:
         self._stopping.set()
         self.routing.stop_sparkplug()
+        self._barrier()
         self._client.disconnect()
         self._client.loop_stop()
         self.health.connected = False
