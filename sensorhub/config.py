@@ -367,6 +367,10 @@ class WriterSettings(_Section):
         "otherwise a batch is inserted as soon as the streams are drained"
     )
     read_count: int = Field(256, ge=1, description="stream entries per XREADGROUP")
+    overlap: bool = Field(
+        True, description="read and decode the next batch while one INSERT is in flight; "
+        "false: the loop waits for each INSERT"
+    )
     claim_idle_ms: int = Field(15_000, ge=100, description="claim entries idle this long from dead writers")
     trim_interval_s: float = Field(1.0, gt=0)
     lag_alert_s: float = Field(5.0, gt=0)

@@ -443,41 +443,49 @@ class Delivery:
             self.redis.delete(key)
         self.metrics.inc("intents_replayed")
 
+    def idle_consumers(self, streams: list[str]) -> list[tuple[str, str]]:
+        """(stream, consumer) of other consumers with entries idle longer than ``claim_idle_ms``; reads only."""
+        found: list[tuple[str, str]] = []
+        for s in streams:
+            info = self.redis.xpending(s, self.group)
+            if not info or not info.get("pending"):
+                continue
+            for c in info.get("consumers") or []:
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                if name == self.consumer:
+                    continue
+                if self.redis.xpending_range(
+                    s, self.group, min="-", max="+", count=1, consumername=name, idle=self.cfg.claim_idle_ms
+                ):
+                    found.append((s, name))
+        return found
+
     def claim_from_dead(self, streams: list[str]) -> bool:
-        """Claim entries idle longer than ``claim_idle_ms`` from other consumers."""
+        """Claim entries idle longer than ``claim_idle_ms`` from other consumers.
+
+        Runs while no flush of this writer is in flight: it may finish a dead consumer's intent.
+        """
         claimed = False
         try:
-            for s in streams:
-                info = self.redis.xpending(s, self.group)
-                if not info or not info.get("pending"):
-                    continue
-                for c in info.get("consumers") or []:
-                    name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
-                    if name == self.consumer:
-                        continue
-                    idle = self.redis.xpending_range(
-                        s, self.group, min="-", max="+", count=1, consumername=name, idle=self.cfg.claim_idle_ms
+            for s, name in self.idle_consumers(streams):
+                if self.has_intent(name):
+                    # (the main loop flushes its own batch before reading claimed entries)
+                    self.recover_intent(name)
+                start = "0-0"
+                while True:
+                    # (redis-py drops the cursor of a JUSTID reply, so take whole entries)
+                    nxt, entries, *_ = self.redis.xautoclaim(
+                        s, self.group, self.consumer, self.cfg.claim_idle_ms, start_id=start, count=1000
                     )
-                    if not idle:
-                        continue
-                    if self.has_intent(name):
-                        # (the main loop flushes its own batch before reading claimed entries)
-                        self.recover_intent(name)
-                    start = "0-0"
-                    while True:
-                        # (redis-py drops the cursor of a JUSTID reply, so take whole entries)
-                        nxt, entries, *_ = self.redis.xautoclaim(
-                            s, self.group, self.consumer, self.cfg.claim_idle_ms, start_id=start, count=1000
-                        )
-                        ids = [e[0] for e in entries if e]
-                        if ids:
-                            claimed = True
-                            self.metrics.inc("claimed", len(ids))
-                            log.warning("claimed %d idle entries of %s on %s", len(ids), name, s)
-                        nxt = nxt.decode() if isinstance(nxt, bytes) else nxt
-                        if nxt == "0-0" or not ids:
-                            break
-                        start = nxt
+                    ids = [e[0] for e in entries if e]
+                    if ids:
+                        claimed = True
+                        self.metrics.inc("claimed", len(ids))
+                        log.warning("claimed %d idle entries of %s on %s", len(ids), name, s)
+                    nxt = nxt.decode() if isinstance(nxt, bytes) else nxt
+                    if nxt == "0-0" or not ids:
+                        break
+                    start = nxt
         except redis.RedisError as exc:
             log.warning("claiming idle entries failed: %s", exc)
         return claimed

@@ -18,7 +18,9 @@ The rooms it joins:
   there;
 - :mod:`sensorhub.pipeline.clickhouse_errors`: the one error boundary every
   call into ClickHouse goes through (retryable, row-caused, or our bug);
-- :mod:`sensorhub.pipeline.exports`: ``hop_latency`` and ``ingest_audit``.
+- :mod:`sensorhub.pipeline.exports`: ``hop_latency`` and ``ingest_audit``;
+- :mod:`sensorhub.pipeline.inserter`: the thread each batch's protocol and the
+  exports run on, so the loop reads the next batch while an INSERT is in flight.
 
 Retryable errors (ClickHouse down, 503, timeouts, a full disk) are waited
 out with capped jittered backoff and the same batch, never dead-lettered;
@@ -52,6 +54,7 @@ from sensorhub.pipeline.clickhouse_errors import (
 from sensorhub.pipeline.columns import DLQ_COLS, READING_COLS, TRADE_COLS, Batch, EntryColumns
 from sensorhub.pipeline.delivery import Delivery, insert_settings
 from sensorhub.pipeline.exports import store_audit, store_hop_latency
+from sensorhub.pipeline.inserter import InsertThread
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.lag import LagAlarm, stream_states
 from sensorhub.pipeline.redisconn import is_cluster, redis_client
@@ -100,6 +103,7 @@ class Writer:
         # systemd from killing a writer that waits for ClickHouse at boot
         self._wd = notify.Watchdog()
         self._lag_alarm = LagAlarm(self.metrics, self.redis, self.layout.events, self.cfg.lag_alert_s)
+        self.inserts = InsertThread(f"insert-{self.consumer}", self._wd.tick)
 
     # ---- setup ----
     def _retry(self, what: str, fn: Any, raise_row_caused: bool = False) -> Any:
@@ -110,7 +114,7 @@ class Writer:
         """
         b = self.cfg.backoff
         delay = b.initial_s
-        while not self.stop_event.is_set():
+        while True:  # tried once even when stopping: a stop in the middle of a flush finishes it
             try:
                 return fn()
             except ClickHouseFailed as exc:  # from a call through sink_boundary
@@ -128,6 +132,8 @@ class Writer:
             except (redis.RedisError, SinkError, OSError) as exc:
                 self.metrics.inc("retries")
                 log.warning("%s failed (%s); retrying in ~%.1f s", what, exc, delay)
+            if self.stop_event.is_set():
+                break
             self._idle_beat()
             self.stop_event.wait(delay * (0.5 + random.random() / 2))
             delay = min(delay * b.factor, b.max_s)
@@ -169,10 +175,18 @@ class Writer:
         return self.layout.partition_of(stream) if self.cluster else None
 
     def _flush_all(self, batches: dict[int | None, Batch]) -> None:
+        """Every batch inserted and acknowledged, and nothing left in flight, when this returns."""
         for b in batches.values():
             if b.entries:
-                self.delivery.flush(b)
+                self._flush(b)
         batches.clear()
+        self.inserts.drain()
+
+    def _flush(self, batch: Batch) -> None:
+        """Hand ``batch`` to the insert thread (after the one before it); with ``writer.overlap`` off, wait for it."""
+        self.inserts.submit_batch(lambda: self.delivery.flush(batch))
+        if not self.cfg.overlap:
+            self.inserts.wait_batch()
 
     def run(self) -> int:
         self._ensure_groups()
@@ -181,6 +195,12 @@ class Writer:
         self.state = "replaying"
         notify.ready(f"writer {self.consumer} started")
         wd = self._wd
+        try:
+            return self._loop(wd)
+        finally:
+            self.inserts.close()
+
+    def _loop(self, wd: notify.Watchdog) -> int:
         # Own pending entries are read from a cursor per stream ("0" = from the
         # start; XREADGROUP with an id returns pending entries after it), so each
         # is read once; once every stream came back empty, new entries (">").
@@ -192,15 +212,22 @@ class Writer:
             wd.tick()
             if now - last["claim"] >= max(1.0, self.cfg.claim_idle_ms / 4000):
                 last["claim"] = now
-                if self.delivery.claim_from_dead(self.streams):
-                    self._flush_all(batches)  # claimed entries are read as pending: flush first
-                    pending = dict.fromkeys(self.streams, "0")
+                if self._others_idle():
+                    # claimed entries are read as pending, and a dead consumer's intent is
+                    # finished by this thread: nothing of ours may be in flight meanwhile
+                    self._flush_all(batches)
+                    if self.delivery.claim_from_dead(self.streams):
+                        pending = dict.fromkeys(self.streams, "0")
             if pending is not None:
                 streams, block_ms = pending, None
             else:
                 streams = dict.fromkeys(self.streams, ">")
                 firsts = [b.first for b in batches.values() if b.entries]
-                if firsts:
+                if firsts and self.inserts.busy():
+                    # an INSERT is in flight: take what has come meanwhile, a few ms of it at a time
+                    self.inserts.wait_batch(0.005)
+                    block_ms = None
+                elif firsts:
                     wait = self.cfg.min_batch_ms - (time.monotonic() - min(firsts)) * 1000
                     block_ms = max(1, int(wait)) if wait > 0 else None
                 else:
@@ -215,6 +242,7 @@ class Writer:
                 self._retry("reconnect to Redis", self._reconnect)
                 # a failover may have lost the last acknowledgements and left their intents:
                 # those come first, before a take could write over them
+                self.inserts.drain()
                 self.delivery.recover_intent(self.consumer)
                 self._flush_all(batches)
                 pending = dict.fromkeys(self.streams, "0")
@@ -243,17 +271,19 @@ class Writer:
                     self._after_replay()
             caught_up = pending is None and got < self.cfg.read_count
             # Insert as soon as the streams are drained (low latency at any load: while
-            # one INSERT runs the next batch grows by itself), but no more often than
-            # min_batch_ms (bounds parts per second), and at the latest after batch_ms.
+            # one INSERT runs the next batch grows, read and decoded meanwhile), but no more
+            # often than min_batch_ms (bounds parts per second), and at the latest after
+            # batch_ms or at batch_rows, when the loop waits for the INSERT in flight.
+            busy = self.inserts.busy()
             for scope, batch in list(batches.items()):
                 age_ms = (time.monotonic() - batch.first) * 1000 if batch.entries else 0.0
-                if batch.entries and (
-                    batch.rows >= self.cfg.batch_rows
-                    or age_ms >= self.cfg.batch_ms
-                    or (caught_up and age_ms >= self.cfg.min_batch_ms)
-                ):
-                    self.delivery.flush(batch)
+                if not batch.entries:
+                    continue
+                full = batch.rows >= self.cfg.batch_rows or age_ms >= self.cfg.batch_ms
+                if full or (caught_up and age_ms >= self.cfg.min_batch_ms and not busy):
+                    self._flush(batch)
                     del batches[scope]
+                    busy = True
             if now - last["trim"] >= self.cfg.trim_interval_s:
                 last["trim"] = now
                 self._trim_and_lag()
@@ -262,14 +292,24 @@ class Writer:
                 self._publish_metrics()
             if now - last["hop"] >= self.cfg.hop_latency_interval_s:
                 last["hop"] = now
-                store_hop_latency(self.metrics, self.redis, self.ch, self.layout, self.db)
+                self.inserts.submit(lambda: store_hop_latency(self.metrics, self.redis, self.ch, self.layout, self.db))
             if now - last["audit"] >= 10.0:
                 last["audit"] = now
-                store_audit(self.redis, self.ch, self.layout, self.db)
+                self.inserts.submit(lambda: store_audit(self.redis, self.ch, self.layout, self.db))
         notify.stopping("writer draining")
+        if self.state == "waiting":
+            # ClickHouse is out: what was read stays pending in Redis for the next start
+            batches.clear()
         self._flush_all(batches)
         self._publish_metrics()
         return 0
+
+    def _others_idle(self) -> bool:
+        try:
+            return bool(self.delivery.idle_consumers(self.streams))
+        except redis.RedisError as exc:
+            log.warning("looking for idle entries of other writers failed: %s", exc)
+            return False
 
     def _reconnect(self) -> None:
         refresh_topology(self.redis)  # a cluster may have failed over: its slots again
