@@ -23,6 +23,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import psutil
@@ -117,6 +118,35 @@ class Metrics:
             self._interval[hop].record_value(v, count)
             self._buckets[hop][bisect_left(LATENCY_BUCKETS_US, v)] += count
             self._sums[hop] += v * count
+
+    def record_since(self, hop: str, now: int, times: Sequence[int], per_us: int = 1, most: int = 64) -> None:
+        """``now - t`` for every ``t`` of ``times``, with at most ``most`` of them recorded.
+
+        ``now`` and ``times`` are in units of ``1 / per_us`` µs (1 for µs, 1000 for ns). Every
+        ``stride``-th value is recorded with the weight of the ``stride`` values it stands for, so
+        the counts are exact and the percentiles those of an even sample: recording costs a few µs
+        a value (pure-Python HdrHistogram), and a batch of thousands of readings would cost more
+        than the rest of its handling.
+        """
+        n = len(times)
+        if not n:
+            return
+        stride = -(-n // max(1, most))
+        with self._lock:
+            hists, interval, buckets = self._hists[hop], self._interval[hop], self._buckets[hop]
+            total = 0
+            for i in range(0, n, stride):
+                w = min(stride, n - i)
+                v = int((now - times[i]) / per_us)
+                if v < _LOWEST:
+                    v = _LOWEST
+                elif v > _HIGHEST:
+                    v = _HIGHEST
+                hists.record_value(v, w)
+                interval.record_value(v, w)
+                buckets[bisect_left(LATENCY_BUCKETS_US, v)] += w
+                total += v * w
+            self._sums[hop] += total
 
     def take_interval(self) -> tuple[float, float, dict[str, dict[str, float]]]:
         """Per-hop percentiles since the last call (start time, seconds, stats)."""

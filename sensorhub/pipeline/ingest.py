@@ -499,8 +499,7 @@ class Ingest:
         done = time.time_ns()
         m = self.metrics
         m.record_us(hops.DECODE_TO_XADD, (done - decode_ns) / 1000)
-        for r in self._frame_recv:
-            m.record_us(hops.RECV_TO_XADD, (done - r) / 1000)
+        m.record_since(hops.RECV_TO_XADD, done, self._frame_recv, per_us=1000)
         m.inc("readings" if not self._trades else "trades", rows)
         m.inc("entries", n_entries)
         self._after_flush()

@@ -16,13 +16,13 @@ PACKAGE = Path(hops.__file__).resolve().parents[1]
 
 
 def _recorded_hops() -> dict[str, list[str]]:
-    """Every hop name a ``record_us`` call in sensorhub/ passes, with where it is called."""
+    """Every hop name a ``record_us`` or ``record_since`` call in sensorhub/ passes, with where it is called."""
     found: dict[str, list[str]] = {}
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "record_us"):
+                    and node.func.attr in ("record_us", "record_since")):
                 continue
             where = f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
             arg = node.args[0] if node.args else None
@@ -70,3 +70,19 @@ def test_verdict_names_the_ingest_hop_when_it_is_the_slowest(redis_client: Any) 
     assert set(st["latency"]) == {hops.RECV_TO_XADD, hops.DECODE_TO_XADD, hops.READ_TO_INSERT, hops.INSERT,
                                   hops.RECV_TO_INSERT}
     assert st["verdict"]["delay"].startswith("recv_to_xadd p99 25"), st["verdict"]
+
+
+def test_record_since_counts_every_value_and_records_an_even_sample() -> None:
+    m = Metrics("writer", "sampled")
+    now = 10_000_000
+    times = [now - (1000 + i) for i in range(3_300)]  # 1.000 ... 4.299 ms ago, µs
+    m.record_since(hops.RECV_TO_XADD, now, times, most=64)
+    m.record_since(hops.RECV_TO_XADD, now * 1000, [t * 1000 for t in times[:7]], per_us=1000)  # ns, fewer than most
+    snap = m.snapshot()
+    lat = snap["latency"][hops.RECV_TO_XADD]
+    assert lat["count"] == 3_307  # exact counts, whatever the sample
+    assert abs(lat["p50_ms"] - 2.65) < 0.06 and abs(lat["p99_ms"] - 4.27) < 0.06, lat
+    h = snap["histograms"][hops.RECV_TO_XADD]
+    assert h["count"] == 3_307
+    _, _, interval = m.take_interval()
+    assert interval[hops.RECV_TO_XADD]["count"] == 3_307
