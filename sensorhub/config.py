@@ -368,7 +368,8 @@ class WriterSettings(_Section):
     )
     read_count: int = Field(256, ge=1, description="stream entries per XREADGROUP")
     overlap: bool = Field(
-        True, description="read and decode the next batch while one INSERT is in flight; "
+        False, description="read and decode the next batch while one INSERT is in flight (more CPU for "
+        "the writer and the engine; it did not lower latency on a 2-core box, docs/performance.md); "
         "false: the loop waits for each INSERT"
     )
     claim_idle_ms: int = Field(15_000, ge=100, description="claim entries idle this long from dead writers")

@@ -3,9 +3,9 @@
 Everything the writer sends to ClickHouse after start-up goes through this one thread, in the
 order it was handed over: a batch's exactly-once protocol (:meth:`Delivery.flush`), and the
 periodic exports (``hop_latency``, ``ingest_audit``). So the protocol's steps stay serial, one
-intent at a time per consumer, as before; what changes is that the loop goes on reading entries
-(and building the next batch's columns) while an INSERT is in flight, instead of leaving them in
-Redis until it returns.
+intent at a time per consumer, as before. With ``writer.overlap`` the loop goes on reading
+entries (and building the next batch's columns) while an INSERT is in flight, instead of leaving
+them in Redis until it returns; without it (the default) the loop waits for each batch here.
 
 At most one batch is handed over and not yet done (:meth:`submit_batch` waits for the previous
 one): the writer holds at most two batches in memory, the one being inserted and the one
