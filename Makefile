@@ -63,12 +63,17 @@ bench: setup
 bench-docs: venv
 	$(PY) benchmarks/docs_tables.py
 
-# Sustained latency: 10 minutes at 40k readings/s (frames of 10), with the box's reference measured
-# before and after; SOAK_RATE, SOAK_SECONDS change the load. JSON: benchmarks/results/soak-*.json
-SOAK_RATE ?= 40000
-SOAK_SECONDS ?= 600
+# Sustained latency: MINUTES at RATE readings/s in frames of PER_MESSAGE (10 minutes at 40k in
+# frames of 10), the box's reference measured before and after, the writer and the chdb-server
+# profiled with py-spy for PROFILE_S seconds mid-run. JSON and PNG: benchmarks/results/soak-*
+MINUTES ?= 10
+RATE ?= 40000
+PER_MESSAGE ?= 10
+PROFILE_S ?= 30
 soak: setup
-	$(PY) benchmarks/soak.py --rate $(SOAK_RATE) --per-message 10 --seconds $(SOAK_SECONDS)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) benchmarks/soak.py --rate $(RATE) --per-message $(PER_MESSAGE) --seconds $$(( $(MINUTES) * 60 )) \
+	  --profile-s $(PROFILE_S)
 
 faults: setup
 	SENSORHUB_FAULT_RATE=40000 SENSORHUB_FAULT_SECONDS=60 SENSORHUB_FAULT_OVERLOAD=1 SENSORHUB_FAULT_DISK_FULL=1 \

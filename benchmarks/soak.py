@@ -3,9 +3,15 @@
 Short runs flatter the pipeline: merges, compaction and GC show up after
 minutes. Each run here starts a fresh ``sensorhub stack``, drives it with
 ``sensorhub-sim loadtest`` (200 devices, QoS 1) for ``--seconds``, then
-reads from ClickHouse, per minute of device time, the count and the
-percentiles of device time → row inserted. Every 5 s it samples CPU and RSS
-of every process. Before the stack starts, and again after it stops, it
+reads from ClickHouse, per minute and per 10 s of device time, the count and
+the percentiles of device time → row inserted. Every 10 s it samples CPU and
+RSS of every process (the simulator's too), Redis memory, the active parts of
+``readings``, the merges in progress and the bytes on disk. With
+``--profile-s`` it records the writer and the chdb-server with py-spy for that
+long in the middle of the run and keeps each one's top functions. It draws
+the run (latency, RSS and parts over time, merges marked) into a PNG beside
+the JSON when matplotlib is there (``make soak`` installs it and py-spy).
+Before the stack starts, and again after it stops, it
 measures a fixed reference on the same box, so figures from different
 machines and moments can be compared:
 
@@ -13,10 +19,10 @@ machines and moments can be compared:
 - ``ref_chdb``: chdb alone in one process, 1,000-row inserts 40 times a
   second for ``--ref-seconds`` (insert p50/p99 ms): the engine's speed.
 
-Writes ``benchmarks/results/soak-<label>.json``. The goals it checks (for
-the 40k readings/s case): zero loss, p50 < 20 ms, p99 < 50 ms, max < 250 ms,
-every minute's p99 < 50 ms. Bounded: the load stops after ``--seconds`` and
-the drain wait is capped.
+Writes ``benchmarks/results/soak-<label>.json`` (and ``.png``). The goals it
+checks (for the 40k readings/s case): zero loss, p50 < 20 ms, p99 < 50 ms,
+max < 250 ms, every minute's p99 < 50 ms. Bounded: the load stops after
+``--seconds`` and the drain wait is capped.
 
     python benchmarks/soak.py --rate 40000 --per-message 10 --seconds 600 --label 40k
     python benchmarks/soak.py --rate 120000 --per-message 10 --seconds 600 --label 120k
@@ -40,7 +46,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-SAMPLE_S = 5.0
+SAMPLE_S = 10.0
 
 _REF_CHDB = r"""
 import json, sys, tempfile, time
@@ -79,61 +85,205 @@ def reference(ref_seconds: float) -> dict[str, Any]:
     return {"ref_python_s": round(py, 3), "ref_chdb": chdb_ref, "loadavg": os.getloadavg()}
 
 
-class Sampler(threading.Thread):
-    """CPU (cores used) and RSS (MB) of every stack process every SAMPLE_S seconds."""
+_STORE_SQL = """
+SELECT
+  (SELECT count() FROM system.parts WHERE active AND database = currentDatabase() AND table = 'readings'),
+  (SELECT count() FROM system.parts WHERE active AND database = currentDatabase()),
+  (SELECT sum(bytes_on_disk) FROM system.parts WHERE active AND database = currentDatabase()),
+  (SELECT count() FROM system.merges WHERE database = currentDatabase()),
+  (SELECT max(total_size_bytes_compressed) FROM system.merges WHERE database = currentDatabase())
+"""
 
-    def __init__(self, pids: dict[str, int]) -> None:
+
+class Sampler(threading.Thread):
+    """Every SAMPLE_S seconds: CPU (cores) and RSS (MB) per process, Redis memory, parts, merges, bytes on disk."""
+
+    def __init__(self, pids: dict[str, int], redis_url: str, clickhouse_url: str) -> None:
         super().__init__(daemon=True, name="soak-sampler")
-        self.pids = pids
+        self.pids = dict(pids)
+        self.redis_url, self.clickhouse_url = redis_url, clickhouse_url
         self.samples: list[dict[str, Any]] = []
         self.stop = threading.Event()
+        self._procs: dict[str, psutil.Process] = {}
+        self._last: dict[str, Any] = {}
+
+    def add(self, name: str, pid: int) -> None:
+        """Sample one more process from now on (the simulator, once it started)."""
+        try:
+            p = psutil.Process(pid)
+            self._last[name] = p.cpu_times()
+            self._procs[name] = p
+        except psutil.Error:
+            pass
+
+    def _store(self, ch: Any, r: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        try:
+            out["redis_used_mb"] = round(int(r.info("memory")["used_memory"]) / 2**20, 1)
+        except Exception as exc:  # a sample is best effort; the run goes on
+            out["redis_error"] = str(exc)[:200]
+        try:
+            parts, all_parts, disk, merges, largest = ch.query(_STORE_SQL).result_rows[0]
+            out.update(readings_parts=int(parts), parts=int(all_parts), disk_mb=round(int(disk or 0) / 2**20, 1),
+                       merges=int(merges), largest_merge_mb=round(int(largest or 0) / 2**20, 1))
+        except Exception as exc:
+            out["clickhouse_error"] = str(exc)[:200]
+        return out
 
     def run(self) -> None:
-        procs = {}
+        import clickhouse_connect
+        import redis
+
         for name, pid in self.pids.items():
-            try:
-                procs[name] = psutil.Process(pid)
-            except psutil.Error:
-                pass
-        last = {n: p.cpu_times() for n, p in procs.items()}
+            self.add(name, pid)
+        ch = clickhouse_connect.get_client(dsn=self.clickhouse_url, send_receive_timeout=30)
+        r = redis.Redis.from_url(self.redis_url, socket_timeout=5)
         t_last = time.monotonic()
         t0 = t_last
-        while not self.stop.wait(SAMPLE_S):
-            now = time.monotonic()
-            row: dict[str, Any] = {"t_s": round(now - t0, 1), "cpu": {}, "rss_mb": {}}
-            for n, p in procs.items():
-                try:
-                    ct = p.cpu_times()
-                    row["cpu"][n] = round((ct.user + ct.system - last[n].user - last[n].system) / (now - t_last), 2)
-                    row["rss_mb"][n] = round(p.memory_info().rss / 2**20, 1)
-                    last[n] = ct
-                except psutil.Error:
-                    continue
-            t_last = now
-            self.samples.append(row)
+        try:
+            while not self.stop.wait(SAMPLE_S):
+                now = time.monotonic()
+                row: dict[str, Any] = {"t_s": round(now - t0, 1), "cpu": {}, "rss_mb": {}}
+                for n, p in list(self._procs.items()):
+                    try:
+                        ct = p.cpu_times()
+                        last = self._last[n]
+                        row["cpu"][n] = round((ct.user + ct.system - last.user - last.system) / (now - t_last), 2)
+                        row["rss_mb"][n] = round(p.memory_info().rss / 2**20, 1)
+                        self._last[n] = ct
+                    except psutil.Error:
+                        continue
+                t_last = now
+                row.update(self._store(ch, r))
+                self.samples.append(row)
+        finally:
+            ch.close()
+            r.close()
 
 
-def per_minute(clickhouse_url: str, devices_prefix: str) -> list[dict[str, Any]]:
-    """Per minute of device time: readings and device → inserted latency percentiles (ms)."""
+def profile(pids: dict[str, int], seconds: float, out_dir: Path, label: str) -> dict[str, Any]:
+    """py-spy on each process for ``seconds`` at once: the 15 functions most often on top of a stack."""
+    import shutil
+
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        return {"error": "py-spy is not installed (make soak installs it)"}
+    procs = {}
+    for name, pid in pids.items():
+        raw = out_dir / f"soak-{label}-{name}.folded"
+        procs[name] = (raw, subprocess.Popen(
+            [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "50",
+             "--format", "raw", "--output", str(raw), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        ))
+    out: dict[str, Any] = {}
+    for name, (raw, proc) in procs.items():
+        try:
+            _, err = proc.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = "py-spy did not finish"
+        if not raw.exists():
+            out[name] = {"error": (err or "")[-500:]}
+            continue
+        top: dict[str, int] = {}
+        total = 0
+        for line in raw.read_text().splitlines():
+            stack, _, n = line.rpartition(" ")
+            if not n.isdigit():
+                continue
+            total += int(n)
+            leaf = stack.rsplit(";", 1)[-1]
+            top[leaf] = top.get(leaf, 0) + int(n)
+        raw.unlink()
+        out[name] = {"samples": total, "top_self": [
+            {"function": f, "share": round(n / total, 3)} for f, n in sorted(top.items(), key=lambda kv: -kv[1])[:15]
+        ]}
+    return out
+
+
+def per_interval(clickhouse_url: str, devices_prefix: str, seconds: int) -> list[dict[str, Any]]:
+    """Per ``seconds`` of device time: readings and device → inserted latency percentiles (ms)."""
     import clickhouse_connect
 
     ch = clickhouse_connect.get_client(dsn=clickhouse_url, send_receive_timeout=600)
     rows = ch.query(
-        """
-        SELECT toStartOfMinute(ts) AS m, count(),
+        f"""
+        SELECT toStartOfInterval(ts, INTERVAL {int(seconds)} SECOND) AS m, count(),
                quantilesTDigest(0.5, 0.95, 0.99)(d), max(d)
         FROM (SELECT ts, (toUnixTimestamp64Micro(inserted) - toUnixTimestamp64Micro(ts)) / 1000.0 AS d
-              FROM readings WHERE startsWith(device, {p:String}))
+              FROM readings WHERE startsWith(device, {{p:String}}))
         GROUP BY m ORDER BY m
         """,
         parameters={"p": devices_prefix},
     ).result_rows
     ch.close()
+    key = "minute" if seconds == 60 else "start"
     return [
-        {"minute": str(m), "readings": int(n), "p50_ms": round(q[0], 2), "p95_ms": round(q[1], 2),
+        {key: str(m), "readings": int(n), "p50_ms": round(q[0], 2), "p95_ms": round(q[1], 2),
          "p99_ms": round(q[2], 2), "max_ms": round(mx, 2)}
         for m, n, q, mx in rows
     ]
+
+
+def plot(out: dict[str, Any], png: Path) -> str | None:
+    """Latency per 10 s, RSS per process and active parts over the run, merges marked; None if drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (make soak installs it)"
+    from datetime import datetime
+
+    iv = out["per_10s"]
+    if not iv:
+        return "no rows"
+    t0 = datetime.fromisoformat(iv[0]["start"])
+    xs = [(datetime.fromisoformat(r["start"]) - t0).total_seconds() for r in iv]
+    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
+    for k, style in (("p50_ms", "-"), ("p99_ms", "-"), ("max_ms", ":")):
+        a1.plot(xs, [r[k] for r in iv], style, label=k.replace("_ms", ""))
+    a1.axhline(50, color="grey", lw=0.8, ls="--")
+    a1.set_yscale("log")
+    a1.set_ylabel("device time → row, ms")
+    a1.legend(loc="upper left")
+    tl = out["timeline"]
+    # the sampler's clock starts with the load, like the readings' device time (within a second or two)
+    ts = [s["t_s"] for s in tl]
+    for name in (tl[0]["rss_mb"] if tl else {}):
+        a2.plot(ts, [s["rss_mb"].get(name) for s in tl], label=name)
+    a2.set_ylabel("RSS, MB")
+    a2.legend(loc="upper left", fontsize=8)
+    a3.plot(ts, [s.get("readings_parts") for s in tl], label="active parts of readings")
+    a3.plot(ts, [s.get("redis_used_mb") for s in tl], label="Redis used, MB")
+    a3.set_ylabel("count / MB")
+    a3.set_xlabel("seconds into the run")
+    a3.legend(loc="upper left", fontsize=8)
+    for s in tl:
+        if s.get("merges"):
+            for a in (a1, a2, a3):
+                a.axvspan(s["t_s"] - SAMPLE_S, s["t_s"], color="orange", alpha=0.12, lw=0)
+    r = out["result"]
+    fig.suptitle(f"{out['label']}: {out['rate']} readings/s x{out['per_message']}, {out['seconds']:.0f} s; "
+                 f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, max {r['max_ms']} ms; "
+                 f"Python ref {out['reference_before']['ref_python_s']} s (orange: merges running)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return None
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return head + ("-dirty" if dirty else "")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,30 +306,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for stmt in args.after_up:
                 ch.command(stmt)
             ch.close()
-        sampler = Sampler({k: v for k, v in info["pids"].items() if v})
+        pids = {k: v for k, v in info["pids"].items() if v}
+        sampler = Sampler(pids, info["redis_url"], info["clickhouse_url"])
+        spied: dict[str, Any] = {}
         try:
             sampler.start()
             t0 = time.monotonic()
-            lt = subprocess.run(
+            lt = subprocess.Popen(
                 [sys.executable, "-m", "firmware_sim", "loadtest",
                  "--stack", info["dir"],
                  "--rate", str(args.rate), "--duration", str(args.seconds), "--devices", "200",
                  "--format", args.format, "--per-message", str(args.per_message), "--qos", "1",
                  "--drain-timeout", "300", "--full-limit", "0", "--json"],
-                capture_output=True, text=True, timeout=args.seconds + 900,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
+            sampler.add("simulator", lt.pid)
+            if args.profile_s:
+                # in the middle of the run, once merges have had time to start
+                time.sleep(max(0.0, args.seconds / 2 - args.profile_s / 2))
+                spied = profile({k: pids[k] for k in ("writer", "chdb-server") if k in pids},
+                                args.profile_s, RESULTS, args.label)
+            try:
+                stdout, stderr = lt.communicate(timeout=args.seconds + 900)
+            except subprocess.TimeoutExpired:
+                lt.kill()
+                stdout, stderr = lt.communicate()
             wall = time.monotonic() - t0
             sampler.stop.set()
-            lines = [ln for ln in lt.stdout.splitlines() if ln.startswith("{")]
+            lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
             if not lines:
-                raise SystemExit(f"loadtest failed: {lt.stderr[-3000:]}")
+                raise SystemExit(f"loadtest failed: {stderr[-3000:]}")
             res: dict[str, Any] = json.loads(lines[-1])
-            minutes = per_minute(info["clickhouse_url"], "dev")
+            minutes = per_interval(info["clickhouse_url"], "dev", 60)
+            tens = per_interval(info["clickhouse_url"], "dev", 10)
         finally:
             sampler.stop.set()
             subprocess.run([*sh, "stack", "down", "--dir", str(run_dir)], capture_output=True, timeout=180)
     ref_after = reference(args.ref_seconds)
-    full = [m for m in minutes if m["readings"] >= 0.9 * args.rate * 60]  # whole minutes of load
+    # every minute of device time but the first and the last, which the load only partly covers;
+    # not by their count of readings: a minute that stalled holds fewer and must count
+    full = minutes[1:-1]
     goals = {
         "zero_loss": res.get("lost") == 0 and res.get("duplicated") == 0,
         "p50_under_20ms": (res.get("p50_ms") or 1e9) < 20,
@@ -193,14 +359,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "last": sampler.samples[-1]["rss_mb"].get(n)}
            for n in (sampler.samples[0]["rss_mb"] if sampler.samples else {})}
     return {
-        "label": args.label, "rate": args.rate, "per_message": args.per_message, "seconds": args.seconds,
+        "label": args.label, "commit": _commit(), "rate": args.rate, "per_message": args.per_message, "seconds": args.seconds,
         "format": args.format, "config": Path(args.config).read_text() if args.config else "",
         "after_up": list(args.after_up),
         "wall_s": round(wall, 1),
         "result": {k: res.get(k) for k in ("published", "stored", "lost", "duplicated", "mismatched",
                                            "achieved_rate", "p50_ms", "p95_ms", "p99_ms", "max_ms")},
-        "goals": goals, "per_minute": minutes, "cpu_cores_mean": cpu, "rss_mb": rss,
-        "timeline": sampler.samples, "reference_before": ref_before, "reference_after": ref_after,
+        "goals": goals, "per_minute": minutes, "per_10s": tens, "cpu_cores_mean": cpu, "rss_mb": rss,
+        "timeline": sampler.samples, "profile": spied,
+        "reference_before": ref_before, "reference_after": ref_after,
     }
 
 
@@ -215,6 +382,8 @@ def main() -> int:
                    help="a statement run once the stack is up (to compare a schema variant side by side)")
     p.add_argument("--ref-seconds", type=float, default=20.0)
     p.add_argument("--label", default=None)
+    p.add_argument("--profile-s", type=float, default=0.0,
+                   help="record the writer and the chdb-server with py-spy for this long, mid-run")
     args = p.parse_args()
     args.label = args.label or f"{args.rate // 1000}k-x{args.per_message}"
     os.chdir(ROOT)
@@ -222,6 +391,9 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"soak-{args.label}.json"
     path.write_text(json.dumps(out, indent=1))
+    why = plot(out, path.with_suffix(".png"))
+    if why:
+        print(f"no plot: {why}", file=sys.stderr)
     print(json.dumps({"file": str(path.relative_to(ROOT)), **out["result"], "goals": out["goals"],
                       "ref_chdb_p99_before": out["reference_before"]["ref_chdb"].get("p99_ms")}))
     return 0 if out["goals"]["zero_loss"] else 1
