@@ -143,6 +143,9 @@ def _writer_row(s: dict[str, Any], stale_after_s: float) -> dict[str, Any]:
     }
 
 
+P99_MINUTES = 10  # how many minutes of per-minute p99 the latency panel shows
+
+
 def _latency(snaps: list[dict[str, Any]], stale_after_s: float) -> dict[str, dict[str, Any]]:
     """Per hop the worst live process (highest p99): the monitor looks for delay."""
     out: dict[str, dict[str, Any]] = {}
@@ -257,11 +260,22 @@ class StateCollector:
                 parameters={"db": db},
             ).result_rows
             disks = self._ch.query("SELECT free_space, total_space FROM system.disks WHERE name = 'default'").result_rows
+            # per hop and minute, the worst interval p99 any process exported (hop_latency): a drift
+            # shows here while the percentiles since process start hardly move
+            per_minute = self._ch.query(
+                f"SELECT hop, toUnixTimestamp(toStartOfMinute(interval_start)) AS m, max(p99_ms) "
+                f"FROM {db}.hop_latency WHERE interval_start >= now() - INTERVAL {P99_MINUTES} MINUTE "
+                "GROUP BY hop, m ORDER BY hop, m"
+            ).result_rows
+            p99_minutes: dict[str, list[tuple[int, float]]] = {}
+            for hop, m, p99 in per_minute:
+                p99_minutes.setdefault(str(hop), []).append((int(m), float(p99)))
             self._ch_figures = {
                 "readings": readings, "trades": trades, "dead": dead, "latest": latest,
                 "inserted_before": inserted_before,
                 "parts": {str(t): (int(b), int(r)) for t, b, r in parts},
                 "disk": (int(disks[0][0]), int(disks[0][1])) if disks else None,
+                "p99_minutes": p99_minutes,
             }
             self._ch_state = {"ok": True, "url": self.ch_url, "error": None, "checked": now}
         except Exception as exc:  # any failure means "ClickHouse down" on screen
@@ -371,8 +385,10 @@ class StateCollector:
             for hop in set(ALL_HOPS) | set(lat):
                 h = self.history.setdefault(hop, deque(maxlen=self._history_len))
                 h.append(lat[hop]["p99_ms"] if hop in lat else 0.0)
+        minutes = (self._ch_figures or {}).get("p99_minutes", {})
         for hop, st in lat.items():
             st["p99_history"] = list(self.history.get(hop, ()))
+            st["p99_minutes"] = [{"minute": m, "p99_ms": v} for m, v in minutes.get(hop, [])]
         state["latency"] = lat
 
         chf = self._ch_figures

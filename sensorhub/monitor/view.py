@@ -208,14 +208,28 @@ def _pipeline(st: dict[str, Any], wide: bool) -> RenderableType:
     return Group(*lines)
 
 
+_MINUTES_SHOWN, _MINUTES_SHOWN_WIDE = 3, 6
+
+
+def _per_minute(minutes: list[dict[str, Any]], n: int) -> Text:
+    """The last ``n`` minutes' p99 (ms, oldest first), the current minute last and bold."""
+    vals = [m["p99_ms"] for m in minutes[-n:]]
+    if not vals:
+        return Text("–", style="dim")
+    out = Text(" ".join(f"{v:.0f}" for v in vals[:-1]) + (" " if len(vals) > 1 else ""), style="dim")
+    out.append(f"{vals[-1]:.0f}", style="bold")
+    return out
+
+
 def _latency(st: dict[str, Any], wide: bool, width: int) -> RenderableType:
     t = Table(box=box.SIMPLE_HEAD if wide else None, expand=True, pad_edge=False, show_edge=False,
               title=None if wide else "LATENCY (ms)", title_justify="left", title_style="bold")
     t.add_column("hop", no_wrap=True)
     for c in ("p50", "p95", "p99", "max"):
         t.add_column(c, justify="right", no_wrap=True)
+    t.add_column("p99/min", justify="right", no_wrap=True)
     t.add_column("p99 history", no_wrap=True, ratio=1)
-    spark_w = max(8, width - 60)
+    spark_w = max(8, width - 60 - (_MINUTES_SHOWN_WIDE if wide else _MINUTES_SHOWN) * 4)
     from sensorhub.monitor.state import ALL_HOPS
 
     lat = st["latency"]
@@ -223,9 +237,10 @@ def _latency(st: dict[str, Any], wide: bool, width: int) -> RenderableType:
     for hop in order:
         v = lat[hop]
         t.add_row(hop, _ms(v["p50_ms"]), _ms(v["p95_ms"]), _ms(v["p99_ms"]), _ms(v["max_ms"]),
+                  _per_minute(v.get("p99_minutes", []), _MINUTES_SHOWN_WIDE if wide else _MINUTES_SHOWN),
                   Text(sparkline(v.get("p99_history", []), spark_w), style="cyan"))
     if not order:
-        t.add_row(Text("no latency recorded yet", style="dim"), "", "", "", "", "")
+        t.add_row(Text("no latency recorded yet", style="dim"), "", "", "", "", "", "")
     return Panel(t, title="latency (ms)", title_align="left") if wide else t
 
 

@@ -258,3 +258,30 @@ def test_readings_the_writer_dead_lettered_are_not_pending(
     t = st["totals"]
     assert (t["xadded"], t["inserted"], t["writer_dead_lettered"], t["pending"]) == (880, 870, 4, 6)
     assert st["dead_letters"]["count_today"] == 2 + 4
+
+
+def test_latency_shows_each_minutes_worst_p99_from_hop_latency(
+    fleet: dict[str, Any], redis_client: Any, chdb_server: Any, ch_client: Any, ch_database: str
+) -> None:
+    from datetime import timedelta
+
+    from sensorhub.pipeline.exports import HOP_LATENCY_COLS
+
+    apply_schema(ch_client, ch_database)
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)
+    two_ago, one_ago, long_ago = minute - timedelta(minutes=2), minute - timedelta(minutes=1), minute - timedelta(hours=2)
+    rows = [  # process, hop, interval_start, interval_s, count, p50, p95, p99, max
+        ["writer:a", "read_to_insert", two_ago, 10.0, 100, 10.0, 20.0, 31.0, 40.0],
+        ["writer:a", "read_to_insert", two_ago + timedelta(seconds=10), 10.0, 100, 10.0, 20.0, 38.0, 45.0],
+        ["writer:b", "read_to_insert", one_ago, 10.0, 100, 30.0, 90.0, 120.0, 300.0],  # the drift
+        ["writer:a", "read_to_insert", one_ago + timedelta(seconds=20), 10.0, 100, 10.0, 20.0, 33.0, 40.0],
+        ["writer:a", "read_to_insert", long_ago, 10.0, 100, 10.0, 20.0, 999.0, 999.0],  # outside the window
+    ]
+    ch_client.insert(f"{ch_database}.hop_latency", rows, column_names=HOP_LATENCY_COLS)
+    st = _collector(redis_client, chdb_server.url, ch_database).collect()
+    got = st["latency"]["read_to_insert"]["p99_minutes"]
+    assert got == [{"minute": int(two_ago.timestamp()), "p99_ms": 38.0},
+                   {"minute": int(one_ago.timestamp()), "p99_ms": 120.0}]
+    wide = _text(render(st, width=160, height=45), 160)
+    assert "p99/min" in wide
+    assert any("read_to_insert" in x and "38 120" in x for x in wide.splitlines()), wide
