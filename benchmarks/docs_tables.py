@@ -10,8 +10,9 @@ table and the result it is rendered from::
 When the result is in the repository, the section is its table, under a line
 that names the file. When it is not, the section keeps what was written by
 hand, under a line that says so: nothing is rendered from numbers that cannot
-be checked. A result is a JSON file a benchmark wrote, or a directory of them
-(the fault scenarios write one file each). ``tests/test_docs_tables.py``
+be checked. A result is a JSON file a benchmark wrote, a directory of them
+(the fault scenarios write one file each), or a glob of files in one
+directory (``benchmarks/results/soak-40k-*.json``: one row per run). ``tests/test_docs_tables.py``
 renders every section in memory and fails when a doc differs.
 
     python benchmarks/docs_tables.py           # rewrite the sections (make bench-docs)
@@ -28,6 +29,7 @@ import json
 import math
 import re
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -541,7 +543,52 @@ def alerts(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------- soak (benchmarks/soak.py)
+
+
+def _mins(s: float) -> str:
+    return f"{s / 60:.0f} min" if s >= 60 else f"{s:.0f} s"
+
+
+def _flat(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"writer": {"overlap": False}}`` → ``{"writer.overlap": False}``."""
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def soak(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """One row per run: the load, what was stored, device time → row, CPU, and the box's reference."""
+    rows = []
+    for stem, d in runs.items():
+        r, cpu = d["result"], d.get("cpu_cores_mean", {})
+        # every minute of device time but the first and the last (partly before and after the load)
+        worst = max((m["p99_ms"] for m in d.get("per_minute", [])[1:-1]), default=None)
+        rb, ra = d["reference_before"], d["reference_after"]
+        setting = "; ".join([
+            *(f"`{k} = {json.dumps(v)}`" for k, v in _flat(tomllib.loads(d.get("config", ""))).items()),
+            *(f"`{stmt}`" for stmt in d.get("after_up", [])),
+        ]) or "as shipped"
+        rows.append([
+            f"`{stem}.json`", setting, f"{d['rate'] / 1000:g}k × {d['per_message']}, {_mins(d['seconds'])}",
+            count(r["stored"]), f"{count(r['lost'])} / {count(r['duplicated'])}",
+            ms(r["p50_ms"]), ms(r["p95_ms"]), ms(r["p99_ms"]), ms(r["max_ms"]), ms(worst),
+            " / ".join(fixed(cpu.get(k), 2) for k in ("chdb-server", "writer", "ingest")),
+            f"{fixed(rb['ref_python_s'], 3)} s; {ms(rb['ref_chdb'].get('p99_ms'))} / {ms(ra['ref_chdb'].get('p99_ms'))}",
+        ])
+    return table(
+        ["run", "settings", "load", "stored", "lost / dup", "p50", "p95", "p99", "max", "worst minute p99",
+         "cores: chdb-server / writer / ingest", "reference: Python loop; chdb insert p99 before / after"],
+        "lllrrrrrrrrl", rows,
+    )
+
+
 RENDERERS: dict[str, Callable[[Any], list[str]]] = {
+    "soak": soak,
     "alerts": alerts,
     "cluster": cluster,
     "mqtt-tls": mqtt_tls,
@@ -566,10 +613,16 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
 # ---------------------------------------------------------------- sections
 
 
+def _globbed(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name)) if "*" in path.name else []
+
+
 def load(path: Path) -> Any:
-    """A result file's JSON, or for a directory ``{file stem: JSON}`` of its ``*.json``."""
+    """A result file's JSON; for a directory, or a glob of files, ``{file stem: JSON}``."""
     if path.is_dir():
         return {p.stem: json.loads(p.read_text()) for p in sorted(path.glob("*.json"))}
+    if "*" in path.name:
+        return {p.stem: json.loads(p.read_text()) for p in _globbed(path)}
     return json.loads(path.read_text())
 
 
@@ -578,8 +631,9 @@ def section_body(name: str, source: str, old_body: str, root: Path) -> str:
     if name not in RENDERERS:
         raise KeyError(f"no renderer {name!r} (known: {', '.join(RENDERERS)})")
     path = root / source
-    if path.is_file() or (path.is_dir() and any(path.glob("*.json"))):
-        note = GENERATED.format(source=source, link="../" + source)  # the docs are one folder down
+    if path.is_file() or (path.is_dir() and any(path.glob("*.json"))) or _globbed(path):
+        link = "../" + (source.rsplit("/", 1)[0] if "*" in path.name else source)  # the docs are one folder down
+        note = GENERATED.format(source=source, link=link)
         content = RENDERERS[name](load(path))
     else:
         note = NOT_REPRODUCED.format(source=source)

@@ -333,3 +333,36 @@ def test_storage_schema_table_takes_each_column_from_a_candidate_with_the_schema
     assert f"| **all columns** |  | **{0.1 * 9 + 0.01:.2f}** | **{0.5 * 8 + 0.1 + 0.01:.2f}** |  |" in rows
     assert "\\* measured on the other signal's rows: the column is the same in both." in rows
     assert f"| **all columns** |  | **{0.2 * 9 + 0.01:.2f}** |  |" in rows
+
+
+def _soak_run(config: str, after_up: list[str], p99s: list[float]) -> dict[str, Any]:
+    return {
+        "rate": 40_000, "per_message": 10, "seconds": 600.0, "config": config, "after_up": after_up,
+        "result": {"stored": 23_999_820, "lost": 0, "duplicated": 0, "p50_ms": 34.7, "p95_ms": 61.8,
+                   "p99_ms": 105.0, "max_ms": 236.0},
+        "per_minute": [{"minute": f"12:{i:02d}", "readings": 2_400_000, "p99_ms": v} for i, v in enumerate(p99s)],
+        "cpu_cores_mean": {"chdb-server": 0.74, "writer": 0.25, "ingest": 0.14},
+        "reference_before": {"ref_python_s": 0.127, "ref_chdb": {"p99_ms": 8.64}},
+        "reference_after": {"ref_python_s": 0.13, "ref_chdb": {"p99_ms": 7.8}},
+    }
+
+
+def test_soak_table_one_row_a_run_from_a_glob(tmp_path: Path) -> None:
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    # the first and last minutes are partly outside the load: not the worst minute even when higher
+    (results / "soak-40k-a.json").write_text(json.dumps(_soak_run("", [], [900.0, 63.0, 113.0, 800.0])))
+    (results / "soak-40k-b.json").write_text(json.dumps(
+        _soak_run('[writer]\noverlap = false\nmin_batch_ms = 50\n', ["DROP VIEW v"], [1.0, 2.0, 3.0])))
+    (results / "soak-20k-c.json").write_text(json.dumps(_soak_run("", [], [1.0])))  # not matched
+    doc = "<!-- bench:soak benchmarks/results/soak-40k-*.json -->\n<!-- /bench -->\n"
+    out = dt.render(doc, tmp_path)
+    assert "[`benchmarks/results/soak-40k-*.json`](../benchmarks/results)" in out
+    rows = [x for x in out.splitlines() if x.startswith("| `soak")]
+    assert rows == [
+        "| `soak-40k-a.json` | as shipped | 40k × 10, 10 min | 23,999,820 | 0 / 0 | 34.7 ms | 61.8 ms | 105 ms "
+        "| 236 ms | 113 ms | 0.74 / 0.25 / 0.14 | 0.127 s; 8.6 ms / 7.8 ms |",
+        "| `soak-40k-b.json` | `writer.overlap = false`; `writer.min_batch_ms = 50`; `DROP VIEW v` | 40k × 10, 10 min "
+        "| 23,999,820 | 0 / 0 | 34.7 ms | 61.8 ms | 105 ms | 236 ms | 2.0 ms | 0.74 / 0.25 / 0.14 | 0.127 s; 8.6 ms / 7.8 ms |",
+    ]
+    assert dt.render(out, tmp_path) == out
