@@ -288,6 +288,7 @@ def _commit() -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sh = [sys.executable, "-m", "sensorhub"]
+    commit = _commit()  # what runs: the checkout as the stack starts
     ref_before = reference(args.ref_seconds)
     with tempfile.TemporaryDirectory(prefix="sh-soak-") as d:
         run_dir = Path(d) / "stack"
@@ -359,7 +360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                "last": sampler.samples[-1]["rss_mb"].get(n)}
            for n in (sampler.samples[0]["rss_mb"] if sampler.samples else {})}
     return {
-        "label": args.label, "commit": _commit(), "rate": args.rate, "per_message": args.per_message, "seconds": args.seconds,
+        "label": args.label, "commit": commit, "rate": args.rate, "per_message": args.per_message, "seconds": args.seconds,
         "format": args.format, "config": Path(args.config).read_text() if args.config else "",
         "after_up": list(args.after_up),
         "wall_s": round(wall, 1),
