@@ -574,7 +574,7 @@ def soak(runs: dict[str, dict[str, Any]]) -> list[str]:
             *(f"`{stmt}`" for stmt in d.get("after_up", [])),
         ]) or "as shipped"
         rows.append([
-            f"`{stem}.json`", setting, f"{d['rate'] / 1000:g}k × {d['per_message']}, {_mins(d['seconds'])}",
+            f"`{stem}.json`" + (f" ({d['commit']})" if d.get("commit") else ""), setting, f"{d['rate'] / 1000:g}k × {d['per_message']}, {_mins(d['seconds'])}",
             count(r["stored"]), f"{count(r['lost'])} / {count(r['duplicated'])}",
             ms(r["p50_ms"]), ms(r["p95_ms"]), ms(r["p99_ms"]), ms(r["max_ms"]), ms(worst),
             " / ".join(fixed(cpu.get(k), 2) for k in ("chdb-server", "writer", "ingest")),

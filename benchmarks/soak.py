@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -79,9 +80,15 @@ def reference(ref_seconds: float) -> dict[str, Any]:
     for i in range(5_000_000):
         x += i & 7
     py = time.process_time() - t0
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    w0 = time.monotonic()
     out = subprocess.run([sys.executable, "-c", _REF_CHDB, str(ref_seconds)], capture_output=True, text=True,
                          timeout=ref_seconds + 120)
+    wall = time.monotonic() - w0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     chdb_ref = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"error": out.stderr[-500:]}
+    # the engine's CPU for those inserts (start-up included), in cores over the reference's wall time
+    chdb_ref["cpu_cores"] = round((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) / wall, 2)
     return {"ref_python_s": round(py, 3), "ref_chdb": chdb_ref, "loadavg": os.getloadavg()}
 
 

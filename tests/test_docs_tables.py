@@ -353,7 +353,8 @@ def test_soak_table_one_row_a_run_from_a_glob(tmp_path: Path) -> None:
     # the first and last minutes are partly outside the load: not the worst minute even when higher
     (results / "soak-40k-a.json").write_text(json.dumps(_soak_run("", [], [900.0, 63.0, 113.0, 800.0])))
     (results / "soak-40k-b.json").write_text(json.dumps(
-        _soak_run('[writer]\noverlap = false\nmin_batch_ms = 50\n', ["DROP VIEW v"], [1.0, 2.0, 3.0])))
+        {**_soak_run('[writer]\noverlap = false\nmin_batch_ms = 50\n', ["DROP VIEW v"], [1.0, 2.0, 3.0]),
+         "commit": "9882f2b"}))
     (results / "soak-20k-c.json").write_text(json.dumps(_soak_run("", [], [1.0])))  # not matched
     doc = "<!-- bench:soak benchmarks/results/soak-40k-*.json -->\n<!-- /bench -->\n"
     out = dt.render(doc, tmp_path)
@@ -362,7 +363,7 @@ def test_soak_table_one_row_a_run_from_a_glob(tmp_path: Path) -> None:
     assert rows == [
         "| `soak-40k-a.json` | as shipped | 40k × 10, 10 min | 23,999,820 | 0 / 0 | 34.7 ms | 61.8 ms | 105 ms "
         "| 236 ms | 113 ms | 0.74 / 0.25 / 0.14 | 0.127 s; 8.6 ms / 7.8 ms |",
-        "| `soak-40k-b.json` | `writer.overlap = false`; `writer.min_batch_ms = 50`; `DROP VIEW v` | 40k × 10, 10 min "
+        "| `soak-40k-b.json` (9882f2b) | `writer.overlap = false`; `writer.min_batch_ms = 50`; `DROP VIEW v` | 40k × 10, 10 min "
         "| 23,999,820 | 0 / 0 | 34.7 ms | 61.8 ms | 105 ms | 236 ms | 2.0 ms | 0.74 / 0.25 / 0.14 | 0.127 s; 8.6 ms / 7.8 ms |",
     ]
     assert dt.render(out, tmp_path) == out
