@@ -20,7 +20,8 @@ The rooms it joins:
   call into ClickHouse goes through (retryable, row-caused, or our bug);
 - :mod:`sensorhub.pipeline.exports`: ``hop_latency`` and ``ingest_audit``;
 - :mod:`sensorhub.pipeline.inserter`: the thread each batch's protocol and the
-  exports run on, so the loop reads the next batch while an INSERT is in flight.
+  exports run on; with ``writer.overlap`` the loop reads the next batch while
+  an INSERT is in flight.
 
 Retryable errors (ClickHouse down, 503, timeouts, a full disk) are waited
 out with capped jittered backoff and the same batch, never dead-lettered;
@@ -272,9 +273,10 @@ class Writer:
                     self._after_replay()
             caught_up = pending is None and got < self.cfg.read_count
             # Insert as soon as the streams are drained (low latency at any load: while
-            # one INSERT runs the next batch grows, read and decoded meanwhile), but no more
-            # often than min_batch_ms (bounds parts per second), and at the latest after
-            # batch_ms or at batch_rows, when the loop waits for the INSERT in flight.
+            # one INSERT runs the next batch grows, in Redis or, with writer.overlap, read
+            # and decoded meanwhile), but no more often than min_batch_ms (bounds parts per
+            # second), and at the latest after batch_ms or at batch_rows, when the loop
+            # waits for the INSERT in flight.
             busy = self.inserts.busy()
             for scope, batch in list(batches.items()):
                 age_ms = (time.monotonic() - batch.first) * 1000 if batch.entries else 0.0
@@ -284,7 +286,7 @@ class Writer:
                 if full or (caught_up and age_ms >= self.cfg.min_batch_ms and not busy):
                     self._flush(batch)
                     del batches[scope]
-                    busy = True
+                    busy = self.inserts.busy()  # with writer.overlap, the next one waits its turn
             if now - last["trim"] >= self.cfg.trim_interval_s:
                 last["trim"] = now
                 self._trim_and_lag()
