@@ -108,16 +108,20 @@ class Metrics:
         self.gauges[name] = value
 
     def record_us(self, hop: str, value_us: float, count: int = 1) -> None:
+        with self._lock:
+            self._record_locked(hop, value_us, count)
+
+    def _record_locked(self, hop: str, value_us: float, count: int) -> None:
+        """One value ``count`` times into every view of ``hop``; the caller holds the lock."""
         v = int(value_us)
         if v < _LOWEST:
             v = _LOWEST
         elif v > _HIGHEST:
             v = _HIGHEST
-        with self._lock:
-            self._hists[hop].record_value(v, count)
-            self._interval[hop].record_value(v, count)
-            self._buckets[hop][bisect_left(LATENCY_BUCKETS_US, v)] += count
-            self._sums[hop] += v * count
+        self._hists[hop].record_value(v, count)
+        self._interval[hop].record_value(v, count)
+        self._buckets[hop][bisect_left(LATENCY_BUCKETS_US, v)] += count
+        self._sums[hop] += v * count
 
     def record_since(self, hop: str, now: int, times: Sequence[int], per_us: int = 1, most: int = 64) -> None:
         """``now - t`` for every ``t`` of ``times``, with at most ``most`` of them recorded.
@@ -133,20 +137,8 @@ class Metrics:
             return
         stride = -(-n // max(1, most))
         with self._lock:
-            hists, interval, buckets = self._hists[hop], self._interval[hop], self._buckets[hop]
-            total = 0
             for i in range(0, n, stride):
-                w = min(stride, n - i)
-                v = int((now - times[i]) / per_us)
-                if v < _LOWEST:
-                    v = _LOWEST
-                elif v > _HIGHEST:
-                    v = _HIGHEST
-                hists.record_value(v, w)
-                interval.record_value(v, w)
-                buckets[bisect_left(LATENCY_BUCKETS_US, v)] += w
-                total += v * w
-            self._sums[hop] += total
+                self._record_locked(hop, (now - times[i]) / per_us, min(stride, n - i))
 
     def take_interval(self) -> tuple[float, float, dict[str, dict[str, float]]]:
         """Per-hop percentiles since the last call (start time, seconds, stats)."""
