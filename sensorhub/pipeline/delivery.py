@@ -460,14 +460,14 @@ class Delivery:
                     found.append((s, name))
         return found
 
-    def claim_from_dead(self, streams: list[str]) -> bool:
-        """Claim entries idle longer than ``claim_idle_ms`` from other consumers.
+    def claim_from_dead(self, idle: list[tuple[str, str]]) -> bool:
+        """Claim the entries of ``idle`` (what :meth:`idle_consumers` found) from those consumers.
 
         Runs while no flush of this writer is in flight: it may finish a dead consumer's intent.
         """
         claimed = False
         try:
-            for s, name in self.idle_consumers(streams):
+            for s, name in idle:
                 if self.has_intent(name):
                     # (the main loop flushes its own batch before reading claimed entries)
                     self.recover_intent(name)

@@ -214,11 +214,12 @@ class Writer:
             wd.tick()
             if now - last["claim"] >= max(1.0, self.cfg.claim_idle_ms / 4000):
                 last["claim"] = now
-                if self._others_idle():
+                idle = self._others_idle()
+                if idle:
                     # claimed entries are read as pending, and a dead consumer's intent is
                     # finished by this thread: nothing of ours may be in flight meanwhile
                     self._flush_all(batches)
-                    if self.delivery.claim_from_dead(self.streams):
+                    if self.delivery.claim_from_dead(idle):
                         pending = dict.fromkeys(self.streams, "0")
             if pending is not None:
                 streams, block_ms = pending, None
@@ -307,12 +308,13 @@ class Writer:
         self._publish_metrics()
         return 0
 
-    def _others_idle(self) -> bool:
+    def _others_idle(self) -> list[tuple[str, str]]:
+        """(stream, consumer) of other writers holding entries idle past ``claim_idle_ms``."""
         try:
-            return bool(self.delivery.idle_consumers(self.streams))
+            return self.delivery.idle_consumers(self.streams)
         except redis.RedisError as exc:
             log.warning("looking for idle entries of other writers failed: %s", exc)
-            return False
+            return []
 
     def _reconnect(self) -> None:
         refresh_topology(self.redis)  # a cluster may have failed over: its slots again
