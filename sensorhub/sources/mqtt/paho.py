@@ -136,8 +136,8 @@ class MqttSource(MqttSourceBase):
         self._new_session = False
         self._replayed: set[str] = set()
         self.refusals = RefusalLog(self.cfg)
-        self._barrier_mid: int | None = None
-        self._barrier_done = threading.Event()
+        self._unsubacked: set[int] = set()  # mids of UNSUBACKs, until the barrier takes its own
+        self._unsub_cond = threading.Condition()
 
     def start(self) -> None:
         c = self._client
@@ -229,8 +229,10 @@ class MqttSource(MqttSourceBase):
         self.routing.flush_sparkplug()
 
     def _on_unsubscribe(self, _c: mqtt.Client, _u: Any, mid: int, *_rest: Any) -> None:
-        if mid == self._barrier_mid:
-            self._barrier_done.set()
+        # kept by mid: the UNSUBACK may come in before unsubscribe() has returned the mid
+        with self._unsub_cond:
+            self._unsubacked.add(mid)
+            self._unsub_cond.notify_all()
 
     def _barrier(self, timeout_s: float = 2.0) -> None:
         """Wait until the broker has processed every acknowledgement sent so far.
@@ -242,12 +244,13 @@ class MqttSource(MqttSourceBase):
         """
         if not self.health.connected:
             return
-        self._barrier_done.clear()
         rc, mid = self._client.unsubscribe(f"$sensorhub/barrier/{self.client_id}")
         if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
             return
-        self._barrier_mid = mid
-        if not self._barrier_done.wait(timeout_s):
+        with self._unsub_cond:
+            acked = self._unsub_cond.wait_for(lambda: mid in self._unsubacked, timeout_s)
+            self._unsubacked.clear()
+        if not acked:
             log.warning("MQTT: no UNSUBACK within %.0f s before disconnecting; the broker may "
                         "redeliver the last acknowledged messages", timeout_s)
 
