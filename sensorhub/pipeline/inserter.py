@@ -113,7 +113,8 @@ class InsertThread:
             except BaseException as exc:  # handed to the loop, which raises it
                 with self._cond:
                     self._error = exc
-                    self._tasks.clear()
+                    self._tasks.clear()  # a batch waiting behind this task is dropped with it
+                    self._batch = False
             finally:
                 with self._cond:
                     self._running = False

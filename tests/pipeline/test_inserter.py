@@ -49,3 +49,23 @@ def test_an_error_in_the_thread_is_raised_in_the_loop_and_drops_what_was_queued(
     t.drain()
     assert ran == ["again"]
     t.close()
+
+
+def test_a_batch_queued_behind_a_failing_task_is_dropped_and_not_left_in_flight() -> None:
+    t = InsertThread("test", lambda: None)
+    gate = threading.Event()
+
+    def broken_export() -> None:
+        gate.wait(5)
+        raise RuntimeError("export bug")
+
+    ran: list[str] = []
+    t.submit(broken_export)
+    t.submit_batch(lambda: ran.append("batch"))  # no batch in flight: queued behind the export
+    assert t.busy()
+    gate.set()
+    with pytest.raises(RuntimeError, match="export bug"):
+        t.drain()
+    assert ran == [] and not t.busy()
+    assert t.wait_batch(0.1)  # nothing left to wait for
+    t.close()
