@@ -220,8 +220,14 @@ def test_hop_latency_is_stored_per_interval_for_every_hop(stack_factory) -> None
         hops = {h for (h,) in ch.query("SELECT DISTINCT hop FROM sensorhub.hop_latency").result_rows}
         time.sleep(0.5)
     assert want <= hops, hops
-    rows = ch.query(
-        "SELECT process, sum(count), max(p99_ms) FROM sensorhub.hop_latency WHERE hop = 'recv_to_insert' GROUP BY process"
-    ).result_rows
+    query = "SELECT process, sum(count), max(p99_ms) FROM sensorhub.hop_latency WHERE hop = 'recv_to_insert' GROUP BY process"
+    # The readings may span intervals, and an interval's row lands a moment after it closes: wait
+    # for all 200, then for three more intervals, so a cumulative count would have grown past 200.
+    rows = ch.query(query).result_rows
+    while time.monotonic() < deadline and sum(int(n) for _, n, _ in rows) < 200:
+        time.sleep(0.5)
+        rows = ch.query(query).result_rows
+    time.sleep(3.0)
+    rows = ch.query(query).result_rows
     assert sum(int(n) for _, n, _ in rows) == 200  # per interval, not cumulative: each reading counted once
     assert all(p.startswith("writer:") for p, _, _ in rows)
