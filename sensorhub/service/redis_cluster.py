@@ -1,7 +1,7 @@
 """A Redis Cluster on one machine: each node's command line, the ``create`` call, and the wait for ``ok``.
 
 ``node_argv`` is one node as ``sensorhub`` runs Redis anywhere (AOF with
-``appendfsync everysec``, ``noeviction``), plus cluster mode: its own
+``appendfsync always``, ``noeviction``), plus cluster mode: its own
 ``nodes-<port>.conf`` and data under ``<run_dir>/redis-cluster/<port>``. With
 ``aclfile`` the node's users are those of the file; with ``admin_password``
 the node authenticates to its master as ``admin`` when it replicates. The

@@ -13,7 +13,7 @@ def test_a_node_runs_in_cluster_mode_with_its_own_files(tmp_path: Path) -> None:
     opts = dict(zip(argv[2::2], argv[3::2], strict=False))
     assert opts["--port"] == "30001" and opts["--cluster-enabled"] == "yes"
     assert opts["--cluster-config-file"] == "nodes-30001.conf"
-    assert opts["--appendonly"] == "yes" and opts["--appendfsync"] == "everysec"
+    assert opts["--appendonly"] == "yes" and opts["--appendfsync"] == "always"
     assert opts["--maxmemory-policy"] == "noeviction" and opts["--maxmemory"] == "64mb"
     assert opts["--dir"] == str(redis_cluster.node_dir(tmp_path, 30001))
     assert "--aclfile" not in opts
