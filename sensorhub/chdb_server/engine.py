@@ -13,6 +13,15 @@ not through chdb's streaming inserter: ``StreamingInserter.finish()``
 reports success even when the engine refused the block (too many
 partitions, a violated constraint...), and the rows are then silently not
 stored. A statement run with ``query`` raises every engine error.
+
+A part found broken while a statement reads it (``CORRUPTED_DATA``, code
+246: the engine once left a part with an empty marks file after the disk
+filled) would fail every later read of its table. The engine is then
+reopened: loading the table detaches the broken part (``broken-on-start_``
+in ``detached/``) and brings back the parts it was merged from while they
+are still on disk (``old_parts_lifetime``, 8 minutes), and the statement is
+run once more. At most once a minute, so a part that breaks again returns
+the error rather than a loop of reopenings.
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ from sensorhub.chdb_server.sql import insert_from_file, quote_string
 __all__ = ["Engine", "Outcome"]
 
 log = logging.getLogger(__name__)
+
+CORRUPTED_DATA = 246
+REOPEN_AT_MOST_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -95,9 +107,12 @@ class Engine:
         self.lock_timeout_s = lock_timeout_s
         self.insert_spool_dir = insert_spool_dir or default_insert_spool_dir()
         self._lock = threading.Lock()
-        self._session: Any = chdb_session.Session(str(data_dir))
+        self._session_class: Any = chdb_session.Session
+        self._session: Any = self._session_class(str(data_dir))
         self._applied: dict[str, str] = {}
         self._database = "default"
+        self.reopened = 0
+        self._reopened_at = float("-inf")
         rows = self._session.query("SELECT name, value FROM system.settings WHERE changed", "TSVRaw")
         self._baseline: dict[str, str] = dict(
             line.split("\t", 1) for line in rows.bytes().decode().splitlines() if "\t" in line
@@ -120,6 +135,36 @@ class Engine:
             yield
         finally:
             self._lock.release()
+
+    def _run(self, sql: str, fmt: str, params: Mapping[str, str] | None = None) -> Any:
+        """``sql`` on the session (lock held), the engine's error raised as ClickHouse's; a broken
+        part is recovered from once by reopening the engine (see the module's doc)."""
+        try:
+            return self._session.query(sql, fmt, params=dict(params) if params else None)
+        except RuntimeError as exc:
+            err = error_from_engine(exc)
+        if err.code != CORRUPTED_DATA or time.monotonic() - self._reopened_at < REOPEN_AT_MOST_EVERY_S:
+            raise err
+        log.error("a part is broken, reopening the engine so that it detaches the part and restores what it "
+                  "was merged from: %s", err)
+        settings, database = self._applied, self._database
+        self._reopen()
+        self._apply(settings, database)
+        try:
+            r = self._session.query(sql, fmt, params=dict(params) if params else None)
+        except RuntimeError as exc:
+            raise error_from_engine(exc)
+        log.warning("the engine was reopened; the statement succeeded on the second try")
+        return r
+
+    def _reopen(self) -> None:
+        """Close the session and open it again over the same data (lock held)."""
+        self._reopened_at = time.monotonic()
+        self._session.close()
+        self._session = None
+        self._session = self._session_class(str(self.data_dir))
+        self._applied, self._database = {}, "default"
+        self.reopened += 1
 
     def _reset_literal(self, name: str) -> str:
         base = self._baseline.get(name)
@@ -173,10 +218,7 @@ class Engine:
         """Run one statement; its result is written in its FORMAT clause or ``default_format``."""
         with self._locked():
             self._apply(settings, database)
-            try:
-                r = self._session.query(sql, default_format, params=dict(params) if params else None)
-            except RuntimeError as exc:
-                raise error_from_engine(exc)
+            r = self._run(sql, default_format, params)
             # chdb's rows_read/bytes_read count the result; storage_* what was read
             return Outcome(
                 body=r.bytes() or b"",
@@ -209,11 +251,7 @@ class Engine:
             self._apply(settings, database)
             started = time.perf_counter()
             with self._spooled(chunks) as path:
-                sql = insert_from_file(statement, path, fmt)
-                try:
-                    r = self._session.query(sql, "TSV")
-                except RuntimeError as exc:
-                    raise error_from_engine(exc)
+                r = self._run(insert_from_file(statement, path, fmt), "TSV")
             return Outcome(
                 body=b"",
                 written_rows=int(r.rows_written()),
