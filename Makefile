@@ -29,13 +29,18 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $@
+	@# the editable install has just built the extensions in place from these sources
+	touch $@ $(VENV)/.built
 
 venv: $(VENV)/.installed
 
-# Cython extensions, built in place (sensorhub/_ext/*.so)
-build: venv
+# Cython extensions, built in place (sensorhub/_ext/*.so), again only when their sources change
+EXT_SOURCES := $(wildcard cython_ext/*.pyx cython_ext/*.pxd cython_ext/*.pxi cython_ext/*.h) setup.py
+$(VENV)/.built: $(VENV)/.installed $(EXT_SOURCES)
 	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(VENV)/.built
 	@$(PY) -c "import sensorhub; assert sensorhub.IMPLEMENTATION == 'cython', sensorhub.IMPLEMENTATION; print('sensorhub', sensorhub.__version__, 'implementation', sensorhub.IMPLEMENTATION)"
 
 lint: venv
@@ -92,4 +97,4 @@ wheel: venv
 	$(PY) -m pip wheel --no-deps -w dist .
 
 clean:
-	rm -rf build dist *.egg-info sensorhub/_ext/*.so sensorhub/_ext/*.pyi cython_ext/*.c $(RUN)
+	rm -rf $(VENV)/.built build dist *.egg-info sensorhub/_ext/*.so sensorhub/_ext/*.pyi cython_ext/*.c $(RUN)

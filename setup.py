@@ -74,6 +74,8 @@ class build_ext(_build_ext):  # noqa: N801 - setuptools command name
     def finalize_options(self) -> None:
         self.distribution.ext_modules = _extensions()
         super().finalize_options()
+        if not self.parallel:  # compile the extensions on every core (-j N still wins)
+            self.parallel = os.cpu_count() or 1
 
 
 setup(ext_modules=_extensions(cythonized=False), cmdclass={"build_ext": build_ext})
