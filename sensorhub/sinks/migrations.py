@@ -161,7 +161,7 @@ def migrate(
     if have < 2:
         for stmt in _backfill(client, database, cluster):
             do(stmt)
-    for stmt in differences(client, database, cluster, retention, kinds=("ttl",)):
+    for stmt in differences(client, database, cluster, retention, kinds=("ttl", "settings")):
         do(stmt)
     if have < SCHEMA_VERSION:
         do(f"INSERT INTO {database}.schema_version (version) VALUES ({SCHEMA_VERSION})")

@@ -354,6 +354,13 @@ def local_name(name: str, cluster: str | None) -> str:
     return f"{name}_local" if cluster else name
 
 
+# Table settings every MergeTree table gets. old_parts_lifetime: the parts a merge replaced stay
+# on disk for 8 minutes (a ClickHouse server's default; chdb's is 0, they go within a second). A
+# merge that met a full disk can leave a broken part; reopening the engine then detaches it and
+# brings those parts back (sensorhub/chdb_server/engine.py), which it can only do while they exist.
+ENGINE_SETTINGS: dict[str, str] = {"old_parts_lifetime": "480"}
+
+
 def _column(t: Table, column: str, typ: str) -> str:
     codec = t.codec(column)
     return f"`{column}` {typ}" + (f" CODEC({codec})" if codec else "")
@@ -370,6 +377,7 @@ def objects(database: str, cluster: str | None = None, retention: Retention | No
         settings = [f"non_replicated_deduplication_window = {DEDUP_WINDOW}"] if t.dedup and not cluster else []
         if cluster:
             settings.append(f"replicated_deduplication_window = {DEDUP_WINDOW}")
+        settings += [f"{k} = {v}" for k, v in ENGINE_SETTINGS.items()]
         ttl = t.ttl_clause(retention)
         stmt = (
             f"CREATE TABLE IF NOT EXISTS {database}.{local}{on}\n(\n    {cols}\n)\n"
@@ -425,10 +433,11 @@ def differences(
     client: Any, database: str, cluster: str | None = None, retention: Retention | None = None,
     kinds: tuple[str, ...] = ("codecs", "ttl"),
 ) -> list[str]:
-    """The ALTER statements that give the existing tables this schema's codecs and TTL.
+    """The ALTER statements that give the existing tables this schema's codecs, TTL and settings.
 
     ``kinds`` picks ``codecs`` (one ALTER per table, its columns' ``MODIFY
-    COLUMN ... CODEC``) and ``ttl`` (``MODIFY TTL``). Codec changes touch only
+    COLUMN ... CODEC``), ``ttl`` (``MODIFY TTL``) and ``settings`` (``MODIFY
+    SETTING`` of :data:`ENGINE_SETTINGS`, metadata only). Codec changes touch only
     metadata: new parts take the new codecs, old parts are recompressed as
     they merge. A changed TTL is materialized in the background (ClickHouse's
     ``materialize_ttl_after_modify``), deleting what the new retention expires.
@@ -443,11 +452,16 @@ def differences(
     ).result_rows:
         have_codec[(table, column)] = codec
     have_ttl: dict[str, str | None] = {}
+    have_settings: dict[str, dict[str, str]] = {}
     for table, engine_full in client.query(
         f"SELECT name, engine_full FROM system.tables WHERE database = '{database}' AND name IN ({names})"
     ).result_rows:
         m = re.search(r"\bTTL (.*?)(?: SETTINGS |$)", engine_full)
         have_ttl[table] = m.group(1) if m else None
+        m = re.search(r"\bSETTINGS (.*)$", engine_full)
+        have_settings[table] = {
+            k.strip(): v.strip() for k, _, v in (kv.partition("=") for kv in (m.group(1).split(",") if m else []))
+        }
     out = []
     for local, t in tables.items():
         if local not in have_ttl:
@@ -464,6 +478,9 @@ def differences(
         want = t.ttl_clause(retention)
         if "ttl" in kinds and want and _norm(have_ttl[local] or "") != _norm(want):
             out.append(alter + f"MODIFY TTL {want}")
+        missing = [f"{k} = {v}" for k, v in ENGINE_SETTINGS.items() if have_settings[local].get(k) != v]
+        if "settings" in kinds and missing:
+            out.append(alter + "MODIFY SETTING " + ", ".join(missing))
     return out
 
 
@@ -499,6 +516,10 @@ def apply_schema(
     if have < SCHEMA_VERSION:
         client.command(f"INSERT INTO {database}.schema_version (version) VALUES ({SCHEMA_VERSION})")
     else:
+        for stmt in differences(client, database, cluster, retention, kinds=("settings",)):
+            log.info("database %s: %s", database, " ".join(stmt.split()))
+            client.command(stmt)
+            stmts.append(stmt)
         pending = differences(client, database, cluster, retention)
         if pending:
             log.warning(

@@ -59,8 +59,12 @@ def _columns(ch: Any, db: str) -> list[tuple[Any, ...]]:
 
 
 def _engines(ch: Any, db: str) -> dict[str, str]:
-    return {n: e.replace(db, "DB") for n, e in ch.query(
-        f"SELECT name, engine_full FROM system.tables WHERE database = '{db}'").result_rows}
+    """Each table's engine clause, its SETTINGS in name order (MODIFY SETTING appends to the list)."""
+    out = {}
+    for n, e in ch.query(f"SELECT name, engine_full FROM system.tables WHERE database = '{db}'").result_rows:
+        head, sep, settings = e.replace(db, "DB").partition(" SETTINGS ")
+        out[n] = head + sep + ", ".join(sorted(settings.split(", "))) if sep else head
+    return out
 
 
 def test_a_version_1_database_keeps_every_row_and_becomes_the_current_schema(  # type: ignore[no-untyped-def]
