@@ -131,7 +131,9 @@ class Engine:
             )
         try:
             if self._session is None:
-                raise ClickHouseError.of("CANNOT_SCHEDULE_TASK", "The server is shutting down")
+                raise ClickHouseError.of(
+                    "CANNOT_SCHEDULE_TASK", "The engine is closed: the server is shutting down, or reopening it failed"
+                )
             yield
         finally:
             self._lock.release()
@@ -162,7 +164,12 @@ class Engine:
         self._reopened_at = time.monotonic()
         self._session.close()
         self._session = None
-        self._session = self._session_class(str(self.data_dir))
+        try:
+            self._session = self._session_class(str(self.data_dir))
+        except RuntimeError as exc:
+            log.critical("the engine could not be reopened over %s; every statement is refused until the "
+                         "server restarts: %s", self.data_dir, exc)
+            raise error_from_engine(exc)
         self._applied, self._database = {}, "default"
         self.reopened += 1
 
