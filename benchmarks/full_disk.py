@@ -28,7 +28,6 @@ deleted at the next cleanup). Needs root (``mount -t tmpfs``). Writes
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import subprocess
@@ -41,6 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from kit.disk import fill  # noqa: E402
 from kit.results import write_results  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "full-disk.json"
@@ -85,20 +85,11 @@ def _cycle(data: str, setting: str | None, before_s: float, full_s: float, after
             time.sleep(0.02)
 
     run_for(before_s)
-    filler = os.path.join(data, "filler")
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    for size in (1 << 20, 4096, 1):
-        while True:
-            try:
-                os.write(fd, b"\0" * size)
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-                break
-    os.close(fd)
+    filler = Path(data) / "filler"
+    fill(filler, to_the_last_byte=True)
     run_for(full_s)
     refused_full = refused
-    os.unlink(filler)
+    filler.unlink()
     run_for(after_s)
     out: dict[str, Any] = {"acked_rows": acked, "refused_inserts_full": refused_full,
                            "refused_inserts": refused, "other_errors": other_errors, "broken": False}
