@@ -59,24 +59,32 @@ def _cycle(data: str, setting: str | None, before_s: float, full_s: float, after
     if setting:
         s.query(f"ALTER TABLE sensorhub.readings MODIFY SETTING {setting}")
     acked = refused = n = 0
+    acked_inserts: set[int] = set()
     other_errors: list[str] = []
 
     def insert() -> None:
+        """The next INSERT, repeated under its token until accepted, as the writer does."""
         nonlocal acked, refused, n
         n += 1
-        try:
-            s.query(
-                "INSERT INTO sensorhub.readings (device, metric, ts, value, quality, seq, recv, source) "
-                f"SETTINGS insert_deduplication_token = 'c{n}' "
-                "SELECT concat('dev-', toString(number % 200)), concat('m', toString(number % 10)), "
-                f"now64(6) - toIntervalMicrosecond(number), number / 100, 0, {n} * 100000 + number, now64(6), 'mqtt' "
-                f"FROM numbers({ROWS})"
-            )
-            acked += ROWS
-        except Exception as exc:
-            refused += 1
-            if "NOT_ENOUGH_SPACE" not in str(exc) and len(other_errors) < 3:
-                other_errors.append(str(exc)[:200])
+        while True:
+            try:
+                s.query(
+                    "INSERT INTO sensorhub.readings (device, metric, ts, value, quality, seq, recv, source) "
+                    f"SETTINGS insert_deduplication_token = 'c{n}' "
+                    "SELECT concat('dev-', toString(number % 200)), concat('m', toString(number % 10)), "
+                    f"now64(6) - toIntervalMicrosecond(number), number / 100, 0, {n} * 100000 + number, "
+                    f"now64(6), 'mqtt' FROM numbers({ROWS})"
+                )
+                acked += ROWS
+                acked_inserts.add(n)
+                return
+            except Exception as exc:
+                refused += 1
+                if "NOT_ENOUGH_SPACE" not in str(exc) and len(other_errors) < 3:
+                    other_errors.append(str(exc)[:200])
+                if time.monotonic() > stop_retrying:
+                    return
+                time.sleep(0.02)
 
     def run_for(seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -84,6 +92,7 @@ def _cycle(data: str, setting: str | None, before_s: float, full_s: float, after
             insert()
             time.sleep(0.02)
 
+    stop_retrying = time.monotonic() + before_s + full_s + after_s
     run_for(before_s)
     filler = Path(data) / "filler"
     fill(filler, to_the_last_byte=True)
@@ -93,20 +102,29 @@ def _cycle(data: str, setting: str | None, before_s: float, full_s: float, after
     run_for(after_s)
     out: dict[str, Any] = {"acked_rows": acked, "refused_inserts_full": refused_full,
                            "refused_inserts": refused, "other_errors": other_errors, "broken": False}
+    # every column of every part read (the hash), then the rows of each INSERT counted
     check = "SELECT count(), sum(cityHash64(*)) FROM sensorhub.readings FINAL"
-    try:
+    per_insert = "SELECT intDiv(seq, 100000), count() FROM sensorhub.readings FINAL GROUP BY 1"
+
+    def count() -> None:
         out["stored_rows"] = int(s.query(check, "TSV").bytes().decode().split("\t")[0])
+        have = dict(map(int, ln.split("\t")) for ln in s.query(per_insert, "TSV").bytes().decode().split("\n") if ln)
+        short = {i: ROWS - have.get(i, 0) for i in acked_inserts if have.get(i, 0) < ROWS}
+        out["lost_rows"] = sum(short.values())
+        out["inserts_short"] = len(short)
+
+    try:
+        count()
     except Exception as exc:
         out["broken"] = True
         out["error"] = str(exc)[:300]
         s.close()
         s = cs.Session(data)
         try:
-            out["stored_rows"] = int(s.query(check, "TSV").bytes().decode().split("\t")[0])
             out["detached"] = s.query("SELECT name FROM system.detached_parts", "TSV").bytes().decode().split()
+            count()
         except Exception as exc2:
             out["error_after_reopen"] = str(exc2)[:300]
-    out["lost_rows"] = max(0, acked - out.get("stored_rows", 0)) if "stored_rows" in out else None
     s.close()
     return out
 

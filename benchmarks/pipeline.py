@@ -13,6 +13,12 @@ Writes benchmarks/results/pipeline.json. Every run is bounded in time.
     python benchmarks/pipeline.py                 # the standard cases
     python benchmarks/pipeline.py --cases 40000x1 --seconds 20
     python benchmarks/pipeline.py --cases 40000x1 --seconds 15 --mqtt-client paho native   # side by side
+    python benchmarks/pipeline.py --cases 40000x10 20000x1 --seconds 30 --rounds 2 \\
+        --redis-appendfsync always everysec --out benchmarks/results/redis-appendfsync.json
+
+``--redis-appendfsync`` sets the stack's Redis to that AOF policy (``CONFIG SET``, as the admin
+account) before the load: the stack runs ``always``; ``everysec`` is the usual Redis choice.
+Several drivers, policies and rounds alternate within each case.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ def _hops(redis_url: str) -> dict[str, Any]:
     return hops
 
 
-def run_case(rate: int, per_message: int, seconds: float, fmt: str, mode: str, mqtt_client: str = "native") -> dict[str, Any]:
+def run_case(rate: int, per_message: int, seconds: float, fmt: str, mode: str, mqtt_client: str = "native",
+             appendfsync: str | None = None) -> dict[str, Any]:
     sh = [sys.executable, "-m", "sensorhub"]
     with tempfile.TemporaryDirectory(prefix="sh-bench-") as d:
         run_dir = Path(d) / "stack"
@@ -73,6 +80,11 @@ def run_case(rate: int, per_message: int, seconds: float, fmt: str, mode: str, m
             raise SystemExit(f"stack up failed: {up.stderr[-2000:]}")
         info = json.loads(up.stdout)
         try:
+            r = redis.Redis.from_url(info["redis_url"])
+            if appendfsync:
+                r.config_set("appendfsync", appendfsync)
+            aof_policy = r.config_get("appendfsync")["appendfsync"]
+            r.close()
             pids = {k: v for k, v in info["pids"].items() if v}
             cpu0 = _cpu(pids)
             t0 = time.monotonic()
@@ -92,6 +104,7 @@ def run_case(rate: int, per_message: int, seconds: float, fmt: str, mode: str, m
             res = json.loads(lines[-1])
             res["case"] = f"{rate}x{per_message}"
             res["mqtt_client"] = mqtt_client
+            res["redis_appendfsync"] = aof_policy
             res["target_rate"] = rate
             res["per_message"] = per_message
             res["format"] = fmt
@@ -116,16 +129,21 @@ def main() -> int:
     p.add_argument("--mode", default="pooled", choices=("pooled", "per-device"))
     p.add_argument("--mqtt-client", nargs="+", default=["native"], choices=("paho", "native"),
                    help="MQTT driver(s) of the ingest; several: each case once per driver")
+    p.add_argument("--redis-appendfsync", nargs="+", default=[None], choices=("always", "everysec", "no"),
+                   help="the stack's Redis AOF policy; several: each case once per policy")
+    p.add_argument("--rounds", type=int, default=1, help="repeat each case's variants, alternating")
     p.add_argument("--out", default=str(RESULTS / "pipeline.json"))
     args = p.parse_args()
     os.chdir(ROOT)
     results = []
     for case in args.cases:
         rate_s, _, per_s = case.partition("x")
-        for client in args.mqtt_client:
-            res = run_case(int(rate_s), int(per_s or 1), args.seconds, args.format, args.mode, client)
+        variants = [(c, a) for c in args.mqtt_client for a in args.redis_appendfsync]
+        for _round, (client, aof) in [(n, v) for n in range(args.rounds) for v in variants]:
+            res = run_case(int(rate_s), int(per_s or 1), args.seconds, args.format, args.mode, client, aof)
+            res["round"] = _round + 1
             results.append(res)
-            print(json.dumps({k: res.get(k) for k in ("case", "mqtt_client", "published", "stored", "lost", "duplicated",
+            print(json.dumps({k: res.get(k) for k in ("case", "mqtt_client", "redis_appendfsync", "round", "published", "stored", "lost", "duplicated",
                                                        "achieved_rate", "p50_ms", "p95_ms", "p99_ms", "max_ms",
                                                        "cpu_cores", "ingest_cpu_us_per_msg")}), flush=True)
     out = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()}, "results": results}

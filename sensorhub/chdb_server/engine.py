@@ -150,7 +150,9 @@ class Engine:
         log.error("a part is broken, reopening the engine so that it detaches the part and restores what it "
                   "was merged from: %s", err)
         settings, database = self._applied, self._database
+        before = self._detached()
         self._reopen()
+        self._report_detached(before)
         self._apply(settings, database)
         try:
             r = self._session.query(sql, fmt, params=dict(params) if params else None)
@@ -172,6 +174,35 @@ class Engine:
             raise error_from_engine(exc)
         self._applied, self._database = {}, "default"
         self.reopened += 1
+
+    def _detached(self) -> dict[str, tuple[str, ...]]:
+        """``system.detached_parts`` by ``<database>.<table>/<name>`` (lock held); empty if unreadable."""
+        try:
+            rows = self._session.query(
+                "SELECT database, table, name, reason, min_block_number, max_block_number, level "
+                "FROM system.detached_parts", "TSVRaw"
+            ).bytes().decode()
+        except RuntimeError:
+            return {}
+        out: dict[str, tuple[str, ...]] = {}
+        for line in rows.splitlines():
+            f = tuple(line.split("\t"))
+            if len(f) == 7:
+                out[f"{f[0]}.{f[1]}/{f[2]}"] = f
+        return out
+
+    def _report_detached(self, before: Mapping[str, tuple[str, ...]]) -> None:
+        """Log each part the reopening set aside. One that covers a single block came from one
+        INSERT, or from a merge whose source is gone: nothing can bring back its rows."""
+        for key, (_db, _table, _name, reason, lo, hi, level) in sorted(self._detached().items()):
+            if key in before:
+                continue
+            if lo == hi:
+                log.critical("part %s (%s, block %s, level %s) was set aside and covers a single block: its "
+                             "rows are not in the table any more, and no other part holds them", key, reason, lo, level)
+            else:
+                log.error("part %s (%s, blocks %s-%s, level %s) was set aside; the parts it was merged from "
+                          "are back where they were still on disk", key, reason, lo, hi, level)
 
     def _reset_literal(self, name: str) -> str:
         base = self._baseline.get(name)

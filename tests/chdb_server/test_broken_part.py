@@ -53,7 +53,10 @@ def test_a_broken_merged_part_is_detached_and_its_sources_restored(server_and_cl
     assert detached == [(f"broken-on-start_{merged}", "broken-on-start")]
     client.command("INSERT INTO t VALUES (2000, 1.0)")  # the table takes inserts again
     assert int(client.command("SELECT count() FROM t")) == 1501
-    assert "a part is broken, reopening the engine" in server.log_path.read_text()
+    log = server.log_path.read_text()
+    assert "a part is broken, reopening the engine" in log
+    assert f"part default.t/broken-on-start_{merged} (broken-on-start, blocks 1-2, level 1) was set aside" in log
+    assert "covers a single block" not in log
 
 
 def test_a_part_broken_again_within_a_minute_returns_the_error(server_and_client: Any, tmp_path: Path) -> None:
@@ -97,3 +100,15 @@ def test_every_table_keeps_the_parts_a_merge_replaced_for_eight_minutes(tmp_path
     finally:
         client.close()
         server.terminate(timeout=20)
+
+
+def test_a_broken_single_block_part_is_reported_as_rows_lost(server_and_client: Any, tmp_path: Path) -> None:
+    """A part that covers one block (one INSERT's) has no sources to restore: the server says so."""
+    server, client = server_and_client
+    client.command("INSERT INTO t SELECT number, number FROM numbers(100)")
+    client.command("INSERT INTO t SELECT number, number FROM numbers(100, 10)")
+    _empty_a_marks_file(tmp_path / "chdb" / "data", "all_2_2_0")
+    assert client.query("SELECT count(), sum(v) FROM t").result_rows == [(100, 4950.0)]
+    log = server.log_path.read_text()
+    assert re.search(r"CRITICAL.*part default\.t/broken-on-start_all_2_2_0 \(broken-on-start, block 2, level 0\) "
+                     r"was set aside and covers a single block", log), log[-2000:]
