@@ -13,16 +13,25 @@ engine's data, with sensorhub's schema (``sensorhub.sinks.schema.ddl``):
    read with CORRUPTED_DATA (246); the cycle then closes and reopens the engine, as the
    chdb-server does, and counts again.
 
-Per cycle: the rows whose INSERT succeeded, the rows stored at the end, whether a part was
-broken, and the rows missing after the recovery. Rows can exceed the acknowledged ones: an
-INSERT refused because a rollup's part could not be written has stored its readings already
-(the writer's retry with the same token is then deduplicated). Variants, cycles alternating:
-``sensorhub`` (the schema as shipped: the parts a merge replaced kept for ``old_parts_lifetime``
-480 s) and ``chdb-default`` (``old_parts_lifetime`` 0, chdb's own default: replaced parts
-deleted at the next cleanup). Needs root (``mount -t tmpfs``). Writes
-``benchmarks/results/full-disk.json``. About 40 s a cycle.
+A refused INSERT is repeated under its token until accepted, as the writer does. Per cycle:
+the rows whose INSERT was accepted, the rows stored at the end, whether a part was broken, the
+parts the reopening set aside, and the rows missing of each accepted INSERT after the recovery.
+Rows stored can exceed the accepted ones: an INSERT refused because a rollup's part could not be
+written has stored its readings already (its repetition is then deduplicated). Variants, cycles
+alternating, the setting applied to every table:
 
-    .venv/bin/python benchmarks/full_disk.py [--cycles 4]
+- ``sensorhub``: the schema as shipped, replaced parts kept for ``old_parts_lifetime`` 480 s and
+  INSERTs refused with less than 2 % of the disk free (``min_free_disk_ratio_to_perform_insert``);
+- ``no-insert-floor``: the same without the 2 % floor;
+- ``chdb-default``: neither (``old_parts_lifetime`` 0, chdb's own default: replaced parts
+  deleted at the next cleanup).
+
+Needs root (``mount``). Writes ``benchmarks/results/full-disk.json`` (``--out``). About 45 s a
+cycle.
+
+    .venv/bin/python benchmarks/full_disk.py [--cycles 5]
+    .venv/bin/python benchmarks/full_disk.py --fs ext4 --variants sensorhub --cycles 3 \\
+        --out benchmarks/results/full-disk-ext4.json
 """
 
 from __future__ import annotations
@@ -45,7 +54,11 @@ from kit.results import write_results  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "full-disk.json"
 ROWS = 4000
-VARIANTS = {"sensorhub": None, "chdb-default": "old_parts_lifetime = 0"}
+VARIANTS = {
+    "sensorhub": None,
+    "no-insert-floor": "min_free_disk_ratio_to_perform_insert = 0",
+    "chdb-default": "old_parts_lifetime = 0, min_free_disk_ratio_to_perform_insert = 0",
+}
 
 
 def _cycle(data: str, setting: str | None, before_s: float, full_s: float, after_s: float) -> dict[str, Any]:
@@ -56,8 +69,11 @@ def _cycle(data: str, setting: str | None, before_s: float, full_s: float, after
     s = cs.Session(data)
     for st in ddl("sensorhub"):
         s.query(st)
-    if setting:
-        s.query(f"ALTER TABLE sensorhub.readings MODIFY SETTING {setting}")
+    if setting:  # on every table, the rollups' too: an INSERT writes a part into each
+        tables = s.query("SELECT name FROM system.tables WHERE database = 'sensorhub' AND engine LIKE '%MergeTree'",
+                         "TSV").bytes().decode().split()
+        for table in tables:
+            s.query(f"ALTER TABLE sensorhub.`{table}` MODIFY SETTING {setting}")
     acked = refused = n = 0
     acked_inserts: set[int] = set()
     other_errors: list[str] = []
@@ -133,6 +149,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cycles", type=int, default=4, help="cycles of each variant")
     p.add_argument("--disk-mb", type=int, default=64)
+    p.add_argument("--fs", choices=("tmpfs", "ext4"), default="tmpfs",
+                   help="the data disk: a tmpfs, or ext4 on a loop device (a file under /tmp)")
+    p.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=list(VARIANTS))
     p.add_argument("--before-s", type=float, default=6.0)
     p.add_argument("--full-s", type=float, default=4.0)
     p.add_argument("--after-s", type=float, default=25.0)
@@ -147,9 +166,15 @@ def main() -> None:
         sys.exit("full_disk.py mounts a tmpfs for each cycle: run it as root")
     results = []
     for i in range(a.cycles):
-        for variant in VARIANTS:
+        for variant in a.variants:
             with tempfile.TemporaryDirectory(prefix="sensorhub-full-disk-") as d:
-                subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={a.disk_mb}m", "tmpfs", d], check=True)
+                if a.fs == "ext4":
+                    image = Path(d + ".img")
+                    subprocess.run(["truncate", "-s", f"{a.disk_mb}M", str(image)], check=True)
+                    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+                    subprocess.run(["mount", "-o", "loop", str(image), d], check=True)
+                else:
+                    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={a.disk_mb}m", "tmpfs", d], check=True)
                 try:
                     out = subprocess.run(
                         [sys.executable, __file__, "--child", d, variant, "--before-s", str(a.before_s),
@@ -158,6 +183,8 @@ def main() -> None:
                     )
                 finally:
                     subprocess.run(["umount", "-l", d], check=False)
+                    if a.fs == "ext4":
+                        image.unlink()
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
             r = json.loads(lines[-1]) if lines else {"error": f"exit {out.returncode}: {out.stderr[-300:]}"}
             r.update(variant=variant, cycle=i + 1)
@@ -165,7 +192,7 @@ def main() -> None:
                   flush=True)
             results.append(r)
     summary = {}
-    for variant in VARIANTS:
+    for variant in a.variants:
         rs = [r for r in results if r["variant"] == variant]
         summary[variant] = {
             "cycles": len(rs),
@@ -175,7 +202,7 @@ def main() -> None:
             "acked_rows": sum(r.get("acked_rows") or 0 for r in rs),
         }
     write_results(a.out, "full_disk", results, summary=summary,
-                  settings={"disk_mb": a.disk_mb, "before_s": a.before_s, "full_s": a.full_s, "after_s": a.after_s,
+                  settings={"fs": a.fs, "disk_mb": a.disk_mb, "before_s": a.before_s, "full_s": a.full_s, "after_s": a.after_s,
                             "rows_per_insert": ROWS})
     print(json.dumps(summary, indent=1))
 

@@ -135,6 +135,7 @@ def main() -> int:
     p.add_argument("--out", default=str(RESULTS / "pipeline.json"))
     args = p.parse_args()
     os.chdir(ROOT)
+    load_before = os.getloadavg()
     results = []
     for case in args.cases:
         rate_s, _, per_s = case.partition("x")
@@ -146,7 +147,8 @@ def main() -> int:
             print(json.dumps({k: res.get(k) for k in ("case", "mqtt_client", "redis_appendfsync", "round", "published", "stored", "lost", "duplicated",
                                                        "achieved_rate", "p50_ms", "p95_ms", "p99_ms", "max_ms",
                                                        "cpu_cores", "ingest_cpu_us_per_msg")}), flush=True)
-    out = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()}, "results": results}
+    out = {"machine": {"cpus": os.cpu_count(), "load_before": load_before, "load_after": os.getloadavg()},
+           "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     return 0 if all(r["zero_loss"] for r in results) else 1

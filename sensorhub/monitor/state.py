@@ -33,6 +33,7 @@ from sensorhub.metrics.snapshot import entry_ms, read_snapshots, stream_info
 from sensorhub.pipeline.audit import audit_rows
 from sensorhub.pipeline.keys import StreamLayout
 from sensorhub.pipeline.lag import id_tuple
+from sensorhub.sinks.schema import ENGINE_SETTINGS
 
 __all__ = [
     "ALL_HOPS",
@@ -452,7 +453,9 @@ class StateCollector:
 
         A day's bytes are the rows stored per second now times what a stored
         row costs on disk today (bytes over rows of the database's active
-        parts), so merges and codecs are counted as they are.
+        parts), so merges and codecs are counted as they are. "Full" is where
+        the tables refuse INSERTs: with less than their floor
+        (``min_free_disk_ratio_to_perform_insert``) of the disk free.
         """
         parts: dict[str, tuple[int, int]] = chf.get("parts") or {}
         disk = chf.get("disk")
@@ -472,7 +475,8 @@ class StateCollector:
         if rows and rate > 0:
             per_day = used / rows * rate * 86400
             out["bytes_per_day"] = int(per_day)
-            out["days_until_full"] = round(free / per_day, 1)
+            floor = float(ENGINE_SETTINGS["min_free_disk_ratio_to_perform_insert"]) * total
+            out["days_until_full"] = round(max(0.0, free - floor) / per_day, 1)
         alerts = []
         if total and free / total * 100 < self.disk_alert_free_pct:
             alerts.append(f"{free / total * 100:.1f} % free")

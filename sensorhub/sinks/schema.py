@@ -358,7 +358,11 @@ def local_name(name: str, cluster: str | None) -> str:
 # on disk for 8 minutes (a ClickHouse server's default; chdb's is 0, they go within a second). A
 # merge that met a full disk can leave a broken part; reopening the engine then detaches it and
 # brings those parts back (sensorhub/chdb_server/engine.py), which it can only do while they exist.
-ENGINE_SETTINGS: dict[str, str] = {"old_parts_lifetime": "480"}
+# min_free_disk_ratio_to_perform_insert: with less than 2 % of the data disk free, ClickHouse refuses
+# an INSERT (NOT_ENOUGH_SPACE, which the writer waits out) before it writes any of it, so no part
+# of an INSERT is written into the last bytes of a disk; a part an INSERT left broken has no
+# sources to bring back (benchmarks/full_disk.py measures both).
+ENGINE_SETTINGS: dict[str, str] = {"old_parts_lifetime": "480", "min_free_disk_ratio_to_perform_insert": "0.02"}
 
 
 def _column(t: Table, column: str, typ: str) -> str:

@@ -73,33 +73,81 @@ def test_a_part_broken_again_within_a_minute_returns_the_error(server_and_client
     assert broken.value.code == 246  # CORRUPTED_DATA: no second reopening so soon
 
 
-def test_every_table_keeps_the_parts_a_merge_replaced_for_eight_minutes(tmp_path: Path) -> None:
+def test_every_table_gets_the_engine_settings_and_an_old_database_gets_them_at_start(tmp_path: Path) -> None:
     """chdb's own old_parts_lifetime is 0: without sensorhub's setting the parts a merge replaced
-    are deleted at the next cleanup, and a merge result found broken later cannot be recovered
-    (benchmarks/full_disk.py measures both). A database made before the setting gets it at the
-    next start."""
-    from sensorhub.sinks.schema import apply_schema
+    are deleted at the next cleanup, and a merge result found broken later cannot be recovered;
+    without the insert floor an INSERT writes into the last bytes of a full disk
+    (benchmarks/full_disk.py measures both). A database made before the settings gets them at
+    the next start."""
+    from sensorhub.sinks.schema import ENGINE_SETTINGS, apply_schema
 
     server = start_chdb_server(tmp_path)
     client = clickhouse_connect.get_client(dsn=server.url)
 
-    def lifetimes() -> dict[str, str]:
+    def settings() -> dict[str, dict[str, str]]:
         rows = client.query(
             "SELECT name, engine_full FROM system.tables WHERE database = 'sensorhub' AND engine LIKE '%MergeTree' AND name != 'schema_version'"
         ).result_rows
-        return {n: (m.group(1) if (m := re.search(r"old_parts_lifetime = (\d+)", e)) else "") for n, e in rows}
+        return {n: {k: (m.group(1) if (m := re.search(rf"\b{k} = ([\d.]+)", e)) else "") for k in ENGINE_SETTINGS}
+                for n, e in rows}
 
     try:
         apply_schema(client, "sensorhub")
-        got = lifetimes()
-        assert "readings" in got and set(got.values()) == {"480"}, got
-        client.command("ALTER TABLE sensorhub.readings MODIFY SETTING old_parts_lifetime = 0")
-        assert lifetimes()["readings"] == "0"
+        got = settings()
+        assert ENGINE_SETTINGS == {"old_parts_lifetime": "480", "min_free_disk_ratio_to_perform_insert": "0.02"}
+        assert "readings" in got and all(v == ENGINE_SETTINGS for v in got.values()), got
+        client.command("ALTER TABLE sensorhub.readings MODIFY SETTING old_parts_lifetime = 0, "
+                       "min_free_disk_ratio_to_perform_insert = 0")
+        assert settings()["readings"] == {"old_parts_lifetime": "0", "min_free_disk_ratio_to_perform_insert": "0"}
         apply_schema(client, "sensorhub")
-        assert set(lifetimes().values()) == {"480"}
+        assert all(v == ENGINE_SETTINGS for v in settings().values())
     finally:
         client.close()
         server.terminate(timeout=20)
+
+
+def test_an_insert_is_refused_before_it_writes_when_under_two_percent_of_the_disk_is_free(tmp_path: Path) -> None:
+    """On a near-full data disk every table refuses an INSERT (NOT_ENOUGH_SPACE, which the writer
+    waits out) before it writes a part; once space returns the same INSERT lands."""
+    import os
+    import shutil
+    import subprocess
+
+    from kit.disk import fill, free_bytes
+
+    from sensorhub.sinks.schema import apply_schema
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    data = tmp_path / "chdb" / "data"
+    data.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(data)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    server = None
+    try:
+        server = start_chdb_server(tmp_path)
+        client = clickhouse_connect.get_client(dsn=server.url)
+        apply_schema(client, "sensorhub")
+        insert = ("INSERT INTO sensorhub.readings (device, metric, ts, value, quality, seq, recv, source) "
+                  "SELECT 'd', 'm', now64(6), number, 0, number, now64(6), 'mqtt' FROM numbers(1000)")
+        client.command(insert, settings={"insert_deduplication_token": "a"})
+        filler = data / "filler"
+        fill(filler, leave_bytes=4 * 2**20)  # under 2 % of 256 MiB (5.1 MiB), room for the INSERT
+        assert 0 < free_bytes(data) < 0.02 * 256 * 2**20
+        parts = client.query("SELECT count() FROM system.parts WHERE database = 'sensorhub'").result_rows
+        with pytest.raises(DatabaseError) as refused:
+            client.command(insert, settings={"insert_deduplication_token": "b"})
+        assert refused.value.code == 243, refused.value  # NOT_ENOUGH_SPACE
+        assert client.query("SELECT count() FROM system.parts WHERE database = 'sensorhub'").result_rows == parts
+        assert not list(data.glob("store/*/*/tmp_insert_*"))  # nothing was written
+        filler.unlink()
+        client.command(insert, settings={"insert_deduplication_token": "b"})
+        assert int(client.command("SELECT count() FROM sensorhub.readings")) == 2000
+        client.close()
+    finally:
+        if server is not None:
+            server.terminate(timeout=20)
+        subprocess.run(["umount", "-l", str(data)], check=False)
 
 
 def test_a_broken_single_block_part_is_reported_as_rows_lost(server_and_client: Any, tmp_path: Path) -> None:

@@ -304,9 +304,10 @@ def test_clickhouse_disk_full_waits_then_drains(fault_run, tmp_path) -> None:  #
     dead-letters), Redis buffers; once space returns everything drains, each reading once."""
     import shutil
 
-    # make faults only (80 s). In about one run of four a merge leaves a part with an empty marks
-    # file as the disk fills; the chdb-server recovers what it can, and once in five runs 6,880
-    # readings were still lost (docs/reliability.md, "ClickHouse's disk full")
+    # make faults only (80 s). In about one run of two a merge leaves a part with empty files as
+    # the disk fills; the chdb-server recovers it. Once in ten runs, before the tables' 2 % insert
+    # floor, an INSERT's own part was left so and 6,880 readings were lost (docs/reliability.md,
+    # "ClickHouse's disk full")
     if not os.environ.get("SENSORHUB_FAULT_DISK_FULL"):
         pytest.skip("make faults only (SENSORHUB_FAULT_DISK_FULL=1)")
     if os.geteuid() != 0 or shutil.which("mount") is None:
