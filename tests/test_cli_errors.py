@@ -3,11 +3,13 @@ failure is one line saying what to do, never a traceback. Against real Redis and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +186,44 @@ def test_stack_up_fails_fast_when_a_child_exits_with_78(tmp_path: Path) -> None:
             pass
     state = json.loads((d / "stack.json").read_text())
     assert state["failed"]["ingest"]["status"] == 78
+
+
+def test_stack_up_starts_again_on_another_port_when_another_program_took_one(tmp_path: Path) -> None:
+    """A stack keeps its ports in its directory; if another program listens on one by the next
+    start (or took it between the choice and the bind), that service gets another port."""
+    d = tmp_path / "stack"
+
+    def up() -> tuple[dict[str, Any], str]:
+        p = _sensorhub("stack", "up", "--dir", str(d), "--json", "--insecure", "--timeout", "120", timeout=300)
+        assert p.returncode == 0, p.stderr
+        return dict(json.loads(p.stdout)), p.stderr
+
+    def ch_port(info: dict[str, Any]) -> int:
+        return int(str(info["clickhouse_url"]).rsplit(":", 1)[1].split("/")[0])
+
+    try:
+        first, _ = up()
+        stack_down(d)
+        with socket.socket() as squatter:
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the old TIME_WAITs
+            squatter.bind(("127.0.0.1", ch_port(first)))
+            squatter.listen()
+            squatter.settimeout(0.2)
+            stop = threading.Event()
+
+            def hang_up() -> None:  # so that the first try's writer is not left waiting for a reply
+                while not stop.is_set():
+                    with contextlib.suppress(OSError):
+                        squatter.accept()[0].close()
+
+            threading.Thread(target=hang_up, daemon=True).start()
+            second, said = up()
+            assert ch_port(second) != ch_port(first)
+            client = clickhouse_connect.get_client(dsn=second["clickhouse_url"])
+            assert client.command("SELECT 1") == 1
+            client.close()
+            assert second["mqtt"]["port"] == first["mqtt"]["port"]  # the others keep theirs
+            stop.set()
+    finally:
+        stack_down(d)
+    assert "chdb-server: port taken by another program, starting again on another port" in said

@@ -359,10 +359,9 @@ def supervise(d: Path, opts: dict[str, Any]) -> int:
     """
     state = _read_state(d)
     masters, replicas, _ingests, _writers = scale(opts)
-    ports = state.get("ports") or {
-        "mqtt": stack_services.free_port(HOST),
-        "clickhouse": stack_services.free_port(HOST),
-    }
+    ports = state.get("ports") or {}
+    ports.setdefault("mqtt", stack_services.free_port(HOST))
+    ports.setdefault("clickhouse", stack_services.free_port(HOST))
     if masters:
         # kept with the directory: a restart finds each node's nodes.conf under its port
         ports.setdefault("redis_nodes", redis_cluster.free_ports(masters * (1 + replicas), HOST))
@@ -512,6 +511,55 @@ def stack_up(d: Path, timeout_s: float = 120.0, opts: dict[str, Any] | None = No
     if state.pop("failed", None) is not None:
         _write_state(d, state)
     (d / "opts.json").write_text(json.dumps(opts))
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        logs_before = {p.name: p.stat().st_size for p in (d / "logs").glob("*.log")}
+        try:
+            return _start_supervisor(d, timeout_s)
+        except SensorhubError as exc:
+            taken = _ports_taken(d, _read_state(d), logs_before)
+            if not taken or attempt == PORT_ATTEMPTS:
+                raise
+            # the port was free when the stack chose it; another program took it since
+            log.warning("%s: port taken by another program, starting again on another port (%s)",
+                        ", ".join(sorted(taken)), exc)
+            state = _read_state(d)
+            for keys in taken.values():
+                for key in keys:
+                    state.get("ports", {}).pop(key, None)
+            state.pop("failed", None)
+            _write_state(d, state)
+    raise AssertionError("unreachable")
+
+
+# Which ports of the stack's state a child listens on: the ones chosen again when another
+# program holds one (a Redis Cluster keeps its nodes' ports: nodes.conf names them).
+_CHILD_PORTS = {"mosquitto": ("mqtt", "mqtt_tls"), "chdb-server": ("clickhouse",), "redis": ("redis",),
+                "alerts-gateway": ("alerts",)}
+PORT_ATTEMPTS = 3
+
+
+def _ports_taken(d: Path, state: dict[str, Any], logs_before: dict[str, int]) -> dict[str, tuple[str, ...]]:
+    """The failed children whose log says, since ``logs_before`` (each log's size then), that
+    their address was in use, each with the keys of its ports in the state."""
+    keys: dict[str, tuple[str, ...]] = {}
+    for name, f in (state.get("failed") or {}).items():
+        if name not in _CHILD_PORTS:
+            continue
+        path = Path(f.get("log", d / "logs" / f"{name}.log"))
+        try:
+            with path.open("rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(logs_before.get(path.name, 0), fh.tell() - 65536))
+                tail = fh.read().decode(errors="replace").lower()
+        except OSError:
+            continue
+        if "address already in use" in tail:
+            keys[name] = _CHILD_PORTS[name]
+    return keys
+
+
+def _start_supervisor(d: Path, timeout_s: float) -> dict[str, Any]:
+    """Start the supervisor of ``d`` in the background and wait until the stack is ready."""
     log_f = open(d / "supervisor.log", "ab")  # noqa: SIM115 - handed to the child
     sup = subprocess.Popen(
         [sys.executable, "-m", "sensorhub", "stack", "_supervise", "--dir", str(d)],
