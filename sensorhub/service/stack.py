@@ -442,16 +442,20 @@ def supervise(d: Path, opts: dict[str, Any]) -> int:
     return 0
 
 
-def _error_line(log_path: Path) -> str:
-    """The error line a failed child printed last (``configuration error: ...``), if any."""
+def _log_tail(log_path: Path, since: int = 0) -> str:
+    """The last 64 KiB of a child's log, from byte ``since`` on; empty if it cannot be read."""
     try:
         with log_path.open("rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 65536))
-            lines = f.read().decode(errors="replace").splitlines()
+            f.seek(max(since, f.tell() - 65536))
+            return f.read().decode(errors="replace")
     except OSError:
         return ""
-    for line in reversed(lines):
+
+
+def _error_line(log_path: Path) -> str:
+    """The error line a failed child printed last (``configuration error: ...``), if any."""
+    for line in reversed(_log_tail(log_path).splitlines()):
         if line.startswith(("configuration error:", "error:")):
             return line.strip()
     return ""
@@ -546,13 +550,7 @@ def _ports_taken(d: Path, state: dict[str, Any], logs_before: dict[str, int]) ->
         if name not in _CHILD_PORTS:
             continue
         path = Path(f.get("log", d / "logs" / f"{name}.log"))
-        try:
-            with path.open("rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(logs_before.get(path.name, 0), fh.tell() - 65536))
-                tail = fh.read().decode(errors="replace").lower()
-        except OSError:
-            continue
+        tail = _log_tail(path, logs_before.get(path.name, 0)).lower()
         if "address already in use" in tail:
             keys[name] = _CHILD_PORTS[name]
     return keys
