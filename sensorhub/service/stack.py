@@ -520,13 +520,13 @@ def stack_up(d: Path, timeout_s: float = 120.0, opts: dict[str, Any] | None = No
         try:
             return _start_supervisor(d, timeout_s)
         except SensorhubError as exc:
-            taken = _ports_taken(d, _read_state(d), logs_before)
+            state = _read_state(d)
+            taken = _ports_taken(d, state, logs_before)
             if not taken or attempt == PORT_ATTEMPTS:
                 raise
             # the port was free when the stack chose it; another program took it since
             log.warning("%s: port taken by another program, starting again on another port (%s)",
                         ", ".join(sorted(taken)), exc)
-            state = _read_state(d)
             for keys in taken.values():
                 for key in keys:
                     state.get("ports", {}).pop(key, None)
