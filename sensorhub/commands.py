@@ -106,6 +106,12 @@ def _chdb_server(p: argparse.ArgumentParser) -> None:
         "--background-nice", type=int, default=10,
         help="nice value of the engine's merge threads, so inserts run first (0: unchanged; default %(default)s)",
     )
+    p.add_argument(
+        "--verify-inserts-below", type=int, default=1 << 30, metavar="BYTES",
+        help="with less than this free on the data disk (or after an out-of-space error), check each part an "
+        "INSERT writes and refuse the INSERT (NOT_ENOUGH_SPACE) when one came out broken (0: never; default %(default)s)",
+    )
+    p.add_argument("--fault-break-insert-parts", metavar="TABLE,...", default=None, help=argparse.SUPPRESS)
 
 
 def _config(p: argparse.ArgumentParser) -> None:

@@ -40,6 +40,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     for name in ("max_body_bytes", "spool_bytes", "max_connections", "max_sessions"):
         if getattr(args, name) < 1:
             raise ConfigError(f"chdb-server.{name}", "a positive integer", getattr(args, name))
+    if args.verify_inserts_below < 0:
+        raise ConfigError("chdb-server.verify_inserts_below", "bytes >= 0", args.verify_inserts_below)
     if not 0 <= args.background_nice <= 19:
         raise ConfigError("chdb-server.background_nice", "0..19", args.background_nice)
     for name in ("idle_timeout", "lock_timeout"):
@@ -73,6 +75,8 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         idle_timeout_s=args.idle_timeout,
         lock_timeout_s=args.lock_timeout,
         background_nice=args.background_nice,
+        verify_inserts_below=args.verify_inserts_below,
+        fault_break_insert_parts=tuple(t for t in (args.fault_break_insert_parts or "").split(",") if t),
     )
 
 
@@ -111,7 +115,10 @@ def serve(config: ServerConfig, life: Lifecycle) -> int:
     """Serve until ``life.stop`` is set; then close the engine so everything is on disk."""
     accounts = accounts_of(config)
     tls = tls_of(config)
-    engine = Engine(config.data_dir, lock_timeout_s=config.lock_timeout_s, insert_spool_dir=config.insert_spool_dir)
+    engine = Engine(
+        config.data_dir, lock_timeout_s=config.lock_timeout_s, insert_spool_dir=config.insert_spool_dir,
+        verify_inserts_below=config.verify_inserts_below, fault_break_insert_parts=config.fault_break_insert_parts,
+    )
     runner = QueryRunner(
         engine,
         SessionStore(config.max_sessions, config.default_session_timeout_s, config.max_session_timeout_s),

@@ -22,6 +22,22 @@ in ``detached/``) and brings back the parts it was merged from while they
 are still on disk (``old_parts_lifetime``, 8 minutes), and the statement is
 run once more. At most once a minute, so a part that breaks again returns
 the error rather than a loop of reopenings.
+
+An INSERT the engine answered while the data disk ran out can still have
+left a part with empty or short files: ClickHouse refuses an INSERT below
+``min_free_disk_ratio_to_perform_insert``, but when another program takes
+the last bytes while the part is written, the engine may commit it broken
+(measured on a tmpfs: ``benchmarks/disk_race.py``). Such a part has no other
+copy, and the client has been told its rows are stored. So while the disk is
+low (under ``verify_inserts_below`` bytes free, before or after the INSERT)
+or an out-of-space error was answered in the last minute, each single-block
+part an INSERT leaves is checked (``CHECK TABLE ... PART``, a few ms). A
+broken one is detached (``ALTER TABLE ... DETACH PART``, which also takes its
+block out of the deduplication log) and the INSERT is answered
+``NOT_ENOUGH_SPACE``: the client repeats it under the same
+``insert_deduplication_token``, which stores the rows of the detached part
+once and is dropped as a duplicate by every table and view whose part was
+sound.
 """
 
 from __future__ import annotations
@@ -41,14 +57,22 @@ from pathlib import Path
 from typing import Any
 
 from sensorhub.chdb_server.errors import ClickHouseError, error_from_engine
-from sensorhub.chdb_server.sql import insert_from_file, quote_string
+from sensorhub.chdb_server.sql import insert_from_file, is_insert, quote_string
 
 __all__ = ["Engine", "Outcome"]
 
 log = logging.getLogger(__name__)
 
 CORRUPTED_DATA = 246
+# what reading a part whose files a full disk left empty or short raises, besides CORRUPTED_DATA:
+# ATTEMPT_TO_READ_AFTER_EOF, CANNOT_READ_ALL_DATA, CHECKSUM_DOESNT_MATCH, NO_FILE_IN_DATA_PART,
+# BAD_SIZE_OF_FILE_IN_DATA_PART, CANNOT_DECOMPRESS, UNKNOWN_CODEC (measured: benchmarks/disk_race.py).
+# An INSERT's malformed data can raise some of them too, so only a read reopens for these.
+READ_OF_A_BROKEN_PART = frozenset({32, 33, 40, 226, 228, 271, 432})
+NOT_ENOUGH_SPACE = 243
 REOPEN_AT_MOST_EVERY_S = 60.0
+OUT_OF_SPACE_REMEMBERED_S = 60.0  # inserts are checked this long after an out-of-space error
+VERIFIED_REMEMBERED_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -94,7 +118,14 @@ def default_insert_spool_dir() -> Path | None:
 class Engine:
     """The chdb session over ``data_dir``; every public method is safe to call from any thread."""
 
-    def __init__(self, data_dir: Path, lock_timeout_s: float = 300.0, insert_spool_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        lock_timeout_s: float = 300.0,
+        insert_spool_dir: Path | None = None,
+        verify_inserts_below: int = 1 << 30,
+        fault_break_insert_parts: Iterable[str] = (),
+    ) -> None:
         # The engine reads the zone once at start; UTC makes timezone() 'UTC' as
         # on the servers the rest of sensorhub talks to, whatever the host says.
         os.environ["TZ"] = "UTC"
@@ -113,6 +144,14 @@ class Engine:
         self._database = "default"
         self.reopened = 0
         self._reopened_at = float("-inf")
+        self.verify_inserts_below = verify_inserts_below  # bytes free on the data disk
+        self._out_of_space_at = float("-inf")
+        self._verified: dict[tuple[str, str, str], float] = {}  # parts found sound lately
+        self._broken: dict[tuple[str, str, str], str] = {}  # parts found broken and not set aside yet: why
+        self.verified_parts = 0
+        self.broken_insert_parts = 0
+        # fault injection: tables, in order; each INSERT into the first breaks that table's part
+        self.fault_break_insert_parts = list(fault_break_insert_parts)
         rows = self._session.query("SELECT name, value FROM system.settings WHERE changed", "TSVRaw")
         self._baseline: dict[str, str] = dict(
             line.split("\t", 1) for line in rows.bytes().decode().splitlines() if "\t" in line
@@ -145,7 +184,10 @@ class Engine:
             return self._session.query(sql, fmt, params=dict(params) if params else None)
         except RuntimeError as exc:
             err = error_from_engine(exc)
-        if err.code != CORRUPTED_DATA or time.monotonic() - self._reopened_at < REOPEN_AT_MOST_EVERY_S:
+        if err.code == NOT_ENOUGH_SPACE or "No space left on device" in str(err):
+            self._out_of_space_at = time.monotonic()
+        broken = err.code == CORRUPTED_DATA or (err.code in READ_OF_A_BROKEN_PART and not is_insert(sql))
+        if not broken or time.monotonic() - self._reopened_at < REOPEN_AT_MOST_EVERY_S:
             raise err
         log.error("a part is broken, reopening the engine so that it detaches the part and restores what it "
                   "was merged from: %s", err)
@@ -204,6 +246,97 @@ class Engine:
                 log.error("part %s (%s, blocks %s-%s, level %s) was set aside; the parts it was merged from "
                           "are back where they were still on disk", key, reason, lo, hi, level)
 
+    def _disk_low(self) -> bool:
+        """Whether an INSERT's parts are checked now (see the module's doc); never with 0 bytes."""
+        if not self.verify_inserts_below:
+            return False
+        if time.monotonic() - self._out_of_space_at < OUT_OF_SPACE_REMEMBERED_S:
+            return True
+        try:
+            st = os.statvfs(self.data_dir)
+        except OSError:
+            return True
+        return st.f_bavail * st.f_frsize < self.verify_inserts_below
+
+    def _verify_insert_parts(self, since_wall: float) -> None:
+        """Check the single-block parts written since ``since_wall`` (lock held); detach a broken
+        one and raise ``NOT_ENOUGH_SPACE``, so that the client repeats its INSERT."""
+        now = time.monotonic()
+        self._verified = {k: t for k, t in self._verified.items() if now - t < VERIFIED_REMEMBERED_S}
+        try:
+            listing = self._session.query(
+                "SELECT database, table, name FROM system.parts WHERE active AND min_block_number = max_block_number "
+                f"AND modification_time >= toDateTime({int(since_wall) - 1}) "
+                "AND lower(database) NOT IN ('system', 'information_schema')", "TSVRaw",
+            ).bytes().decode()
+        except RuntimeError as exc:
+            log.warning("could not list the parts of an INSERT to check them: %s", error_from_engine(exc))
+            return
+        found = [k for line in listing.splitlines() if len(k := tuple(line.split("\t"))) == 3]
+        for db, table, name in found:
+            if (db, table, name) in self._verified or (db, table, name) in self._broken:
+                continue
+            where = f"{_quote_ident(db)}.{_quote_ident(table)}"
+            try:
+                check = self._session.query(
+                    f"CHECK TABLE {where} PART {quote_string(name)} SETTINGS check_query_single_value_result = 0",
+                    "TSVRaw",
+                ).bytes().decode()
+            except RuntimeError as exc:
+                err = error_from_engine(exc)
+                if "NO_SUCH_DATA_PART" in str(err):
+                    continue  # merged meanwhile: the merge read it whole
+                check = f"{name}\t0\t{err}"
+            fields = check.rstrip("\n").split("\t")
+            if len(fields) >= 2 and fields[1] == "1":
+                self._verified[(db, table, name)] = now
+                self.verified_parts += 1
+                continue
+            self.broken_insert_parts += 1
+            self._broken[(db, table, name)] = fields[2] if len(fields) > 2 else check.strip()
+            log.error("part %s.%s/%s of an INSERT was written broken while the disk ran out of space (%s); it "
+                      "is set aside and the INSERT answered NOT_ENOUGH_SPACE, so that its client repeats it "
+                      "with the same token and stores its rows once", db, table, name, self._broken[(db, table, name)])
+        broken, stuck = [], []
+        for db, table, name in list(self._broken):
+            try:
+                self._session.query(f"ALTER TABLE {_quote_ident(db)}.{_quote_ident(table)} DETACH PART "
+                                    f"{quote_string(name)}", "TSV")
+            except RuntimeError as exc:
+                err = error_from_engine(exc)
+                if "NO_SUCH_DATA_PART" not in str(err):
+                    log.warning("the broken part %s.%s/%s could not be set aside yet: %s", db, table, name, err)
+                    stuck.append(f"{db}.{table}/{name}")
+                    continue
+            del self._broken[(db, table, name)]
+            broken.append(f"{db}.{table}/{name}")
+        broken += stuck
+        if broken:
+            self._out_of_space_at = time.monotonic()
+            raise ClickHouseError.of(
+                "NOT_ENOUGH_SPACE",
+                f"The data disk ran out of space while an INSERT was written: part {', '.join(broken)} was "
+                "written broken and is set aside (its rows are not stored). Send the same INSERT again, with "
+                "the same insert_deduplication_token, once there is space",
+            )
+
+    def _fault_parts(self) -> set[str]:
+        """Fault injection: the active parts of the table whose next INSERT's part is broken, by path."""
+        table = quote_string(self.fault_break_insert_parts[0])
+        rows = self._session.query(f"SELECT path FROM system.parts WHERE active AND table = {table}", "TSVRaw")
+        return set(rows.bytes().decode().split())
+
+    def _fault_break_insert_part(self, before: set[str]) -> None:
+        """Fault injection: empty the marks of the part this INSERT wrote into the first table of
+        ``fault_break_insert_parts``, as a disk that ran out once left one; that table is then done."""
+        new = sorted(self._fault_parts() - before)
+        if not new:
+            return  # not this INSERT's table (or a duplicate): the next one
+        self.fault_break_insert_parts.pop(0)
+        for marks in Path(new[-1]).glob("*.*mrk*"):
+            marks.write_bytes(b"")
+        log.error("fault injection: emptied the marks of part %s", new[-1])
+
     def _reset_literal(self, name: str) -> str:
         base = self._baseline.get(name)
         return quote_string(base) if base is not None else "DEFAULT"
@@ -256,7 +389,15 @@ class Engine:
         """Run one statement; its result is written in its FORMAT clause or ``default_format``."""
         with self._locked():
             self._apply(settings, database)
+            inserts = is_insert(sql)
+            low = inserts and self._disk_low()
+            wall = time.time()
+            parts_before = self._fault_parts() if self.fault_break_insert_parts and inserts else set()
             r = self._run(sql, default_format, params)
+            if self.fault_break_insert_parts and inserts:
+                self._fault_break_insert_part(parts_before)
+            if inserts and (low or self._disk_low()):
+                self._verify_insert_parts(wall)
             # chdb's rows_read/bytes_read count the result; storage_* what was read
             return Outcome(
                 body=r.bytes() or b"",
@@ -288,8 +429,15 @@ class Engine:
         with self._locked():
             self._apply(settings, database)
             started = time.perf_counter()
+            low = self._disk_low()
+            wall = time.time()
+            parts_before = self._fault_parts() if self.fault_break_insert_parts else set()
             with self._spooled(chunks) as path:
                 r = self._run(insert_from_file(statement, path, fmt), "TSV")
+            if self.fault_break_insert_parts:
+                self._fault_break_insert_part(parts_before)
+            if low or self._disk_low():
+                self._verify_insert_parts(wall)
             return Outcome(
                 body=b"",
                 written_rows=int(r.rows_written()),

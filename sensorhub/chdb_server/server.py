@@ -98,6 +98,8 @@ class ServerConfig:
     idle_timeout_s: float = 60.0  # an idle keep-alive connection is closed after this
     lock_timeout_s: float = 300.0  # a statement waits at most this long for the engine
     background_nice: int = 10  # nice value of the engine's merge threads (0: unchanged)
+    verify_inserts_below: int = 1 << 30  # bytes free on the data disk under which INSERTs' parts are checked
+    fault_break_insert_parts: tuple[str, ...] = ()  # fault injection: tables whose next INSERT's part is broken
 
 
 @dataclass

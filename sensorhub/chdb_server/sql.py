@@ -32,6 +32,7 @@ __all__ = [
     "InsertHead",
     "has_infile",
     "insert_from_file",
+    "is_insert",
     "is_read_only",
     "may_reach_outside",
     "output_format",
@@ -400,6 +401,15 @@ def statement_role(statement: str) -> str:
     if (head, obj) in (("RENAME", "TABLE"), ("EXCHANGE", "TABLES")):
         return "writer"
     return "admin"
+
+
+def is_insert(statement: str) -> bool:
+    """Whether ``statement`` is an INSERT (leading comments and parentheses skipped)."""
+    for tok in _significant(statement):
+        if tok.text == "(":
+            continue
+        return tok.kind == "ident" and tok.word == "INSERT"
+    return False
 
 
 def is_read_only(statement: str) -> bool:

@@ -160,3 +160,81 @@ def test_a_broken_single_block_part_is_reported_as_rows_lost(server_and_client: 
     log = server.log_path.read_text()
     assert re.search(r"CRITICAL.*part default\.t/broken-on-start_all_2_2_0 \(broken-on-start, block 2, level 0\) "
                      r"was set aside and covers a single block", log), log[-2000:]
+
+
+def _rollup_counts(client: Any) -> tuple[int, int, int]:
+    return (
+        int(client.command("SELECT count() FROM sensorhub.readings")),
+        int(client.command("SELECT countMerge(readings) FROM sensorhub.readings_by_minute")),
+        int(client.command("SELECT countMerge(readings) FROM sensorhub.readings_by_hour")),
+    )
+
+
+_ROLLUP_INSERT = ("INSERT INTO sensorhub.readings (device, metric, ts, value, quality, seq, recv, source) "
+                  "SELECT 'd', 'm', toDateTime64('2026-12-01 00:00:00', 6) + number, number, 0, number, now64(6), "
+                  "'mqtt' FROM numbers(1000)")
+
+
+def _client_of(server: ManagedProcess) -> Any:
+    """A client with the settings sensorhub's writer sends (deduplication in the rollups' views)."""
+    from sensorhub.sinks.clickhouse import INSERT_SETTINGS
+
+    return clickhouse_connect.get_client(dsn=server.url, settings=INSERT_SETTINGS)
+
+
+def test_an_insert_whose_part_was_written_broken_is_refused_and_its_repeat_stores_it_once(tmp_path: Path) -> None:
+    """A part an INSERT left broken (as when another program takes the disk's last bytes while it is
+    written, benchmarks/disk_race.py) is found by the check of a low disk: set aside, the INSERT
+    answered NOT_ENOUGH_SPACE, and its repeat under the same token stores the rows once in the table
+    and in both rollups, the tables whose parts were sound dropping it as a duplicate. Once with the
+    readings' part broken, once with a rollup's."""
+    from sensorhub.sinks.schema import apply_schema
+
+    # a disk below 1 TiB free is "low" here, so every INSERT's parts are checked
+    server = start_chdb_server(tmp_path, extra=["--verify-inserts-below", str(1 << 40),
+                                                "--fault-break-insert-parts", "readings,readings_by_minute"])
+    client = _client_of(server)
+    tables = ("readings", "readings_by_minute", "readings_by_hour")
+    try:
+        apply_schema(client, "sensorhub")
+        for batch, table in enumerate(["readings", "readings_by_minute"]):
+            insert = _ROLLUP_INSERT.replace("+ number", f"+ {batch * 1000} + number", 1)
+            token = {"insert_deduplication_token": f"batch-{batch}"}
+            with pytest.raises(DatabaseError) as refused:
+                client.command(insert, settings=token)
+            assert refused.value.code == 243, refused.value  # NOT_ENOUGH_SPACE: the writer waits it out
+            assert f"part sensorhub.{table}/" in str(refused.value)
+            before = batch * 1000
+            assert _rollup_counts(client) == tuple(before + (0 if t == table else 1000) for t in tables)
+            assert (table,) in client.query("SELECT table FROM system.detached_parts").result_rows
+            client.command(insert, settings=token)
+            assert _rollup_counts(client) == (before + 1000,) * 3
+            client.command(insert, settings=token)  # and again: a duplicate everywhere
+            assert _rollup_counts(client) == (before + 1000,) * 3
+        assert int(client.command("SELECT sum(seq) FROM sensorhub.readings")) == 2 * 499500
+        log = server.log_path.read_text()
+        for table in ("readings", "readings_by_minute"):
+            assert re.search(rf"ERROR .*part sensorhub\.{table}/\S+ of an INSERT was written broken", log), log[-2000:]
+    finally:
+        client.close()
+        server.terminate(timeout=20)
+
+
+def test_without_the_check_an_insert_left_broken_is_answered_stored_and_its_rows_are_lost(tmp_path: Path) -> None:
+    """What the check prevents: with it off (0 bytes) the same broken INSERT is acknowledged,
+    the first read sets its part aside, and nothing can bring its rows back."""
+    from sensorhub.sinks.schema import apply_schema
+
+    server = start_chdb_server(tmp_path, extra=["--verify-inserts-below", "0",
+                                                "--fault-break-insert-parts", "readings"])
+    client = _client_of(server)
+    try:
+        apply_schema(client, "sensorhub")
+        client.command(_ROLLUP_INSERT, settings={"insert_deduplication_token": "batch-1"})  # answered stored
+        assert int(client.command("SELECT sum(seq) FROM sensorhub.readings")) == 0  # the part is gone
+        client.command(_ROLLUP_INSERT, settings={"insert_deduplication_token": "batch-1"})
+        assert int(client.command("SELECT count() FROM sensorhub.readings")) == 0  # a repeat is a duplicate
+        assert "covers a single block" in server.log_path.read_text()
+    finally:
+        client.close()
+        server.terminate(timeout=20)
