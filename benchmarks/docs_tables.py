@@ -543,6 +543,26 @@ def alerts(doc: dict[str, Any]) -> list[str]:
     return out
 
 
+def disk_race(doc: dict[str, Any]) -> list[str]:
+    """benchmarks/disk_race.py: rows of acknowledged INSERTs lost, per variant."""
+    names = {"check": "sensorhub (parts of an INSERT checked on a low disk)",
+             "no-check": "without the check (`--verify-inserts-below 0`)"}
+    rows = []
+    for variant, sm in doc["summary"].items():
+        runs = [r for r in doc["results"] if r["variant"] == variant]
+        rows.append([names.get(variant, variant), f"{sm['runs_with_loss']} of {sm['runs']}",
+                     f"{count(sm['acked_rows_lost'])} of {count(sm['acked_rows'])}",
+                     count(sm["acked_rollup_rows_lost"]), count(sm["broken_insert_parts_caught"]),
+                     count(sum(r["disk_fills"] for r in runs))])
+    st = doc["settings"]
+    header = ["variant", "runs with a loss", "rows of acknowledged INSERTs lost", "of them in the minute rollup",
+              "broken parts caught", "times the disk was filled"]
+    return [*table(header, "lrrrrr", rows), "",
+            f"{st['inserts']} INSERTs of {count(st['rows'])} readings a run, a {st['disk_mb']} MiB tmpfs filled to "
+            f"{st['leave_mb']} MiB free, then to the last byte for {st['hold_s']} s every {st['hold_s'] + st['gap_s']:.2f} s "
+            "by another writer; counted after a restart of the server."]
+
+
 # ---------------------------------------------------------------- soak (benchmarks/soak.py)
 
 
@@ -604,6 +624,7 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "simulator-clients": simulator_clients,
     "exchanges": exchanges,
     "faults": faults,
+    "disk-race": disk_race,
     "storage": storage,
     "storage-trades": storage_trades,
     "storage-schema": storage_schema,
