@@ -339,8 +339,10 @@ def test_clickhouse_disk_full_waits_then_drains(fault_run, tmp_path) -> None:  #
         run.notes["full_s"] = round(time.monotonic() - full_at, 1)
         r = run.finish()
         r["notes"]["dead_letters"] = int(ch.command("SELECT count() FROM sensorhub.dead_letters"))
-        r["notes"]["parts_set_aside"] = [ln[-300:] for ln in run.stack.log("chdb-server").splitlines()
-                                         if "was set aside" in ln]
+        chdb_log = run.stack.log("chdb-server").splitlines()
+        r["notes"]["parts_set_aside"] = [ln[-300:] for ln in chdb_log if "was set aside" in ln]
+        r["notes"]["insert_parts_written_broken"] = [ln[-300:] for ln in chdb_log
+                                                     if "of an INSERT was written broken" in ln]
         record("clickhouse_disk_full", r)
         check_exactly_once(r)
         assert r["notes"]["dead_letters"] == 0  # a full disk is waited out, never dead-lettered
