@@ -340,6 +340,9 @@ SCENARIOS: dict[str, tuple[str, Callable[[dict[str, Any]], str]]] = {
     "broken_clock": ("a device with a broken clock", lambda n: "{stored} stored, {dead_lettered} dead-lettered".format(
         **n["broken_clock"])),
     "overload_3x": ("3× overload for 60 s", lambda n: ""),
+    "clickhouse_disk_full": ("ClickHouse's data disk (a 256 MiB tmpfs) filled by another file, then freed",
+                             lambda n: f"full {n['full_s']:.1f} s, {n['backlog_entries_while_full']:,} entries "
+                                       f"backlog; {len(n['parts_set_aside'])} parts set aside"),
 }
 
 

@@ -140,13 +140,15 @@ def test_clickhouse_unreachable_then_replay(fault_run) -> None:  # type: ignore[
                 return dict(json.loads(raw))
         return {}
 
-    # drain rate: rows inserted per second from recovery until the lag is gone
-    st0, t0 = writer_state(), time.monotonic()
+    # drain rate: rows inserted per second from recovery until the lag is gone, read from states the
+    # writer published after the recovery (the one before the outage still says lag 0)
+    st0, t0, wall0 = writer_state(), time.monotonic(), time.time()
     rows0 = st0.get("counters", {}).get("rows", 0)
     deadline = t0 + 120
     while time.monotonic() < deadline:
         st = writer_state()
-        if st and time.monotonic() - t0 > 1.0 and st["gauges"].get("lag_s", 99) < 1.0:
+        fresh = st and st.get("heartbeat", 0) > wall0 + 0.5 and st["counters"].get("rows", 0) > rows0
+        if fresh and st["gauges"].get("lag_s", 99) < 1.0:
             dt = time.monotonic() - t0
             run.notes["drain_s"] = round(dt, 2)
             run.notes["drain_rows_per_s"] = round((st["counters"].get("rows", 0) - rows0) / dt)
