@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 RATE = float(os.environ.get("SENSORHUB_FAULT_RATE", "5000"))
-SECONDS = float(os.environ.get("SENSORHUB_FAULT_SECONDS", "12"))
+SECONDS = float(os.environ.get("SENSORHUB_FAULT_SECONDS", "10"))
 RESULTS = Path(os.environ.get("SENSORHUB_FAULT_RESULTS", "benchmarks/results/faults"))
 
 
