@@ -111,7 +111,8 @@ def _chdb_server(p: argparse.ArgumentParser) -> None:
         help="with less than this free on the data disk (or after an out-of-space error), check each part an "
         "INSERT writes and refuse the INSERT (NOT_ENOUGH_SPACE) when one came out broken (0: never; default %(default)s)",
     )
-    p.add_argument("--fault-break-insert-parts", metavar="TABLE,...", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fault-break-insert-parts", metavar="TABLE,...", default=(), help=argparse.SUPPRESS,
+                   type=lambda text: tuple(t for t in text.split(",") if t))
 
 
 def _config(p: argparse.ArgumentParser) -> None:

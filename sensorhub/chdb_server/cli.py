@@ -76,7 +76,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         lock_timeout_s=args.lock_timeout,
         background_nice=args.background_nice,
         verify_inserts_below=args.verify_inserts_below,
-        fault_break_insert_parts=tuple(t for t in (args.fault_break_insert_parts or "").split(",") if t),
+        fault_break_insert_parts=tuple(args.fault_break_insert_parts),
     )
 
 
