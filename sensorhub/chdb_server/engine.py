@@ -147,9 +147,7 @@ class Engine:
         self.verify_inserts_below = verify_inserts_below  # bytes free on the data disk
         self._out_of_space_at = float("-inf")
         self._verified: dict[tuple[str, str, str], float] = {}  # parts found sound lately
-        self._broken: dict[tuple[str, str, str], str] = {}  # parts found broken and not set aside yet: why
-        self.verified_parts = 0
-        self.broken_insert_parts = 0
+        self._broken: set[tuple[str, str, str]] = set()  # parts found broken and not set aside yet
         # fault injection: tables, in order; each INSERT into the first breaks that table's part
         self.fault_break_insert_parts = list(fault_break_insert_parts)
         rows = self._session.query("SELECT name, value FROM system.settings WHERE changed", "TSVRaw")
@@ -246,6 +244,18 @@ class Engine:
                 log.error("part %s (%s, blocks %s-%s, level %s) was set aside; the parts it was merged from "
                           "are back where they were still on disk", key, reason, lo, hi, level)
 
+    @contextlib.contextmanager
+    def _inserting(self) -> Iterator[None]:
+        """Around an INSERT (lock held): on a low disk, check the parts it left once it succeeded."""
+        low = self._disk_low()
+        wall = time.time()
+        parts_before = self._fault_parts() if self.fault_break_insert_parts else set()
+        yield
+        if self.fault_break_insert_parts:
+            self._fault_break_insert_part(parts_before)
+        if low or self._disk_low():
+            self._verify_insert_parts(wall)
+
     def _disk_low(self) -> bool:
         """Whether an INSERT's parts are checked now (see the module's doc); never with 0 bytes."""
         if not self.verify_inserts_below:
@@ -290,13 +300,12 @@ class Engine:
             fields = check.rstrip("\n").split("\t")
             if len(fields) >= 2 and fields[1] == "1":
                 self._verified[(db, table, name)] = now
-                self.verified_parts += 1
                 continue
-            self.broken_insert_parts += 1
-            self._broken[(db, table, name)] = fields[2] if len(fields) > 2 else check.strip()
+            self._broken.add((db, table, name))
             log.error("part %s.%s/%s of an INSERT was written broken while the disk ran out of space (%s); it "
                       "is set aside and the INSERT answered NOT_ENOUGH_SPACE, so that its client repeats it "
-                      "with the same token and stores its rows once", db, table, name, self._broken[(db, table, name)])
+                      "with the same token and stores its rows once", db, table, name,
+                      fields[2] if len(fields) > 2 else check.strip())
         broken, stuck = [], []
         for db, table, name in list(self._broken):
             try:
@@ -308,7 +317,7 @@ class Engine:
                     log.warning("the broken part %s.%s/%s could not be set aside yet: %s", db, table, name, err)
                     stuck.append(f"{db}.{table}/{name}")
                     continue
-            del self._broken[(db, table, name)]
+            self._broken.discard((db, table, name))
             broken.append(f"{db}.{table}/{name}")
         broken += stuck
         if broken:
@@ -389,15 +398,8 @@ class Engine:
         """Run one statement; its result is written in its FORMAT clause or ``default_format``."""
         with self._locked():
             self._apply(settings, database)
-            inserts = is_insert(sql)
-            low = inserts and self._disk_low()
-            wall = time.time()
-            parts_before = self._fault_parts() if self.fault_break_insert_parts and inserts else set()
-            r = self._run(sql, default_format, params)
-            if self.fault_break_insert_parts and inserts:
-                self._fault_break_insert_part(parts_before)
-            if inserts and (low or self._disk_low()):
-                self._verify_insert_parts(wall)
+            with self._inserting() if is_insert(sql) else contextlib.nullcontext():
+                r = self._run(sql, default_format, params)
             # chdb's rows_read/bytes_read count the result; storage_* what was read
             return Outcome(
                 body=r.bytes() or b"",
@@ -429,15 +431,8 @@ class Engine:
         with self._locked():
             self._apply(settings, database)
             started = time.perf_counter()
-            low = self._disk_low()
-            wall = time.time()
-            parts_before = self._fault_parts() if self.fault_break_insert_parts else set()
-            with self._spooled(chunks) as path:
+            with self._inserting(), self._spooled(chunks) as path:
                 r = self._run(insert_from_file(statement, path, fmt), "TSV")
-            if self.fault_break_insert_parts:
-                self._fault_break_insert_part(parts_before)
-            if low or self._disk_low():
-                self._verify_insert_parts(wall)
             return Outcome(
                 body=b"",
                 written_rows=int(r.rows_written()),
