@@ -372,11 +372,18 @@ class WriterSettings(_Section):
         "the writer and the engine; it did not lower latency on a 2-core box, docs/performance.md); "
         "false: the loop waits for each INSERT"
     )
+    overlap_behind: bool = Field(
+        True, description="with overlap off, still read the next batch while an INSERT is in flight when the "
+        "loop is behind (its last read filled read_count): a backlog drains with the writer and the engine "
+        "working at once; false: only writer.overlap decides"
+    )
     claim_idle_ms: int = Field(15_000, ge=100, description="claim entries idle this long from dead writers")
     trim_interval_s: float = Field(1.0, gt=0)
     lag_alert_s: float = Field(5.0, gt=0)
     hop_latency_interval_s: float = Field(10.0, gt=0)
-    backoff: BackoffSettings = BackoffSettings(initial_s=0.2, max_s=10.0)
+    # capped at 1 s: the backlog in Redis grows by a second of readings for every second the writer
+    # sleeps past a recovery, and a probe a second costs ClickHouse nothing
+    backoff: BackoffSettings = BackoffSettings(initial_s=0.2, max_s=1.0)
     device_time_max_past_s: float = Field(
         400 * 86400, gt=0, le=6 * 365 * 86400,
         description="a reading whose device time is more than this before its receive time is dead-lettered, "

@@ -5,7 +5,9 @@ order it was handed over: a batch's exactly-once protocol (:meth:`Delivery.flush
 periodic exports (``hop_latency``, ``ingest_audit``). So the protocol's steps stay serial, one
 intent at a time per consumer, as before. With ``writer.overlap`` the loop goes on reading
 entries (and building the next batch's columns) while an INSERT is in flight, instead of leaving
-them in Redis until it returns; without it (the default) the loop waits for each batch here.
+them in Redis until it returns; without it (the default) the loop waits for each batch here,
+except while it is behind (``writer.overlap_behind``: its last read filled ``read_count``), when a
+backlog drains with the loop and the engine working at once.
 
 At most one batch is handed over and not yet done (:meth:`submit_batch` waits for the previous
 one): the writer holds at most two batches in memory, the one being inserted and the one

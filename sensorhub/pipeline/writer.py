@@ -20,8 +20,9 @@ The rooms it joins:
   call into ClickHouse goes through (retryable, row-caused, or our bug);
 - :mod:`sensorhub.pipeline.exports`: ``hop_latency`` and ``ingest_audit``;
 - :mod:`sensorhub.pipeline.inserter`: the thread each batch's protocol and the
-  exports run on; with ``writer.overlap`` the loop reads the next batch while
-  an INSERT is in flight.
+  exports run on; with ``writer.overlap``, or while the loop is behind (a read
+  filled ``read_count``: a backlog), it reads the next batch while an INSERT is
+  in flight.
 
 Retryable errors (ClickHouse down, 503, timeouts, a full disk) are waited
 out with capped jittered backoff and the same batch, never dead-lettered;
@@ -70,6 +71,17 @@ __all__ = ["Writer"]
 
 log = logging.getLogger(__name__)
 
+RETRY_LOG_S = 30.0  # an outage at the backoff cap logs a line this often, not every retry
+
+
+def _say_retry(what: str, why: str, delay: float, climbing: bool, said: float) -> float:
+    """Log a failed attempt while the backoff climbs, then once per RETRY_LOG_S; returns when last logged."""
+    now = time.monotonic()
+    if climbing or now - said >= RETRY_LOG_S:
+        log.warning("%s failed (%s); retrying in ~%.1f s", what, why, delay)
+        return now
+    return said
+
 
 class Writer:
     """Moves entries from Redis into ClickHouse until ``stop_event`` is set."""
@@ -116,6 +128,7 @@ class Writer:
         """
         b = self.cfg.backoff
         delay = b.initial_s
+        said = 0.0  # when a failure was last logged: at the cap, one line every RETRY_LOG_S
         while True:  # tried once even when stopping: a stop in the middle of a flush finishes it
             try:
                 return fn()
@@ -130,10 +143,10 @@ class Writer:
                 if self.state not in ("waiting",):
                     self._prev_state = self.state
                 self.state = "waiting"
-                log.warning("%s failed (%s); retrying in ~%.1f s", what, str(exc).splitlines()[0][:300], delay)
+                said = _say_retry(what, str(exc).splitlines()[0][:300], delay, delay < b.max_s, said)
             except (redis.RedisError, SinkError, OSError) as exc:
                 self.metrics.inc("retries")
-                log.warning("%s failed (%s); retrying in ~%.1f s", what, exc, delay)
+                said = _say_retry(what, str(exc), delay, delay < b.max_s, said)
             if self.stop_event.is_set():
                 break
             self._idle_beat()
@@ -184,10 +197,11 @@ class Writer:
         batches.clear()
         self.inserts.drain()
 
-    def _flush(self, batch: Batch) -> None:
-        """Hand ``batch`` to the insert thread (after the one before it); with ``writer.overlap`` off, wait for it."""
+    def _flush(self, batch: Batch, behind: bool = False) -> None:
+        """Hand ``batch`` to the insert thread (after the one before it); with ``writer.overlap`` off, wait
+        for it, unless the loop is ``behind`` and ``writer.overlap_behind`` is on."""
         self.inserts.submit_batch(lambda: self.delivery.flush(batch))
-        if not self.cfg.overlap:
+        if not (self.cfg.overlap or (behind and self.cfg.overlap_behind)):
             self.inserts.wait_batch()
 
     def run(self) -> int:
@@ -274,10 +288,10 @@ class Writer:
                     self._after_replay()
             caught_up = pending is None and got < self.cfg.read_count
             # Insert as soon as the streams are drained (low latency at any load: while
-            # one INSERT runs the next batch grows, in Redis or, with writer.overlap, read
-            # and decoded meanwhile), but no more often than min_batch_ms (bounds parts per
-            # second), and at the latest after batch_ms or at batch_rows, when the loop
-            # waits for the INSERT in flight.
+            # one INSERT runs the next batch grows, in Redis or, with writer.overlap or while
+            # behind, read and decoded meanwhile), but no more often than min_batch_ms (bounds
+            # parts per second), and at the latest after batch_ms or at batch_rows, when the
+            # loop waits for the INSERT in flight.
             busy = self.inserts.busy()
             for scope, batch in list(batches.items()):
                 age_ms = (time.monotonic() - batch.first) * 1000 if batch.entries else 0.0
@@ -285,7 +299,7 @@ class Writer:
                     continue
                 full = batch.rows >= self.cfg.batch_rows or age_ms >= self.cfg.batch_ms
                 if full or (caught_up and age_ms >= self.cfg.min_batch_ms and not busy):
-                    self._flush(batch)
+                    self._flush(batch, behind=not caught_up)
                     del batches[scope]
                     busy = self.inserts.busy()  # with writer.overlap, the next one waits its turn
             if now - last["trim"] >= self.cfg.trim_interval_s:

@@ -130,6 +130,7 @@ def test_clickhouse_unreachable_then_replay(fault_run) -> None:  # type: ignore[
     old = run.stack.signal("chdb-server", signal.SIGKILL)
     backlog_entries = sum(r_.xlen(f"sh:readings:{{{p}}}") for p in range(8))
     run.stack.wait_restarted("chdb-server", old, timeout=90)
+    back_wall = time.time()
     run.notes["outage_s"] = round(time.monotonic() - down_at, 1)
     run.notes["backlog_entries_at_recovery"] = backlog_entries
 
@@ -155,7 +156,27 @@ def test_clickhouse_unreachable_then_replay(fault_run) -> None:  # type: ignore[
             run.notes["live_rows_per_s"] = RATE
             break
         run.sleep(0.2)
+    drained_wall = time.time()
     r = run.finish()
+    # the same split from the rows: how long the writer took to notice the recovery (its retry
+    # backoff), and the rate from its first INSERT after it to the end of the drain
+    ch = run.stack.ch()
+    first = float(ch.command(
+        f"SELECT toFloat64(min(inserted)) FROM sensorhub.readings WHERE inserted >= toDateTime64({back_wall}, 6)"
+    ))
+    if "drain_s" in run.notes and first < drained_wall:
+        rows = int(ch.command(
+            "SELECT count() FROM sensorhub.readings WHERE inserted BETWEEN "
+            f"toDateTime64({first}, 6) AND toDateTime64({drained_wall}, 6)"
+        ))
+        run.notes["writer_resumed_s"] = round(first - back_wall, 2)
+        run.notes["drain_from_resume_rows_per_s"] = round(rows / (drained_wall - first))
+        run.notes["drain_seconds"] = ch.query(
+            "SELECT toUInt32(toFloat64(inserted) - %(f)s) AS s, count(), "
+            "round(max(toFloat64(inserted) - toFloat64(recv)), 2) FROM sensorhub.readings "
+            "WHERE inserted >= toDateTime64(%(f)s, 6) AND s < 15 GROUP BY s ORDER BY s",
+            parameters={"f": first},
+        ).result_rows
     # drain rate vs live rate, from the writer's inserted-rows history
     writer_states = [json.loads(r_.hget(k, "state")) for k in r_.keys("sh:metrics:writer:*")]
     r["notes"]["writer_reconciled"] = [s["gauges"].get("reconciled") for s in writer_states]

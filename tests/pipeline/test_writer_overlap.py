@@ -94,3 +94,57 @@ def test_entries_are_read_while_an_insert_waits_up_to_one_batch(
     got = ch.query(f"SELECT count(), uniqExact(seq) FROM {ch_database}.readings").result_rows[0]
     ch.close()
     assert got == (22 * ROWS, 22 * ROWS)
+
+
+@pytest.mark.parametrize("overlap_behind", [True, False])
+def test_with_a_backlog_the_next_batch_is_read_while_an_insert_waits(
+    overlap_behind: bool, redis_client: Any, redis_server: Any, spawn: Any, ch_database: str
+) -> None:
+    """With ``writer.overlap`` off, a backlog (reads that fill ``read_count``) still overlaps the next
+    batch's read with the INSERT in flight when ``writer.overlap_behind`` is on, and only then."""
+    chdb = spawn.chdb()
+    layout = StreamLayout("sh", 1)
+    create_groups(redis_client, layout)
+    settings = load_settings(
+        redis={"url": redis_server.url, "partitions": 1},
+        clickhouse={"url": chdb.url, "database": ch_database},
+        writer={"consumer": "w", "overlap": False, "overlap_behind": overlap_behind, "batch_rows": 5 * ROWS,
+                "read_count": 2, "min_batch_ms": 0, "batch_ms": 5000},
+    )
+    stream = layout.readings(0)
+    w = Writer(settings)
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(w.run()), daemon=True)
+    t.start()
+    try:
+        redis_client.xadd(stream, series_entry("dev", ROWS, T0))
+        assert _until(lambda: w.metrics.counters.get("readings", 0) == ROWS)  # schema made, one batch in
+        chdb.stop()  # SIGSTOP: the next INSERT waits
+        try:
+            with redis_client.pipeline(transaction=True) as p:  # a backlog of 20 entries at once, read 2 at a time
+                for seq in range(1, 21):
+                    p.xadd(stream, series_entry("dev", ROWS, T0 + seq * 1000))
+                p.execute()
+            # the first batch fills at 6 entries (three full reads) and its INSERT waits
+            assert _until(lambda: _delivered(redis_client, layout) >= 6)
+            time.sleep(1.5)
+            delivered = _delivered(redis_client, layout)
+            if overlap_behind:
+                # behind: the loop went on to fill the next batch (6 more), and stopped there
+                assert delivered == 12, delivered
+            else:
+                assert delivered == 6, delivered
+        finally:
+            chdb.cont()
+        assert _until(lambda: w.metrics.counters.get("readings", 0) == 21 * ROWS, 30), w.metrics.counters
+        assert _until(lambda: _delivered(redis_client, layout) == 0)
+    finally:
+        w.stop_event.set()
+        t.join(30)
+    assert not t.is_alive() and result == [0]
+    import clickhouse_connect
+
+    ch = clickhouse_connect.get_client(dsn=chdb.url)
+    got = ch.query(f"SELECT count(), uniqExact(seq) FROM {ch_database}.readings").result_rows[0]
+    ch.close()
+    assert got == (21 * ROWS, 21 * ROWS)
