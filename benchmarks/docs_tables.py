@@ -566,6 +566,34 @@ def disk_race(doc: dict[str, Any]) -> list[str]:
             "by another writer; counted after a restart of the server."]
 
 
+def drain(doc: dict[str, Any]) -> list[str]:
+    """benchmarks/drain.py: the backlog of a ClickHouse outage drained, per writer variant (medians of the runs)."""
+    names = {"as shipped": "as shipped (reads the next batch while behind; backoff cap 1 s)",
+             "wait-for-insert": "waits for each INSERT; backoff cap 10 s"}
+    live = doc["settings"]["rate"]
+    rows = []
+    for variant, sm in doc["summary"].items():
+        runs = [r for r in doc["results"] if r["variant"] == variant]
+        each = ", ".join(f"{r['notes']['drain_rows_per_s'] / live:.1f}×" for r in runs
+                         if r["notes"].get("drain_rows_per_s"))
+        rows.append([
+            names.get(variant, variant), f"{sm['passed']} of {sm['runs']}", f"{sm['lost']} / {sm['duplicated']}",
+            count(round(sm["median_backlog_entries"] or 0)),
+            f"{fixed(sm['median_writer_resumed_s'])} s / {fixed(sm['max_writer_resumed_s'])} s",
+            f"{rate(sm['median_drain_rows_per_s'])} ({fixed(sm['median_drain_x_live'], 1)}×; runs {each})",
+            f"{fixed(sm['median_drain_from_resume_x_live'], 1)}×",
+            f"{sm['median_ref_python_s']:.3f} s",
+        ])
+    header = ["writer", "scenarios passed", "lost / dup", "backlog at recovery (entries)",
+              "recovery → first INSERT, median / max", "drain, rows/s (× live)", "from the first INSERT",
+              "reference: Python loop"]
+    st = doc["settings"]
+    return [*table(header, "lrrrrrrr", rows), "",
+            f"Medians of {max(sm['runs'] for sm in doc['summary'].values())} runs a variant, alternating, at "
+            f"{rate(live)} readings/s for {st['seconds']} s (commit {doc['commit']}); the drain counts rows inserted "
+            "from the recovery until the writer's lag is under 1 s, live readings included."]
+
+
 # ---------------------------------------------------------------- soak (benchmarks/soak.py)
 
 
@@ -628,6 +656,7 @@ RENDERERS: dict[str, Callable[[Any], list[str]]] = {
     "exchanges": exchanges,
     "faults": faults,
     "disk-race": disk_race,
+    "drain": drain,
     "storage": storage,
     "storage-trades": storage_trades,
     "storage-schema": storage_schema,

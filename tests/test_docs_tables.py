@@ -367,3 +367,30 @@ def test_soak_table_one_row_a_run_from_a_glob(tmp_path: Path) -> None:
         "| 23,999,820 | 0 / 0 | 34.7 ms | 61.8 ms | 105 ms | 236 ms | 2.0 ms | 0.74 / 0.25 / 0.14 | 0.127 s; 8.6 ms / 7.8 ms |",
     ]
     assert dt.render(out, tmp_path) == out
+
+
+def test_drain_table_a_row_a_writer_variant_with_each_runs_ratio() -> None:
+    def run(variant: str, drain: int, resumed: float) -> dict[str, Any]:
+        return {"variant": variant, "notes": {"drain_rows_per_s": drain, "writer_resumed_s": resumed}}
+
+    doc = {
+        "commit": "abc1234", "settings": {"rate": 40000, "seconds": 60, "ref_seconds": 10.0},
+        "results": [run("as shipped", 260_000, 0.3), run("wait-for-insert", 190_000, 4.1),
+                    run("as shipped", 240_000, 0.1), run("wait-for-insert", 150_000, 7.9)],
+        "summary": {
+            "as shipped": {"runs": 2, "passed": 2, "lost": 0, "duplicated": 0, "median_drain_rows_per_s": 250_000,
+                           "median_drain_x_live": 6.25, "median_writer_resumed_s": 0.2, "max_writer_resumed_s": 0.3,
+                           "median_drain_from_resume_x_live": 6.5, "median_backlog_entries": 24_310.5,
+                           "median_ref_python_s": 0.1611},
+            "wait-for-insert": {"runs": 2, "passed": 1, "lost": 0, "duplicated": 3, "median_drain_rows_per_s": 170_000,
+                                "median_drain_x_live": 4.25, "median_writer_resumed_s": 6.0,
+                                "max_writer_resumed_s": 7.9, "median_drain_from_resume_x_live": 5.0,
+                                "median_backlog_entries": 24_000, "median_ref_python_s": 0.17},
+        },
+    }
+    rows = dt.drain(doc)
+    assert rows[2] == ("| as shipped (reads the next batch while behind; backoff cap 1 s) | 2 of 2 | 0 / 0 | 24,310 "
+                       "| 0.20 s / 0.30 s | 250 k (6.2×; runs 6.5×, 6.0×) | 6.5× | 0.161 s |")
+    assert rows[3].startswith("| waits for each INSERT; backoff cap 10 s | 1 of 2 | 0 / 3 | 24,000 | 6.00 s / 7.90 s "
+                              "| 170 k (4.2×; runs 4.8×, 3.8×) |")
+    assert "Medians of 2 runs a variant" in rows[-1] and "commit abc1234" in rows[-1]
