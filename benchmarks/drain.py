@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 from kit.results import write_results  # noqa: E402
-from soak import reference  # noqa: E402
+from soak import git_commit, reference  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "drain-40k.json"
 VARIANTS: dict[str, dict[str, str]] = {
@@ -87,8 +87,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"--variants: unknown {unknown}; expected some of {list(VARIANTS)}")
     results = []
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()
     for i in range(a.runs):
         for variant in variants:
             ref = reference(a.ref_seconds)

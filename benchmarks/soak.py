@@ -282,7 +282,8 @@ def plot(out: dict[str, Any], png: Path) -> str | None:
     return None
 
 
-def _commit() -> str:
+def git_commit() -> str:
+    """This checkout's short HEAD, with ``-dirty`` when tracked files differ from it; "" without git."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -295,7 +296,7 @@ def _commit() -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sh = [sys.executable, "-m", "sensorhub"]
-    commit = _commit()  # what runs: the checkout as the stack starts
+    commit = git_commit()  # what runs: the checkout as the stack starts
     ref_before = reference(args.ref_seconds)
     with tempfile.TemporaryDirectory(prefix="sh-soak-") as d:
         run_dir = Path(d) / "stack"
