@@ -8,8 +8,10 @@ With ``writer.overlap`` off, nothing is read while the INSERT waits.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -35,24 +37,53 @@ def _until(cond: Any, timeout: float = 20.0) -> bool:
     return bool(cond())
 
 
+def _setup(redis_client: Any, redis_server: Any, chdb: Any, database: str, **writer: Any) -> tuple[StreamLayout, Any]:
+    """One partition with its groups, and a writer's settings: batches of 5 entries, read 2 at a time."""
+    layout = StreamLayout("sh", 1)
+    create_groups(redis_client, layout)
+    settings = load_settings(
+        redis={"url": redis_server.url, "partitions": 1},
+        clickhouse={"url": chdb.url, "database": database},
+        writer={"consumer": "w", "batch_rows": 5 * ROWS, "read_count": 2, "min_batch_ms": 0, **writer},
+    )
+    return layout, settings
+
+
+@contextlib.contextmanager
+def _writer(settings: Any, redis_client: Any, layout: StreamLayout) -> Iterator[Writer]:
+    """A writer running on a thread; on leaving, stopped, and checked to have stopped cleanly with nothing in flight."""
+    w = Writer(settings)
+    result: list[int] = []
+    t = threading.Thread(target=lambda: result.append(w.run()), daemon=True)
+    t.start()
+    try:
+        yield w
+    finally:
+        w.stop_event.set()
+        t.join(30)
+    assert not t.is_alive() and result == [0]  # a clean stop, with nothing left in flight
+    assert not redis_client.exists(layout.intent("w"))
+
+
+def _stored(url: str, database: str) -> tuple[int, int]:
+    """count() and distinct seq of the readings table."""
+    import clickhouse_connect
+
+    ch = clickhouse_connect.get_client(dsn=url)
+    try:
+        count, distinct = ch.query(f"SELECT count(), uniqExact(seq) FROM {database}.readings").result_rows[0]
+    finally:
+        ch.close()
+    return int(count), int(distinct)
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_entries_are_read_while_an_insert_waits_up_to_one_batch(
     overlap: bool, redis_client: Any, redis_server: Any, spawn: Any, ch_database: str
 ) -> None:
     chdb = spawn.chdb()
-    layout = StreamLayout("sh", 1)
-    create_groups(redis_client, layout)
-    settings = load_settings(
-        redis={"url": redis_server.url, "partitions": 1},
-        clickhouse={"url": chdb.url, "database": ch_database},
-        writer={"consumer": "w", "overlap": overlap, "batch_rows": 5 * ROWS, "read_count": 2,
-                "min_batch_ms": 0, "batch_ms": 20},
-    )
+    layout, settings = _setup(redis_client, redis_server, chdb, ch_database, overlap=overlap, batch_ms=20)
     stream = layout.readings(0)
-    w = Writer(settings)
-    result: list[int] = []
-    t = threading.Thread(target=lambda: result.append(w.run()), daemon=True)
-    t.start()
     seq = 0
 
     def add(n: int) -> None:
@@ -61,7 +92,7 @@ def test_entries_are_read_while_an_insert_waits_up_to_one_batch(
             redis_client.xadd(stream, series_entry("dev", ROWS, T0 + seq * 1000))
             seq += 1
 
-    try:
+    with _writer(settings, redis_client, layout) as w:
         add(1)
         assert _until(lambda: w.metrics.counters.get("readings", 0) == ROWS)  # schema made, one batch in
         chdb.stop()  # SIGSTOP: the next INSERT waits
@@ -83,17 +114,7 @@ def test_entries_are_read_while_an_insert_waits_up_to_one_batch(
             chdb.cont()
         assert _until(lambda: w.metrics.counters.get("readings", 0) == 22 * ROWS, 30), w.metrics.counters
         assert _until(lambda: _delivered(redis_client, layout) == 0)
-    finally:
-        w.stop_event.set()
-        t.join(30)
-    assert not t.is_alive() and result == [0]  # a clean stop, with nothing left in flight
-    assert not redis_client.exists(layout.intent("w"))
-    import clickhouse_connect
-
-    ch = clickhouse_connect.get_client(dsn=chdb.url)
-    got = ch.query(f"SELECT count(), uniqExact(seq) FROM {ch_database}.readings").result_rows[0]
-    ch.close()
-    assert got == (22 * ROWS, 22 * ROWS)
+    assert _stored(chdb.url, ch_database) == (22 * ROWS, 22 * ROWS)
 
 
 @pytest.mark.parametrize("overlap_behind", [True, False])
@@ -103,20 +124,10 @@ def test_with_a_backlog_the_next_batch_is_read_while_an_insert_waits(
     """With ``writer.overlap`` off, a backlog (reads that fill ``read_count``) still overlaps the next
     batch's read with the INSERT in flight when ``writer.overlap_behind`` is on, and only then."""
     chdb = spawn.chdb()
-    layout = StreamLayout("sh", 1)
-    create_groups(redis_client, layout)
-    settings = load_settings(
-        redis={"url": redis_server.url, "partitions": 1},
-        clickhouse={"url": chdb.url, "database": ch_database},
-        writer={"consumer": "w", "overlap": False, "overlap_behind": overlap_behind, "batch_rows": 5 * ROWS,
-                "read_count": 2, "min_batch_ms": 0, "batch_ms": 5000},
-    )
+    layout, settings = _setup(redis_client, redis_server, chdb, ch_database, overlap=False,
+                              overlap_behind=overlap_behind, batch_ms=5000)
     stream = layout.readings(0)
-    w = Writer(settings)
-    result: list[int] = []
-    t = threading.Thread(target=lambda: result.append(w.run()), daemon=True)
-    t.start()
-    try:
+    with _writer(settings, redis_client, layout) as w:
         redis_client.xadd(stream, series_entry("dev", ROWS, T0))
         assert _until(lambda: w.metrics.counters.get("readings", 0) == ROWS)  # schema made, one batch in
         chdb.stop()  # SIGSTOP: the next INSERT waits
@@ -138,13 +149,4 @@ def test_with_a_backlog_the_next_batch_is_read_while_an_insert_waits(
             chdb.cont()
         assert _until(lambda: w.metrics.counters.get("readings", 0) == 21 * ROWS, 30), w.metrics.counters
         assert _until(lambda: _delivered(redis_client, layout) == 0)
-    finally:
-        w.stop_event.set()
-        t.join(30)
-    assert not t.is_alive() and result == [0]
-    import clickhouse_connect
-
-    ch = clickhouse_connect.get_client(dsn=chdb.url)
-    got = ch.query(f"SELECT count(), uniqExact(seq) FROM {ch_database}.readings").result_rows[0]
-    ch.close()
-    assert got == (21 * ROWS, 21 * ROWS)
+    assert _stored(chdb.url, ch_database) == (21 * ROWS, 21 * ROWS)
